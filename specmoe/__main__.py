@@ -1,0 +1,3 @@
+from specmoe.cli import main
+
+main()

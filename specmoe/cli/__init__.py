@@ -1,0 +1,27 @@
+"""The ``specmoe`` command: one small module per subcommand, parsing only."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from specmoe.cli import bench, collect, corpus, models, traces
+from specmoe.errors import SpecmoeError
+
+app = typer.Typer(help="Predict which MoE experts upcoming layers will use, and prefetch them.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app.command(name="collect")(collect.collect_command)
+app.add_typer(models.app, name="models")
+app.add_typer(traces.app, name="traces")
+app.add_typer(corpus.app, name="corpus")
+app.add_typer(bench.app, name="bench")
+
+
+def main() -> None:
+    """Entry point: library errors become one clear line and exit status 2."""
+    try:
+        app()
+    except SpecmoeError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)

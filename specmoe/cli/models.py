@@ -1,0 +1,44 @@
+"""``specmoe models list`` and ``specmoe models train-builtin``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Supported model families and the built-in models.", no_args_is_help=True)
+
+
+@app.command("list")
+def list_models() -> None:
+    """Print the supported MoE families (by config model_type) and the built-in models."""
+    from specmoe.models.builtin.specs import BUILTIN_SPECS, DEFAULT_BUILTIN
+    from specmoe.models.registry import ADAPTERS
+
+    typer.echo("Supported families (config model_type -> adapter):")
+    for adapter in ADAPTERS:
+        typer.echo(f"  {', '.join(adapter.model_types):<28} {adapter.family}")
+    typer.echo("\nBuilt-in models (use the name wherever a model id is expected):")
+    for name, spec in BUILTIN_SPECS.items():
+        state = "ready" if (spec.path / "config.json").exists() else "missing weights"
+        default = " (default)" if name == DEFAULT_BUILTIN else ""
+        typer.echo(f"  {name:<14} {spec.description} [{state}]{default}")
+
+
+@app.command("train-builtin")
+def train_builtin_command(
+    name: Annotated[str, typer.Argument(help="Built-in model name.")],
+    steps: Annotated[int, typer.Option(help="Optimizer steps (16 windows of 128 tokens each).")] = 1200,
+    out: Annotated[Path | None, typer.Option(help="Output directory (default: the packaged location).")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Retrain a built-in model on the shipped corpus (CPU, minutes)."""
+    from specmoe.errors import InputError
+    from specmoe.models.builtin.specs import BUILTIN_SPECS
+    from specmoe.models.builtin.train import TrainSettings, train_builtin
+
+    if name not in BUILTIN_SPECS:
+        raise InputError(f"unknown built-in model {name!r}; built-in models: {', '.join(BUILTIN_SPECS)}")
+    path = train_builtin(name, TrainSettings(steps=steps, seed=seed), out)
+    typer.echo(f"saved {name} to {path}")

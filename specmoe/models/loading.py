@@ -1,0 +1,97 @@
+"""Load any supported Hugging Face MoE checkpoint (hub id, local directory, or built-in name)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from specmoe.errors import InputError
+from specmoe.models.base import MoEAdapter, MoELayer
+from specmoe.models.builtin.specs import BUILTIN_SPECS
+from specmoe.models.registry import adapter_for
+
+_SEQ2SEQ_FAMILIES = {"switch_transformers"}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for recording: the module, its tokenizer, adapter and MoE layers."""
+
+    model_id: str
+    model: nn.Module
+    tokenizer: object
+    adapter: MoEAdapter
+    layers: list[MoELayer]
+    num_experts: int
+    top_k: int
+    model_type: str
+    stacks: dict[str, int] = field(default_factory=dict)
+    """MoE layer count per stack, in stack order."""
+
+    def layers_of(self, stack: str) -> list[MoELayer]:
+        return [layer for layer in self.layers if layer.stack == stack]
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Built-in names map to the shipped checkpoint; anything else is passed through."""
+    if name_or_path in BUILTIN_SPECS:
+        path = BUILTIN_SPECS[name_or_path].path
+        if not (path / "config.json").exists():
+            raise InputError(f"built-in model {name_or_path!r} is missing its weights at {path}; "
+                             f"retrain it with: specmoe models train-builtin {name_or_path}")
+        return str(path)
+    return name_or_path
+
+
+def load_config(name_or_path: str, *, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    source = resolve_model_path(name_or_path)
+    local_config = Path(source) / "config.json"
+    if local_config.is_file():  # check the family before transformers validates the rest
+        try:
+            model_type = json.loads(local_config.read_text()).get("model_type")
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{local_config}: not valid JSON ({exc.msg})") from None
+        adapter_for(str(model_type))
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises OSError, ValueError or its own validation errors
+        hint = "" if Path(source).exists() else (
+            " It is not a built-in model name, not a local directory, and could not be fetched from the "
+            f"Hugging Face hub (offline?). Built-in models: {', '.join(BUILTIN_SPECS)}.")
+        raise InputError(f"cannot load model config from {name_or_path!r}: {exc}.{hint}") from None
+
+
+def wrap_model(model_id: str, model: nn.Module, tokenizer=None) -> LoadedModel:
+    """Attach an adapter to an already-built model (used by the loader and by tests)."""
+    adapter = adapter_for(model.config.model_type)
+    layers = adapter.moe_layers(model)
+    stacks: dict[str, int] = {}
+    for layer in layers:
+        stacks[layer.stack] = stacks.get(layer.stack, 0) + 1
+    return LoadedModel(model_id, model, tokenizer, adapter, layers, adapter.num_experts(model.config),
+                       adapter.top_k(model.config), model.config.model_type, stacks)
+
+
+def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Load a checkpoint and its tokenizer; fails early, naming the supported families, if
+    its ``model_type`` has no adapter."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    config = load_config(name_or_path, trust_remote_code=trust_remote_code)
+    adapter_for(config.model_type)  # unsupported types fail here, before loading weights
+    source = resolve_model_path(name_or_path)
+    auto = AutoModelForSeq2SeqLM if config.model_type in _SEQ2SEQ_FAMILIES else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load model weights or tokenizer from {name_or_path!r}: {exc}") from None
+    model.to(device).eval()
+    return wrap_model(name_or_path, model, tokenizer)

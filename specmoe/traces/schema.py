@@ -1,0 +1,114 @@
+"""The trace store's manifest: everything needed to interpret the shards beside it.
+
+Routing goes to Parquet (columnar, zstd-compressed, readable by pandas/duckdb/polars,
+column projection and row-group streaming for free). Hidden states go to safetensors, one
+file per shard and kind: dense fp16 tensors that are memory-mapped zero-copy into torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError
+
+from specmoe.errors import CorruptStoreError
+
+FORMAT = "specmoe-traces"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+HIDDEN_KINDS = ("router_input", "residual_out")
+
+
+class StackInfo(BaseModel):
+    num_layers: int = Field(ge=1)
+    block_names: list[str]
+    """Module name of each MoE layer's block, e.g. ``model.layers.3.mlp``."""
+
+
+class ModelInfo(BaseModel):
+    id: str
+    model_type: str
+    num_experts: int = Field(ge=1)
+    top_k: int = Field(ge=1)
+    hidden_size: int
+    stacks: dict[str, StackInfo]
+    dtype: str
+
+
+class TokenizerInfo(BaseModel):
+    name_or_path: str
+    vocab_size: int
+    bos_token_id: int | None = None
+
+
+class CollectionInfo(BaseModel):
+    texts: list[str]
+    seq_len: int
+    batch_size: int
+    windows_per_shard: int
+    max_tokens: int | None
+    hidden: list[str] = []
+    """Which hidden-state kinds were saved (subset of ``router_input``, ``residual_out``)."""
+    mode: str = "prefill"
+    decoder_input: str = ""
+    """For encoder-decoder models: how the decoder input was formed."""
+    fingerprint: str
+    """Hash of everything above that determines the data; a resumed run must match it."""
+
+
+class FileEntry(BaseModel):
+    file: str
+    bytes: int
+    sha256: str
+
+
+class ShardEntry(BaseModel):
+    index: int
+    routing: FileEntry
+    hidden: dict[str, FileEntry] = {}
+    num_tokens: int
+    first_window: int
+    num_windows: int
+
+
+class Manifest(BaseModel):
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    specmoe_version: str
+    model: ModelInfo
+    tokenizer: TokenizerInfo
+    collection: CollectionInfo
+    shards: list[ShardEntry] = []
+    complete: bool = False
+    num_tokens: int = 0
+
+    def save(self, directory: Path) -> None:
+        """Atomic: a kill leaves either the old manifest or the new one, never half of one."""
+        tmp = directory / f".{MANIFEST}.tmp"
+        with tmp.open("w") as handle:
+            handle.write(self.model_dump_json(indent=2))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, directory / MANIFEST)
+
+    @classmethod
+    def load(cls, directory: Path) -> Manifest:
+        path = directory / MANIFEST
+        if not path.is_file():
+            raise CorruptStoreError(f"{directory} is not a trace store: no {MANIFEST} "
+                                    "(create one with `specmoe collect`)")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CorruptStoreError(f"{path}: manifest is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if raw.get("format") != FORMAT:
+            raise CorruptStoreError(f"{path}: not a specmoe trace manifest (format={raw.get('format')!r})")
+        if raw.get("format_version", 0) > FORMAT_VERSION:
+            raise CorruptStoreError(f"{path}: format version {raw['format_version']} is newer than this "
+                                    f"specmoe understands ({FORMAT_VERSION}); upgrade specmoe")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise CorruptStoreError(f"{path}: manifest does not match the schema:\n{exc}") from None

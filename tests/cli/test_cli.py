@@ -1,0 +1,54 @@
+"""The command line: help, listing, and one-line errors for bad input."""
+
+import json
+
+from typer.testing import CliRunner
+
+from specmoe.cli import app
+from specmoe.errors import InputError, UnsupportedModelError
+from specmoe.models.loading import load_model
+
+runner = CliRunner()
+
+
+def test_models_list_names_every_family_and_builtin():
+    result = runner.invoke(app, ["models", "list"])
+    assert result.exit_code == 0
+    for name in ("switch_transformers", "deepseek_v3", "llama4_text", "switch-128e", "olmoe-64e"):
+        assert name in result.output
+
+
+def test_collect_help_documents_options():
+    result = runner.invoke(app, ["collect", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    assert result.exit_code == 0
+    for option in ("--model", "--text", "--out", "--max-tokens", "--seq-len", "--batch-size", "--save-router-inputs"):
+        assert option in result.output
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    try:
+        load_model(str(tmp_path / "no-such-model"))
+    except InputError as exc:
+        assert "no-such-model" in str(exc) and "Built-in models" in str(exc)
+    else:
+        raise AssertionError("expected InputError")
+
+
+def test_unsupported_local_checkpoint_lists_supported_types(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    try:
+        load_model(str(tmp_path))
+    except UnsupportedModelError as exc:
+        assert "'llama'" in str(exc) and "mixtral" in str(exc)
+    else:
+        raise AssertionError("expected UnsupportedModelError")
+
+
+def test_collect_cli_end_to_end(tiny_checkpoints, small_corpus, tmp_path):
+    out = tmp_path / "t"
+    result = runner.invoke(app, ["collect", "--model", str(tiny_checkpoints["olmoe"]), "--text", str(small_corpus),
+                                 "--out", str(out), "--seq-len", "16"])
+    assert result.exit_code == 0, result.output
+    assert "from 6 documents" in result.output
+    verify = runner.invoke(app, ["traces", "verify", str(out)])
+    assert verify.exit_code == 0 and verify.output.startswith("ok:")

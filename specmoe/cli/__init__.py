@@ -6,12 +6,15 @@ import sys
 
 import typer
 
-from specmoe.cli import bench, collect, corpus, models, traces
+from specmoe.cli import bench, collect, corpus, evaluate, models, predictors, traces, train
 from specmoe.errors import SpecmoeError
 
 app = typer.Typer(help="Predict which MoE experts upcoming layers will use, and prefetch them.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 app.command(name="collect")(collect.collect_command)
+app.command(name="train")(train.train_command)
+app.command(name="evaluate")(evaluate.evaluate_command)
+app.add_typer(predictors.app, name="predictors")
 app.add_typer(models.app, name="models")
 app.add_typer(traces.app, name="traces")
 app.add_typer(corpus.app, name="corpus")

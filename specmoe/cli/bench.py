@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -30,3 +32,26 @@ def bench_collect(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(text + "\n")
     typer.echo(text)
+
+
+@app.command("predictors")
+def bench_predictors(
+    traces: Annotated[Path, typer.Option(help="Trace store directory.")],
+    json_out: Annotated[Path, typer.Option("--json", help="JSON output; a Markdown table goes beside it (.md).")],
+    predictor: Annotated[list[str] | None, typer.Option(help="name[:preset], repeatable (default: all).")] = None,
+    budget: Annotated[str, typer.Option(help="cpu (capped epochs/steps) or full.")] = "cpu",
+    split_seed: Annotated[int, typer.Option()] = 0,
+    bootstrap: Annotated[int, typer.Option()] = 1000,
+    save_dir: Annotated[Path | None, typer.Option(help="Also save every fitted predictor here.")] = None,
+) -> None:
+    """Train and score every predictor on the same document split; JSON + Markdown table."""
+    from specmoe.bench.predictors import DEFAULT_PREDICTORS, benchmark_predictors, markdown_table, write_report
+    from specmoe.errors import InputError
+
+    if budget not in ("cpu", "full"):
+        raise InputError(f"--budget must be cpu or full, got {budget!r}")
+    report = benchmark_predictors(traces, specs=tuple(predictor or DEFAULT_PREDICTORS), split_seed=split_seed,
+                                  budget=budget, bootstrap=bootstrap, out_dir=save_dir)
+    report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    write_report(report, json_out)
+    typer.echo(markdown_table(report))

@@ -125,6 +125,29 @@ class MoEAdapter:
         count = int(experts.num_experts)
         return [p[expert_idx] for p in experts.parameters() if p.dim() >= 2 and p.shape[0] == count]
 
+    # --- router access (for training-free lookahead) ---------------------------------
+    router_attrs: tuple[str, ...] = ("gate", "router", "router.layer", "router.classifier")
+    norm_attrs: tuple[str, ...] = ("post_attention_layernorm", "ffn_norm", "norm_2")
+
+    def router_weights(self, layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The router's linear map: weight (E, D) and bias (E,) or None."""
+        for path in self.router_attrs:
+            module = layer.block
+            for part in path.split("."):
+                module = getattr(module, part, None)
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+                return weight.detach(), getattr(module, "bias", None)
+        raise ValueError(f"{self.family}: cannot find the router of {layer.name}")
+
+    def pre_router_norm(self, layer: MoELayer) -> nn.Module:
+        """The normalisation applied to the residual stream just before this block."""
+        for attr in self.norm_attrs:
+            norm = getattr(layer.residual_parent, attr, None)
+            if isinstance(norm, nn.Module):
+                return norm
+        raise ValueError(f"{self.family}: cannot find the norm in front of {layer.name}")
+
     # --- running ----------------------------------------------------------------------
     def forward(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

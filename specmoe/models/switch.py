@@ -33,6 +33,8 @@ class SwitchAdapter(MoEAdapter):
         weights = torch.where(kept, weights.reshape(-1).float(), torch.zeros((), dtype=torch.float32))
         return ids[:, None], weights[:, None]
 
+    norm_attrs = ("layer_norm",)
+
     def expert_parameters(self, layer: MoELayer, expert_idx: int):
         return list(layer.block.experts[f"expert_{expert_idx}"].parameters())
 

@@ -73,6 +73,8 @@ class CollectConfig:
 class Window:
     index: int
     doc_id: str
+    doc_group: str
+    """Split key: documents of one group (near-duplicates, parallel texts) share a split."""
     token_ids: list[int] = field(repr=False)
 
 
@@ -86,7 +88,7 @@ def plan_windows(texts: list[str], tokenizer, seq_len: int) -> Iterator[Window]:
             ids = tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"]
             for start in range(0, len(ids), body):
                 chunk = ids[start:start + body]
-                yield Window(index, doc.doc_id, ([bos] if bos is not None else []) + chunk)
+                yield Window(index, doc.doc_id, doc.split_key, ([bos] if bos is not None else []) + chunk)
                 index += 1
 
 
@@ -177,13 +179,15 @@ class _ShardBuffer:
     def __init__(self, stacks: dict[str, int], hidden_kinds: list[str]):
         self.stacks = stacks
         self.hidden_kinds = hidden_kinds
-        self.columns: dict[str, list] = {"doc_id": [], "window": [], "position": [], "token_id": []}
+        self.columns: dict[str, list] = {"doc_id": [], "doc_group": [], "window": [], "position": [],
+                                             "token_id": []}
         self.layers: dict[tuple[str, int], dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
 
     def add(self, batch: list[Window], records: dict, keep: torch.Tensor) -> None:
         for window in batch:
             n = len(window.token_ids)
             self.columns["doc_id"] += [window.doc_id] * n
+            self.columns["doc_group"] += [window.doc_group] * n
             self.columns["window"] += [window.index] * n
             self.columns["position"] += range(n)
             self.columns["token_id"] += window.token_ids

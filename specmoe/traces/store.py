@@ -3,7 +3,7 @@
 Layout of a store directory::
 
     manifest.json                          # schema.Manifest
-    shard-00000.parquet                    # routing of ~windows_per_shard windows
+    shard-00000.parquet                    # routing of windows_per_shard windows
     shard-00000.router_input.safetensors   # optional, fp16 (T, L, D) per stack
 """
 
@@ -43,6 +43,7 @@ class ShardData:
     """One shard's tokens, for one stack. T tokens, L MoE layers, k experts per token."""
 
     doc_ids: np.ndarray  # (T,) object (str)
+    doc_groups: np.ndarray  # (T,) object (str): split key of the document
     windows: np.ndarray  # (T,) int64, global window index
     positions: np.ndarray  # (T,) int32, position inside the window
     token_ids: np.ndarray  # (T,) int32
@@ -57,6 +58,7 @@ def routing_table(columns: dict[str, np.ndarray], per_stack: dict[str, tuple[np.
     """Build a shard's Arrow table; (T, L, k) arrays become fixed-size lists of L*k values."""
     arrays = {
         "doc_id": pa.array(columns["doc_id"]).dictionary_encode(),
+        "doc_group": pa.array(columns["doc_group"]).dictionary_encode(),
         "window": pa.array(columns["window"], pa.int64()),
         "position": pa.array(columns["position"], pa.int32()),
         "token_id": pa.array(columns["token_id"], pa.int32()),
@@ -151,7 +153,7 @@ class TraceStore:
             raise KeyError(f"no stack {stack!r} in this store; stacks: {self.stacks}")
         shard = self.manifest.shards[index]
         path = self.directory / shard.routing.file
-        columns = ["doc_id", "window", "position", "token_id", f"{stack}.expert_ids", f"{stack}.gate_weights"]
+        columns = ["doc_id", "doc_group", "window", "position", "token_id", f"{stack}.expert_ids", f"{stack}.gate_weights"]
         try:
             table = pq.read_table(path, columns=columns, memory_map=True)
         except (pa.ArrowException, OSError) as exc:
@@ -167,6 +169,7 @@ class TraceStore:
 
         return ShardData(
             doc_ids=table.column("doc_id").to_numpy(zero_copy_only=False).astype(object),
+            doc_groups=table.column("doc_group").to_numpy(zero_copy_only=False).astype(object),
             windows=table.column("window").to_numpy(),
             positions=table.column("position").to_numpy(),
             token_ids=table.column("token_id").to_numpy(),

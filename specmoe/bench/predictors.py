@@ -1,0 +1,107 @@
+"""``specmoe bench predictors``: train and score every predictor on one document split.
+
+Torch predictors run under a budget: ``cpu`` caps epochs and steps so the whole benchmark
+fits in minutes on 2 cores; ``full`` uses each predictor's own settings (for a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from specmoe.evaluation.evaluate import dataset_for, evaluate
+from specmoe.evaluation.latency import model_time_per_token_us
+from specmoe.errors import SpecmoeError
+from specmoe.predictors.neural.base import TorchPredictor
+from specmoe.predictors.registry import make_predictor
+from specmoe.traces.splits import assign_splits
+from specmoe.traces.store import TraceStore
+
+DEFAULT_PREDICTORS = ("popularity", "transition", "ngram", "token", "combo", "lookahead", "interlayer:baseline",
+                      "multiscale:small", "lookahead-mlp", "ensemble")
+BUDGETS = {"cpu": {"epochs": 3, "max_steps_per_epoch": 150}, "full": {}}
+
+
+def _make(spec: str, budget: str, horizons: int):
+    name, _, preset = spec.partition(":")
+    probe = make_predictor(name, preset or None, horizons=horizons)
+    overrides = BUDGETS[budget] if isinstance(probe, TorchPredictor) else {}
+    if name == "ensemble" and budget == "cpu":
+        overrides = {"member_params": {"interlayer:small": BUDGETS["cpu"]}}
+    return make_predictor(name, preset or None, horizons=horizons, **overrides)
+
+
+def benchmark_predictors(traces: str | Path, *, specs: tuple[str, ...] = DEFAULT_PREDICTORS, split_seed: int = 0,
+                         budget: str = "cpu", horizons: int = 3, bootstrap: int = 1000, out_dir: Path | None = None,
+                         progress: bool = True) -> dict:
+    store = TraceStore.open(traces)
+    splits = assign_splits(store, split_seed)
+    try:
+        model_time = model_time_per_token_us(store.manifest.model.id)
+    except SpecmoeError:
+        model_time = None
+    results = []
+    for spec in specs:
+        predictor = _make(spec, budget, horizons)
+        if predictor.needs_hidden and predictor.needs_hidden not in store.manifest.collection.hidden:
+            results.append({"predictor": spec, "skipped": f"traces have no {predictor.needs_hidden} states"})
+            continue
+        train = dataset_for(predictor, store, "train", split_seed, splits)
+        started = time.perf_counter()
+        if isinstance(predictor, TorchPredictor):
+            predictor.fit(train, train.with_split("val"), progress=progress)
+        else:
+            predictor.fit(train, train.with_split("val"))
+        fit_seconds = time.perf_counter() - started
+        if out_dir:
+            predictor.save(Path(out_dir) / "predictors" / spec.replace(":", "-"))
+        result = evaluate(predictor, train.with_split("test"), bootstrap=bootstrap, seed=split_seed,
+                          model_time_us=model_time)
+        result.update(predictor=spec, fit_seconds=round(fit_seconds, 2))
+        if hasattr(predictor, "member_scores_"):
+            result["member_val_recall_at_k"] = dict(zip(predictor.members, predictor.member_scores_.tolist()))
+            result["member_weights"] = dict(zip(predictor.members, predictor.weights_.tolist()))
+        results.append(result)
+    manifest = store.manifest
+    return {"benchmark": "predictors", "traces": str(store.directory), "model": manifest.model.id,
+            "num_layers": manifest.model.stacks[store.default_stack()].num_layers,
+            "num_experts": manifest.model.num_experts, "top_k": manifest.model.top_k, "split": "test",
+            "split_seed": split_seed, "budget": budget, "budget_overrides": BUDGETS[budget],
+            "split_sizes": {s: sum(1 for v in splits.values() if v == s) for s in ("train", "val", "test")},
+            "results": results}
+
+
+def markdown_table(report: dict) -> str:
+    lines = [f"Test split of `{report['traces']}` (model `{report['model']}`, L={report['num_layers']}, "
+             f"E={report['num_experts']}, k={report['top_k']}; split seed {report['split_seed']}, documents "
+             f"train/val/test = {report['split_sizes']['train']}/{report['split_sizes']['val']}/"
+             f"{report['split_sizes']['test']}; budget `{report['budget']}`). 95% bootstrap intervals over documents.",
+             "",
+             "| predictor | params | h | top1_acc | hit1 | recall@k | recall@2k | µs/token/layer | × model time |",
+             "|---|---:|---:|---|---:|---|---:|---:|---:|"]
+    chance = None
+    for result in report["results"]:
+        if "skipped" in result:
+            lines.append(f"| {result['predictor']} | | | skipped: {result['skipped']} | | | | | |")
+            continue
+        cost = result["cost"]
+        frac = cost["fraction_of_model_time"]
+        for row in (r for r in result["rows"] if r["layer"] == "all"):
+            chance = row
+            t_ci, r_ci = row.get("top1_acc_ci", [0, 0]), row.get("recall_at_k_ci", [0, 0])
+            lines.append(
+                f"| {result['predictor']} | {cost['params']:,} | {row['horizon']} | {row['top1_acc']:.3f} "
+                f"[{t_ci[0]:.3f}, {t_ci[1]:.3f}] | {row['hit1']:.3f} | {row['recall_at_k']:.3f} "
+                f"[{r_ci[0]:.3f}, {r_ci[1]:.3f}] | {row['recall_at_2k']:.3f} | {cost['latency_us_per_token_layer']:.1f} "
+                f"| {'' if frac is None else f'{frac:.4f}'} |")
+    if chance:
+        lines.append(f"| *chance* | | | {chance['chance_top1_acc']:.4f} | {chance['chance_hit1']:.4f} | "
+                     f"{chance['chance_recall_at_k']:.4f} | {chance['chance_recall_at_2k']:.4f} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, json_out: Path, markdown_out: Path | None = None) -> None:
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(report, indent=2))
+    (markdown_out or json_out.with_suffix(".md")).write_text(markdown_table(report))

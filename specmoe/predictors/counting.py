@@ -1,0 +1,228 @@
+"""Counting baselines: fit in one pass over the traces, no epochs.
+
+All return normalised distributions over experts, smoothed towards the target layer's
+popularity so an unseen context still gets a sensible guess.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from specmoe.predictors.base import ExpertPredictor
+from specmoe.predictors.data import Context, TraceDataset
+from specmoe.predictors.tables import SparseCounts
+
+
+def _normalise(counts: torch.Tensor) -> torch.Tensor:
+    return counts / counts.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+class _CountingPredictor(ExpertPredictor):
+    """Shared fitting loop and popularity prior."""
+
+    def __init__(self, *, horizons: int = 3, smoothing: float = 1.0):
+        self.horizons = horizons
+        self.smoothing = smoothing
+
+    def _start(self, train: TraceDataset) -> None:
+        self.num_layers_, self.num_experts_, self.top_k_ = train.num_layers, train.num_experts, train.top_k
+        self.popularity_ = torch.zeros(self.num_layers_, self.num_experts_)
+
+    def _accumulate(self, batch, layer: int, context: Context, targets: torch.Tensor) -> None:
+        """Count one (layer, batch): ``targets`` is (N, H, k), IGNORE where undefined."""
+
+    @staticmethod
+    def _target_weights(batch, layer: int, horizons: int) -> torch.Tensor:
+        """(N, H, k) gate weights of the target experts, normalised per token: a count adds
+        more for the expert the router trusted most, so the top-1 is learned as such."""
+        out = torch.zeros(len(batch), horizons, batch.expert_ids.shape[2])
+        for h in range(1, horizons + 1):
+            if layer + h < batch.num_layers:
+                w = torch.where(batch.expert_ids[:, layer + h] >= 0, batch.gate_weights[:, layer + h].float(), 0.0)
+                out[:, h - 1] = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+        return out
+
+    def fit(self, train: TraceDataset, val: TraceDataset | None = None):
+        self._start(train)
+        for batch in train.iter_batches():
+            for layer in range(self.num_layers_):
+                ids = batch.expert_ids[:, layer].reshape(-1)
+                self.popularity_[layer] += torch.bincount(ids[ids >= 0], minlength=self.num_experts_).float()
+            for layer in range(self.num_layers_ - 1):
+                self._accumulate(batch, layer, batch.context(layer), batch.targets(layer, self.horizons))
+        self._finish()
+        return self
+
+    def _finish(self) -> None:
+        pass
+
+    def _prior(self, layer: int) -> torch.Tensor:
+        """(H, E) popularity of layers layer+1..layer+H (uniform past the last layer)."""
+        rows = [_normalise(self.popularity_[layer + h] + 1e-3) if layer + h < self.num_layers_
+                else torch.full((self.num_experts_,), 1 / self.num_experts_) for h in range(1, self.horizons + 1)]
+        return torch.stack(rows)
+
+    def fitted_meta(self) -> dict:
+        if not hasattr(self, "num_layers_"):
+            return {}
+        return {"num_layers": self.num_layers_, "num_experts": self.num_experts_, "top_k": self.top_k_}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"popularity": self.popularity_}
+
+    def load_state_tensors(self, tensors, meta) -> None:
+        self.num_layers_, self.num_experts_, self.top_k_ = meta["num_layers"], meta["num_experts"], meta["top_k"]
+        self.popularity_ = tensors["popularity"]
+
+
+class PopularityPredictor(_CountingPredictor):
+    """How often each expert is used at the target layer, whatever the token."""
+
+    name = "popularity"
+
+    def predict_proba(self, context: Context) -> torch.Tensor:
+        return self._prior(context.layer).expand(len(context), -1, -1).clone()
+
+
+class TransitionPredictor(_CountingPredictor):
+    """P(expert at layer l+h | experts at layer l), mixed over the k experts of layer l by
+    their gate weights."""
+
+    name = "transition"
+
+    def _start(self, train):
+        super()._start(train)
+        e = self.num_experts_
+        self.transitions_ = torch.zeros(self.num_layers_, self.horizons, e, e)
+
+    def _accumulate(self, batch, layer, context, targets):
+        e = self.num_experts_
+        src = context.expert_ids[:, layer]  # (N, k)
+        src_w = torch.where(src >= 0, context.gate_weights[:, layer].float(), 0.0)
+        src_w = src_w / src_w.sum(-1, keepdim=True).clamp_min(1e-12)
+        dst_w = self._target_weights(batch, layer, targets.shape[1])
+        for h in range(targets.shape[1]):
+            dst = targets[:, h]  # (N, k)
+            pairs_src = src[:, :, None].expand(-1, -1, dst.shape[1]).reshape(-1)
+            pairs_dst = dst[:, None, :].expand(-1, src.shape[1], -1).reshape(-1)
+            mass = (src_w[:, :, None] * dst_w[:, h, None, :]).reshape(-1)
+            ok = (pairs_src >= 0) & (pairs_dst >= 0)
+            self.transitions_[layer, h] += torch.bincount(pairs_src[ok] * e + pairs_dst[ok], weights=mass[ok],
+                                                          minlength=e * e).view(e, e).float()
+
+    def predict_proba(self, context: Context) -> torch.Tensor:
+        prior = self._prior(context.layer)  # (H, E)
+        table = self.transitions_[context.layer]  # (H, E, E)
+        conditional = (table + self.smoothing * prior[:, None, :]) / (table.sum(-1, keepdim=True) + self.smoothing)
+        src = context.expert_ids[:, -1]  # (N, k)
+        weights = torch.where(src >= 0, context.gate_weights[:, -1].float(), 0.0)
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+        gathered = conditional[:, src.clamp_min(0)]  # (H, N, k, E)
+        mixed = (gathered * weights[None, :, :, None]).sum(2).transpose(0, 1)  # (N, H, E)
+        no_source = (weights.sum(-1) == 0)[:, None, None]
+        return torch.where(no_source, prior.expand_as(mixed), mixed)
+
+    def state_tensors(self):
+        return {**super().state_tensors(), "transitions": self.transitions_}
+
+    def load_state_tensors(self, tensors, meta):
+        super().load_state_tensors(tensors, meta)
+        self.transitions_ = tensors["transitions"]
+
+
+class NGramPredictor(_CountingPredictor):
+    """P(experts at layer l+h | top-1 experts of layers l-c+1..l): the seed's "last c layers"
+    context as a lookup table, backed off to the transition predictor (Dirichlet smoothing)."""
+
+    name = "ngram"
+
+    def __init__(self, *, horizons: int = 3, context_layers: int = 3, smoothing: float = 2.0):
+        self.horizons = horizons
+        self.context_layers = context_layers
+        self.smoothing = smoothing
+
+    def _start(self, train):
+        super()._start(train)
+        self.table_ = SparseCounts(self.num_experts_)
+        self.backoff_ = TransitionPredictor(horizons=self.horizons)
+        self.backoff_._start(train)
+
+    def _keys(self, context: Context, h: int) -> np.ndarray:
+        base = self.num_experts_ + 1  # experts, plus one "none" (dropped / before layer 0)
+        key = np.full(len(context), context.layer * self.horizons + h, dtype=np.int64)
+        top1 = context.expert_ids[:, :, 0].numpy()
+        for back in range(self.context_layers - 1, -1, -1):
+            layer = context.layer - back
+            column = top1[:, layer] if layer >= 0 else np.full(len(context), -1)
+            key = key * base + np.where(column >= 0, column, self.num_experts_)
+        return key
+
+    def _accumulate(self, batch, layer, context, targets):
+        self.backoff_._accumulate(batch, layer, context, targets)
+        weights = self._target_weights(batch, layer, targets.shape[1]).numpy()
+        for h in range(targets.shape[1]):
+            keys = self._keys(context, h)
+            for slot in range(targets.shape[2]):
+                self.table_.add(keys, targets[:, h, slot].numpy(), weights[:, h, slot])
+
+    def _finish(self):
+        self.backoff_.popularity_ = self.popularity_
+        self.table_.freeze()
+
+    def predict_proba(self, context: Context) -> torch.Tensor:
+        backoff = self.backoff_.predict_proba(context)  # (N, H, E)
+        out = torch.empty_like(backoff)
+        for h in range(self.horizons):
+            counts = self.table_.lookup(self._keys(context, h))
+            out[:, h] = (counts + self.smoothing * backoff[:, h]) / (counts.sum(-1, keepdim=True) + self.smoothing)
+        return out
+
+    def state_tensors(self):
+        return {**super().state_tensors(), "transitions": self.backoff_.transitions_, **self.table_.state("ngram")}
+
+    def load_state_tensors(self, tensors, meta):
+        super().load_state_tensors(tensors, meta)
+        self.backoff_ = TransitionPredictor(horizons=self.horizons)
+        self.backoff_.load_state_tensors(tensors, meta)
+        self.table_ = SparseCounts.from_state(tensors, "ngram", self.num_experts_)
+
+
+class TokenTablePredictor(_CountingPredictor):
+    """P(expert at layer j | token id): routing that follows the token, not the context."""
+
+    name = "token"
+
+    def _start(self, train):
+        super()._start(train)
+        self.table_ = SparseCounts(self.num_experts_)
+
+    def _accumulate(self, batch, layer, context, targets):
+        if layer == 0:  # each token once per target layer: count layers 0..L-1 here
+            tokens = batch.token_ids.numpy() * self.num_layers_
+            weights = torch.cat([self._target_weights(batch, -1, 1)[:, 0:1],
+                                 self._target_weights(batch, 0, self.num_layers_ - 1)], 1).numpy()  # (N, L, k)
+            for target_layer in range(self.num_layers_):
+                for slot in range(batch.expert_ids.shape[2]):
+                    self.table_.add(tokens + target_layer, batch.expert_ids[:, target_layer, slot].numpy(),
+                                    weights[:, target_layer, slot])
+
+    def _finish(self):
+        self.table_.freeze()
+
+    def predict_proba(self, context: Context) -> torch.Tensor:
+        prior = self._prior(context.layer)
+        out = prior.expand(len(context), -1, -1).clone()
+        tokens = context.token_ids.numpy() * self.num_layers_
+        for h in range(1, self.horizons + 1):
+            if context.layer + h < self.num_layers_:
+                counts = self.table_.lookup(tokens + context.layer + h)
+                out[:, h - 1] = (counts + self.smoothing * prior[h - 1]) / (counts.sum(-1, keepdim=True) + self.smoothing)
+        return out
+
+    def state_tensors(self):
+        return {**super().state_tensors(), **self.table_.state("token")}
+
+    def load_state_tensors(self, tensors, meta):
+        super().load_state_tensors(tensors, meta)
+        self.table_ = SparseCounts.from_state(tensors, "token", self.num_experts_)

@@ -1,0 +1,97 @@
+"""Hidden-state lookahead: layer l+h's own normalisation and router applied to what is known
+after layer l. Training-free (the router weights are copied from the model); the strongest
+published prefetchers build on this signal.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specmoe.errors import InputError
+from specmoe.predictors.base import ExpertPredictor
+from specmoe.predictors.data import Context, TraceDataset
+
+
+def rms_normalise(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def extract_routers(model_id: str, stack: str) -> dict[str, torch.Tensor]:
+    """Per MoE layer of ``stack``: pre-router RMSNorm weight and eps, router weight and bias."""
+    from specmoe.models.loading import load_model
+
+    loaded = load_model(model_id)
+    norms, weights, biases, eps = [], [], [], []
+    for layer in loaded.layers_of(stack):
+        norm = loaded.adapter.pre_router_norm(layer)
+        norm_weight = next(p for p in norm.parameters() if p.dim() == 1).detach().float()
+        layer_eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+        probe = torch.randn(4, norm_weight.shape[0])
+        with torch.no_grad():
+            if not torch.allclose(norm(probe).float(), rms_normalise(probe, norm_weight, layer_eps), atol=1e-4):
+                raise InputError(f"lookahead supports RMSNorm-normalised routers; {layer.name} uses {type(norm).__name__}")
+        weight, bias = loaded.adapter.router_weights(layer)
+        norms.append(norm_weight)
+        weights.append(weight.float())
+        biases.append(bias.detach().float() if bias is not None else torch.zeros(weight.shape[0]))
+        eps.append(layer_eps)
+    return {"norm": torch.stack(norms), "router": torch.stack(weights), "bias": torch.stack(biases),
+            "eps": torch.tensor(eps)}
+
+
+class RouterLookaheadPredictor(ExpertPredictor):
+    """Training-free: score layer l+h's experts with its router applied to layer l's state.
+
+    ``hidden="residual_out"``: layer l+h's RMSNorm then router on the residual stream leaving
+    layer l (needs traces collected with ``--save-residuals``). ``hidden="router_input"``:
+    layer l's router input with layer l's norm weight divided out and layer l+h's applied.
+    """
+
+    name = "lookahead"
+
+    def __init__(self, *, horizons: int = 3, hidden: str = "residual_out", model: str | None = None):
+        self.horizons = horizons
+        self.hidden = hidden
+        self.model = model
+
+    @property
+    def needs_hidden(self) -> str:  # type: ignore[override]
+        return self.hidden
+
+    def fit(self, train: TraceDataset, val: TraceDataset | None = None):
+        if self.hidden not in ("residual_out", "router_input"):
+            raise InputError(f"hidden must be residual_out or router_input, got {self.hidden!r}")
+        self.routers_ = extract_routers(self.model or train.store.manifest.model.id, train.stack)
+        self.num_layers_, self.num_experts_ = self.routers_["router"].shape[:2]
+        return self
+
+    def predict_proba(self, context: Context) -> torch.Tensor:
+        if context.hidden is None:
+            raise InputError(f"the lookahead predictor needs {self.hidden} states in the traces")
+        state = context.hidden[:, -1].float()  # (N, D), layer l
+        layer = context.layer
+        r = self.routers_
+        if self.hidden == "router_input":
+            state = state / r["norm"][layer].clamp(min=1e-6)
+        out = torch.full((len(context), self.horizons, self.num_experts_), 1.0 / self.num_experts_)
+        for h in range(1, self.horizons + 1):
+            target = layer + h
+            if target >= self.num_layers_:
+                break
+            x = rms_normalise(state, r["norm"][target], float(r["eps"][target]))
+            out[:, h - 1] = torch.softmax(x @ r["router"][target].T + r["bias"][target], dim=-1)
+        return out
+
+    def fitted_meta(self):
+        return {"num_layers": self.num_layers_, "num_experts": self.num_experts_} if hasattr(self, "routers_") else {}
+
+    def state_tensors(self):
+        return dict(self.routers_)
+
+    def load_state_tensors(self, tensors, meta):
+        self.routers_ = dict(tensors)
+        self.num_layers_, self.num_experts_ = meta["num_layers"], meta["num_experts"]
+
+    def num_parameters(self) -> int:
+        return 0  # copied from the model, nothing learned

@@ -1,0 +1,50 @@
+"""Predictors and presets by name, for the CLI and the benchmark."""
+
+from __future__ import annotations
+
+from specmoe.errors import InputError
+from specmoe.predictors.base import ExpertPredictor
+from specmoe.predictors.combination import InterpolatedPredictor
+from specmoe.predictors.counting import NGramPredictor, PopularityPredictor, TokenTablePredictor, TransitionPredictor
+
+PREDICTORS: dict[str, type[ExpertPredictor]] = {
+    cls.name: cls
+    for cls in (PopularityPredictor, TransitionPredictor, NGramPredictor, TokenTablePredictor, InterpolatedPredictor)
+}
+PRESETS: dict[str, dict[str, dict]] = {}
+"""``PRESETS[predictor][preset] -> constructor keyword arguments``."""
+
+
+def register(cls: type[ExpertPredictor], presets: dict[str, dict] | None = None) -> type[ExpertPredictor]:
+    PREDICTORS[cls.name] = cls
+    if presets:
+        PRESETS[cls.name] = presets
+    return cls
+
+
+def predictor_class(name: str) -> type[ExpertPredictor]:
+    _import_optional_families()
+    try:
+        return PREDICTORS[name]
+    except KeyError:
+        raise InputError(f"unknown predictor {name!r}; available: {', '.join(sorted(PREDICTORS))}") from None
+
+
+def make_predictor(name: str, preset: str | None = None, **overrides) -> ExpertPredictor:
+    cls = predictor_class(name)
+    params = {}
+    if preset is not None:
+        presets = PRESETS.get(name, {})
+        if preset not in presets:
+            raise InputError(f"predictor {name!r} has no preset {preset!r}; presets: {sorted(presets) or 'none'}")
+        params.update(presets[preset])
+    params.update(overrides)
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise InputError(f"bad parameters for predictor {name!r}: {exc}") from None
+
+
+def _import_optional_families() -> None:
+    """Neural predictors register themselves on import (they pull in more of torch)."""
+    import specmoe.predictors.neural  # noqa: F401

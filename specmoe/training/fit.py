@@ -1,0 +1,33 @@
+"""``specmoe train``: fit a predictor on the train split (model selection on val) and save it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from specmoe.evaluation.evaluate import dataset_for
+from specmoe.predictors.neural.base import TorchPredictor
+from specmoe.predictors.registry import make_predictor
+from specmoe.traces.store import TraceStore
+
+
+def fit_and_save(name: str, traces: str | Path, out: str | Path, *, preset: str | None = None, split_seed: int = 0,
+                 resume: bool = False, progress: bool = True, command: str = "", **overrides):
+    store = TraceStore.open(traces)
+    predictor = make_predictor(name, preset, **overrides)
+    train = dataset_for(predictor, store, "train", split_seed)
+    val = train.with_split("val")
+    started = time.perf_counter()
+    if isinstance(predictor, TorchPredictor):
+        predictor.fit(train, val, out_dir=out, resume=resume, progress=progress)
+    else:
+        predictor.fit(train, val)
+    seconds = time.perf_counter() - started
+    out = predictor.save(out)
+    info = {"predictor": name, "preset": preset, "params": predictor.get_params(), "traces": str(store.directory),
+            "split_seed": split_seed, "fit_seconds": round(seconds, 2), "num_parameters": predictor.num_parameters(),
+            "val_recall_at_k": round(predictor.score(val), 5), "command": command,
+            "training": getattr(predictor, "training_summary_", None)}
+    (Path(out) / "train_info.json").write_text(json.dumps(info, indent=2))
+    return predictor, info

@@ -59,9 +59,13 @@ def benchmark_predictors(traces: str | Path, *, specs: tuple[str, ...] = DEFAULT
         result = evaluate(predictor, train.with_split("test"), bootstrap=bootstrap, seed=split_seed,
                           model_time_us=model_time)
         result.update(predictor=spec, fit_seconds=round(fit_seconds, 2))
-        if hasattr(predictor, "member_scores_"):
+        if hasattr(predictor, "member_scores_"):  # report each member on test beside the fusion
             result["member_val_recall_at_k"] = dict(zip(predictor.members, predictor.member_scores_.tolist()))
-            result["member_weights"] = dict(zip(predictor.members, predictor.weights_.tolist()))
+            result["member_weights"] = dict(zip(predictor.members, predictor.weights_[0].tolist()))
+            result["members"] = {
+                spec: [r for r in evaluate(member, train.with_split("test"), bootstrap=bootstrap, seed=split_seed,
+                                           model_time_us=model_time)["rows"] if r["layer"] == "all"]
+                for spec, member in zip(predictor.members, predictor.members_)}
         results.append(result)
     manifest = store.manifest
     return {"benchmark": "predictors", "traces": str(store.directory), "model": manifest.model.id,

@@ -50,6 +50,8 @@ class RoutingBatch:
     hidden: torch.Tensor | None  # (N, L, D)
     doc_ids: np.ndarray  # (N,)
     num_experts: int
+    windows: np.ndarray | None = None  # (N,) window index, for replaying in decode order
+    positions: np.ndarray | None = None  # (N,) position inside the window
 
     @property
     def num_layers(self) -> int:
@@ -142,7 +144,7 @@ class TraceDataset:
             hidden = self.store.hidden_states(index, self.hidden, self.stack)[torch.from_numpy(keep)].float()
         return RoutingBatch(torch.from_numpy(ids[keep]), torch.from_numpy(shard.gate_weights[keep]),
                             torch.from_numpy(shard.token_ids[keep].astype(np.int64)), torch.from_numpy(prev), hidden,
-                            shard.doc_ids[keep], self.num_experts)
+                            shard.doc_ids[keep], self.num_experts, shard.windows[keep], shard.positions[keep])
 
     def iter_batches(self, batch_size: int = 4096, *, shuffle: bool = False, seed: int = 0) -> Iterator[RoutingBatch]:
         """Batches of up to ``batch_size`` tokens. With ``shuffle``, shard order and the
@@ -156,9 +158,10 @@ class TraceDataset:
             perm = torch.from_numpy(rng.permutation(len(full))) if shuffle else torch.arange(len(full))
             for start in range(0, len(full), batch_size):
                 rows = perm[start:start + batch_size]
+                index = rows.numpy()
                 yield RoutingBatch(full.expert_ids[rows], full.gate_weights[rows], full.token_ids[rows],
                                    full.prev_expert_ids[rows], None if full.hidden is None else full.hidden[rows],
-                                   full.doc_ids[rows.numpy()], full.num_experts)
+                                   full.doc_ids[index], full.num_experts, full.windows[index], full.positions[index])
 
     def num_tokens(self) -> int:
         return sum(len(b) for b in self.iter_batches(1 << 30))

@@ -69,19 +69,22 @@ class RouterLookaheadPredictor(ExpertPredictor):
     def predict_proba(self, context: Context) -> torch.Tensor:
         if context.hidden is None:
             raise InputError(f"the lookahead predictor needs {self.hidden} states in the traces")
-        state = context.hidden[:, -1].float()  # (N, D), layer l
-        layer = context.layer
-        r = self.routers_
-        if self.hidden == "router_input":
-            state = state / r["norm"][layer].clamp(min=1e-6)
+        state = context.hidden[:, -1]  # (N, D), layer l
         out = torch.full((len(context), self.horizons, self.num_experts_), 1.0 / self.num_experts_)
         for h in range(1, self.horizons + 1):
-            target = layer + h
-            if target >= self.num_layers_:
+            if context.layer + h >= self.num_layers_:
                 break
-            x = rms_normalise(state, r["norm"][target], float(r["eps"][target]))
-            out[:, h - 1] = torch.softmax(x @ r["router"][target].T + r["bias"][target], dim=-1)
+            out[:, h - 1] = torch.softmax(self.router_logits(state, context.layer, context.layer + h), dim=-1)
         return out
+
+    def router_logits(self, state: torch.Tensor, source: int, target: int) -> torch.Tensor:
+        """Layer ``target``'s router logits (N, E) for hidden states (N, D) taken at ``source``."""
+        r = self.routers_
+        state = state.float()
+        if self.hidden == "router_input":  # undo layer ``source``'s norm weight, keep the unit RMS
+            state = state / r["norm"][source].clamp(min=1e-6)
+        x = rms_normalise(state, r["norm"][target], float(r["eps"][target]))
+        return x @ r["router"][target].T + r["bias"][target]
 
     def fitted_meta(self):
         return {"num_layers": self.num_layers_, "num_experts": self.num_experts_} if hasattr(self, "routers_") else {}

@@ -24,7 +24,7 @@ import specmoe
 from specmoe.corpus.builtin import resolve_text_source
 from specmoe.corpus.documents import HF_PREFIX, read_documents
 from specmoe.errors import InputError
-from specmoe.models.loading import LoadedModel, load_model
+from specmoe.models.loading import LoadedModel, load_model, resolve_model_path
 from specmoe.traces.recorder import RoutingRecorder
 from specmoe.traces.schema import CollectionInfo, Manifest, ModelInfo, StackInfo, TokenizerInfo
 from specmoe.traces.store import TraceStore, routing_table, sha256_of
@@ -42,7 +42,7 @@ class CollectConfig:
     max_tokens: int | None = None
     """Stop after the window that reaches this many tokens (None: all text)."""
     seq_len: int = 128
-    batch_size: int = 8
+    batch_size: int = 32
     windows_per_shard: int = 256
     save_router_inputs: bool = False
     save_residuals: bool = False
@@ -101,13 +101,30 @@ def limit_tokens(windows: Iterator[Window], max_tokens: int | None) -> Iterator[
         yield window
 
 
+def model_revision(model: str, loaded: LoadedModel) -> str:
+    """What identifies the weights: the hub commit, else a hash of the local files' names,
+    sizes and config, so retrained weights never resume into an old store."""
+    commit = getattr(loaded.model.config, "_commit_hash", None)
+    if commit:
+        return commit
+    directory = Path(resolve_model_path(model))
+    if not directory.is_dir():
+        return "unknown"
+    digest = hashlib.sha256()
+    for path in sorted(directory.iterdir()):
+        if path.suffix in (".safetensors", ".bin", ".json"):
+            digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    digest.update((directory / "config.json").read_bytes() if (directory / "config.json").exists() else b"")
+    return digest.hexdigest()[:16]
+
+
 def _new_manifest(cfg: CollectConfig, loaded: LoadedModel, hidden_size: int) -> Manifest:
     texts = [str(resolve_text_source(t)) for t in cfg.texts]
     for path in texts:
         if not path.startswith(HF_PREFIX) and not Path(path).is_file():
             raise InputError(f"text file not found: {path}")
     identity = {
-        "model": cfg.model, "texts": [p if p.startswith(HF_PREFIX) else sha256_of(Path(p)) for p in texts],
+        "model": cfg.model, "model_revision": model_revision(cfg.model, loaded), "texts": [p if p.startswith(HF_PREFIX) else sha256_of(Path(p)) for p in texts],
         "seq_len": cfg.seq_len, "windows_per_shard": cfg.windows_per_shard, "max_tokens": cfg.max_tokens,
         "hidden": cfg.hidden_kinds, "dtype": cfg.dtype, "format": 1,
     }

@@ -1,0 +1,123 @@
+"""``specmoe simulate``: every policy over fast-tier sizes and batch sizes, with a plot.
+
+Everything here is a SIMULATION under a cost model; rows carry ``"simulated": true`` and
+the plot says so in its title.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from specmoe.evaluation.evaluate import dataset_for
+from specmoe.offload.cost import HardwareProfile
+from specmoe.offload.replay import decode_order
+from specmoe.offload.simulator import SimulationConfig, simulate
+from specmoe.predictors.base import ExpertPredictor
+from specmoe.predictors.data import TraceDataset
+from specmoe.traces.store import TraceStore
+
+
+@dataclass
+class SweepConfig:
+    cache_fractions: tuple[float, ...] = (0.1, 0.25, 0.5)
+    """Fast-tier size as a fraction of all routed experts of the stack."""
+    batch_sizes: tuple[int, ...] = (1,)
+    lookahead: int = 1
+    budget: int | None = None
+    """Experts per target layer a predictor may prefetch (default: 2k)."""
+    threshold: float = 0.0
+    prefetch_eviction: str = "lru"
+    max_windows: int | None = 64
+    split: str = "test"
+    split_seed: int = 0
+    cache_evictions: tuple[str, ...] = field(default=("lru", "lfu", "belady"))
+
+
+def run_sweep(traces: str | Path, profile: HardwareProfile, expert_bytes: int,
+              predictors: dict[str, ExpertPredictor], cfg: SweepConfig, progress: bool = True) -> dict:
+    store = TraceStore.open(traces)
+    stack = store.default_stack()
+    layers = store.manifest.model.stacks[stack].num_layers
+    experts = store.manifest.model.num_experts
+    top_k = store.manifest.model.top_k
+    budget = cfg.budget or 2 * top_k
+    rows = []
+    for batch_size in cfg.batch_sizes:
+        base = TraceDataset(store, cfg.split, seed=cfg.split_seed)
+        routing, _ = decode_order(base, batch_size=batch_size, max_windows=cfg.max_windows)
+        predicted = {}
+        for name, predictor in predictors.items():
+            data = dataset_for(predictor, store, cfg.split, cfg.split_seed, base.splits)
+            predicted[name] = decode_order(data, predictor, batch_size=batch_size, budget=budget,
+                                           max_windows=cfg.max_windows)[1]
+        runs = [("on-demand", "none", None, "lru")]
+        runs += [("cache", e, None, e) for e in cfg.cache_evictions]
+        runs += [("prefetch", cfg.prefetch_eviction, name, cfg.prefetch_eviction) for name in predictors]
+        runs += [("oracle", "belady", None, "belady")]
+        for fraction in tqdm(cfg.cache_fractions, desc=f"simulate batch {batch_size}", disable=not progress):
+            capacity = max(1, int(round(fraction * layers * experts)))
+            group = []
+            for policy, eviction_label, predictor_name, eviction in runs:
+                sim = SimulationConfig(policy=policy, eviction=eviction, capacity=capacity,
+                                       lookahead=cfg.lookahead, budget=budget, threshold=cfg.threshold)
+                result = simulate(routing, profile, expert_bytes, sim, predicted.get(predictor_name)).summary()
+                result.update(policy=policy, eviction=eviction_label, predictor=predictor_name,
+                              cache_fraction=fraction, batch_size=batch_size)
+                group.append(result)
+            floor = group[0]["total_s"]
+            ceiling = group[-1]["total_s"]
+            for result in group:
+                result["speedup_vs_on_demand"] = floor / result["total_s"]
+                result["oracle_gap_closed"] = (floor - result["total_s"]) / (floor - ceiling) if floor > ceiling else None
+            rows.extend(group)
+    return {"simulated": True, "traces": str(store.directory), "model": store.manifest.model.id, "stack": stack,
+            "num_layers": layers, "num_experts": experts, "top_k": top_k, "expert_bytes": expert_bytes,
+            "hardware": profile.to_dict(), "split": cfg.split, "split_seed": cfg.split_seed,
+            "max_windows": cfg.max_windows, "lookahead": cfg.lookahead, "budget": budget, "rows": rows}
+
+
+def plot_speed_vs_memory(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch_sizes = sorted({r["batch_size"] for r in report["rows"]})
+    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(6 * len(batch_sizes), 4.2), squeeze=False)
+    for ax, batch_size in zip(axes[0], batch_sizes):
+        rows = [r for r in report["rows"] if r["batch_size"] == batch_size]
+        labels = sorted({_label(r) for r in rows}, key=lambda s: (s != "on-demand", s.startswith("oracle"), s))
+        for label in labels:
+            mine = sorted((r for r in rows if _label(r) == label), key=lambda r: r["cache_fraction"])
+            ax.plot([100 * r["cache_fraction"] for r in mine], [r["tokens_per_s"] for r in mine], marker="o",
+                    label=label, linestyle="--" if label in ("on-demand", "oracle") else "-")
+        ax.set_xlabel("fast tier (% of all experts)")
+        ax.set_ylabel("tokens/s (simulated)")
+        ax.set_title(f"batch {batch_size}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    hw = report["hardware"]
+    fig.suptitle(f"SIMULATION — {report['model']}: {hw['name']} link {hw['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
+                 f"{report['expert_bytes'] / 2**20:.1f} MiB/expert, compute {hw['compute_s_per_layer'] * 1e3:.2f} ms/layer",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _label(row: dict) -> str:
+    if row["policy"] == "prefetch":
+        return f"prefetch:{row['predictor']}"
+    if row["policy"] == "cache":
+        return row["eviction"]
+    return row["policy"]
+
+
+def write_sweep(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "simulation.json").write_text(json.dumps(report, indent=2))
+    plot_speed_vs_memory(report, out / "speed_vs_memory.png")

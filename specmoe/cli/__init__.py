@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from specmoe.cli import bench, collect, corpus, evaluate, models, predictors, simulate, traces, train
+from specmoe.cli import bench, collect, corpus, evaluate, models, predictors, serve, simulate, traces, train
 from specmoe.errors import SpecmoeError
 
 app = typer.Typer(help="Predict which MoE experts upcoming layers will use, and prefetch them.",
@@ -15,6 +15,7 @@ app.command(name="collect")(collect.collect_command)
 app.command(name="train")(train.train_command)
 app.command(name="evaluate")(evaluate.evaluate_command)
 app.command(name="simulate")(simulate.simulate_command)
+app.command(name="serve")(serve.serve_command)
 app.add_typer(predictors.app, name="predictors")
 app.add_typer(models.app, name="models")
 app.add_typer(traces.app, name="traces")

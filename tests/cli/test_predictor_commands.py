@@ -61,3 +61,11 @@ def test_bench_predictors_writes_json_and_markdown(tmp_path):
     assert "skipped" in report["results"][2]  # the synthetic store has no hidden states
     table = out.with_suffix(".md").read_text()
     assert "| transition |" in table and "*chance*" in table
+
+
+def test_serve_generates_with_offloaded_experts(tiny_checkpoints):
+    result = runner.invoke(app, ["serve", "--model", str(tiny_checkpoints["olmoe"]), "--prompt", "The quick brown",
+                                 "--budget-mb", "0.05", "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.output.strip().splitlines()[-1])
+    assert stats["tokens"] == 4 and stats["misses"] > 0 and stats["peak_bytes"] <= 0.05 * 2**20

@@ -1,0 +1,49 @@
+"""``specmoe serve``: generate with experts offloaded to disk and a predictor prefetching."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def serve_command(
+    model: Annotated[str, typer.Option(help="Hub id, local checkpoint directory or built-in model name.")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")],
+    budget_mb: Annotated[float, typer.Option(help="Fast-tier budget for routed experts, MiB.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate greedily.")] = 32,
+    predictor_dir: Annotated[Path | None, typer.Option(help="Routing predictor that drives prefetch.")] = None,
+    lookahead: Annotated[int, typer.Option(help="Prefetch layers l+1..l+H.")] = 1,
+    experts_dir: Annotated[Path | None, typer.Option(help="Where expert files go (default: a temp dir).")] = None,
+    trust_remote_code: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Greedy generation with routed experts in files on disk (read with the page cache
+    bypassed) and a byte-budgeted RAM cache; prints the text and the runtime's counters."""
+    import torch
+
+    from specmoe.models.loading import load_model
+    from specmoe.offload.runtime import OffloadRuntime
+    from specmoe.predictors.base import load_predictor
+
+    loaded = load_model(model, trust_remote_code=trust_remote_code)
+    predictor = load_predictor(predictor_dir) if predictor_dir else None
+    with tempfile.TemporaryDirectory() as tmp:
+        runtime = OffloadRuntime(loaded, experts_dir or Path(tmp) / "experts", int(budget_mb * 2**20),
+                                 predictor=predictor, lookahead=lookahead)
+        try:
+            ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = loaded.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+            seconds = time.perf_counter() - start
+        finally:
+            runtime.close()
+    new = out[0, ids.shape[1]:]
+    typer.echo(loaded.tokenizer.decode(new, skip_special_tokens=True))
+    stats = runtime.stats.to_dict() | {"tokens": len(new), "seconds": round(seconds, 3),
+                                       "tokens_per_s": round(len(new) / seconds, 2)}
+    typer.echo(json.dumps(stats), err=True)

@@ -33,5 +33,6 @@ def train_command(
     command = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     _, info = fit_and_save(predictor, traces, out, preset=preset, split_seed=split_seed, resume=resume,
                            command=command, **overrides)
-    typer.echo(f"saved {predictor} ({info['num_parameters']} parameters) to {out}; "
-               f"val recall@k {info['val_recall_at_k']:.4f}")
+    if info:
+        typer.echo(f"saved {predictor} ({info['num_parameters']} parameters) to {out}; "
+                   f"val recall@k {info['val_recall_at_k']:.4f}")

@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from specmoe.evaluation.evaluate import dataset_for
 from specmoe.predictors.neural.base import TorchPredictor
 from specmoe.predictors.registry import make_predictor
@@ -24,6 +26,8 @@ def fit_and_save(name: str, traces: str | Path, out: str | Path, *, preset: str 
     else:
         predictor.fit(train, val)
     seconds = time.perf_counter() - started
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return predictor, {}  # under torchrun, rank 0 alone writes the result
     out = predictor.save(out)
     info = {"predictor": name, "preset": preset, "params": predictor.get_params(), "traces": str(store.directory),
             "split_seed": split_seed, "fit_seconds": round(seconds, 2), "num_parameters": predictor.num_parameters(),

@@ -52,14 +52,19 @@ def _batches(predictor, data, *, shuffle: bool, seed: int, rank: int, world: int
         yield batch
 
 
-def _step_loss(predictor, module, batch) -> torch.Tensor:
-    layers = range(predictor.num_layers_ - 1)
-    original = predictor.module_
-    predictor.module_ = module  # the DDP wrapper when distributed
-    try:
+class StepLoss(torch.nn.Module):
+    """One training step's loss, averaged over every source layer, as a single forward call
+    (what DistributedDataParallel needs to synchronise gradients once per step)."""
+
+    def __init__(self, predictor):
+        super().__init__()
+        self.inner = predictor.module_
+        self._predictor = (predictor,)
+
+    def forward(self, batch) -> torch.Tensor:
+        predictor = self._predictor[0]
+        layers = range(predictor.num_layers_ - 1)
         return sum(predictor.loss(batch, layer) for layer in layers) / len(layers)
-    finally:
-        predictor.module_ = original
 
 
 def validation_loss(predictor, val, max_batches: int | None = None) -> float:
@@ -69,7 +74,7 @@ def validation_loss(predictor, val, max_batches: int | None = None) -> float:
         for i, batch in enumerate(val.iter_batches(predictor.batch_size)):
             if max_batches is not None and i >= max_batches:
                 break
-            total += float(_step_loss(predictor, predictor.module_, batch))
+            total += float(StepLoss(predictor)(batch))
             count += 1
     return total / max(count, 1)
 
@@ -80,11 +85,13 @@ def train_predictor(predictor, train, val=None, *, out_dir: str | Path | None = 
     rank, world = _distributed()
     out_dir = Path(out_dir) if out_dir else None
     predictor.init_module(train.num_layers, train.num_experts, train.top_k)
-    module = predictor.module_
+    step_loss = StepLoss(predictor)
     if world > 1:
-        module = torch.nn.parallel.DistributedDataParallel(module)
+        step_loss = torch.nn.parallel.DistributedDataParallel(step_loss, find_unused_parameters=True)
     optimizer = torch.optim.AdamW(predictor.module_.parameters(), lr=predictor.lr, weight_decay=predictor.weight_decay)
-    steps_per_epoch = predictor.max_steps_per_epoch or max(1, -(-train.num_tokens() // predictor.batch_size // world))
+    # Every rank must take the same number of steps, or DDP's gradient sync deadlocks.
+    batches_per_rank = max(1, sum(1 for _ in train.iter_batches(predictor.batch_size)) // world)
+    steps_per_epoch = min(predictor.max_steps_per_epoch or batches_per_rank, batches_per_rank)
     total = steps_per_epoch * predictor.epochs
     warmup = int(predictor.warmup_fraction * total)
     state = {"epoch": 0, "step": 0, "best_val": float("inf"), "bad_epochs": 0, "best_epoch": -1}
@@ -104,7 +111,7 @@ def train_predictor(predictor, train, val=None, *, out_dir: str | Path | None = 
                               limit=steps_per_epoch):
             for group in optimizer.param_groups:
                 group["lr"] = predictor.lr * _lr_factor(state["step"], total, warmup)
-            loss = _step_loss(predictor, module, batch)
+            loss = step_loss(batch)
             if not torch.isfinite(loss):
                 non_finite_in_row += 1
                 if non_finite_in_row >= 2:

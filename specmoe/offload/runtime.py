@@ -23,7 +23,7 @@ from torch.func import functional_call
 
 from specmoe.errors import InputError
 from specmoe.models.loading import LoadedModel
-from specmoe.offload.cache import LRU
+from specmoe.offload.cache import LFU, LRU
 from specmoe.offload.expert_files import ExpertFiles
 
 Key = tuple[int, int]
@@ -52,14 +52,14 @@ class FastTier:
     """Expert tensors in fast memory, never more than ``budget_bytes``; LRU eviction of
     experts not pinned by the running layer. Thread-safe."""
 
-    def __init__(self, budget_bytes: int, stats: RuntimeStats):
+    def __init__(self, budget_bytes: int, stats: RuntimeStats, eviction: str = "lru"):
         self.budget = budget_bytes
         self.stats = stats
         self.entries: dict[Key, tuple[list[torch.Tensor], int]] = {}
         self.used = 0
         self.pinned: set[Key] = set()
         self.unused_prefetch: set[Key] = set()
-        self.policy = LRU()
+        self.policy = {"lru": LRU, "lfu": LFU}[eviction]()
         self.clock = 0
         self.lock = threading.RLock()
 
@@ -77,6 +77,12 @@ class FastTier:
         with self.lock:
             entry = self.entries.get(key)
             return None if entry is None else entry[0]
+
+    def clear(self) -> None:
+        """Drop everything not pinned (the on-demand floor keeps nothing between layers)."""
+        with self.lock:
+            for key in [k for k in self.entries if k not in self.pinned]:
+                self.used -= self.entries.pop(key)[1]
 
     def put(self, key: Key, tensors: list[torch.Tensor], nbytes: int, *, prefetch: bool) -> bool:
         with self.lock:

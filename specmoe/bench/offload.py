@@ -1,0 +1,71 @@
+"""``specmoe bench offload``: measured decoding speed per policy and fast-tier size.
+
+Routing comes from a trace store's test split (recorded from a real model); experts have a
+real model's shape with random bf16 weights, on this machine's disk with the page cache
+bypassed (see :mod:`specmoe.offload.replay_engine`). The oracle reads the recorded future.
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from specmoe.offload.replay_engine import replay, write_random_experts
+from specmoe.predictors.base import load_predictor
+from specmoe.predictors.data import TraceDataset
+from specmoe.traces.store import TraceStore
+
+
+def _test_tokens(store: TraceStore, tokens: int, split_seed: int):
+    data = TraceDataset(store, "test", seed=split_seed)
+    ids, weights, token_ids = [], [], []
+    for batch in data.iter_batches(4096):
+        ids.append(batch.expert_ids.numpy())
+        weights.append(batch.gate_weights.numpy())
+        token_ids.append(batch.token_ids.numpy())
+        if sum(len(i) for i in ids) >= tokens:
+            break
+    return (np.concatenate(ids)[:tokens], np.concatenate(weights)[:tokens], np.concatenate(token_ids)[:tokens])
+
+
+def benchmark_offload(traces: str | Path, *, predictor_dirs: list[Path], hidden: int, ffn: int, tokens: int = 48,
+                      cache_fractions=(0.1, 0.25, 0.5), lookahead: int = 1, split_seed: int = 0,
+                      experts_dir: Path | None = None) -> dict:
+    store = TraceStore.open(traces)
+    model = store.manifest.model
+    layers = model.stacks[store.default_stack()].num_layers
+    routing, gate_weights, token_ids = _test_tokens(store, tokens, split_seed)
+    predictors = [load_predictor(d) for d in predictor_dirs]
+    rows = []
+    with tempfile.TemporaryDirectory(dir=experts_dir) as tmp:
+        files = write_random_experts(Path(tmp), layers, model.num_experts, hidden, ffn)
+        expert_bytes = files.expert_nbytes(0)
+        total = layers * model.num_experts * expert_bytes
+        runs = [("on-demand", None, "lru"), ("lru", None, "lru"), ("lfu", None, "lfu")]
+        runs += [("prefetch", p, "lru") for p in predictors] + [("oracle", None, "lru")]
+        for fraction in cache_fractions:
+            budget_bytes = max(expert_bytes * model.top_k, int(fraction * total))
+            for label, predictor, eviction in runs:
+                policy = label if label in ("on-demand", "prefetch", "oracle") else "cache"
+                result = replay(files, routing, gate_weights, token_ids, policy=policy, budget_bytes=budget_bytes,
+                                predictor=predictor, lookahead=lookahead, budget=2 * model.top_k,
+                                num_experts=model.num_experts, eviction=eviction)
+                result.policy = label
+                rows.append(result.row(fraction))
+        files.close()
+    for fraction in cache_fractions:
+        group = [r for r in rows if r["cache_fraction"] == fraction]
+        floor = next(r for r in group if r["policy"] == "on-demand")["tokens_per_s"]
+        ceiling = next(r for r in group if r["policy"] == "oracle")["tokens_per_s"]
+        for r in group:
+            r["speedup_vs_on_demand"] = r["tokens_per_s"] / floor
+            r["fraction_of_oracle"] = r["tokens_per_s"] / ceiling
+    return {"benchmark": "offload", "simulated": False, "traces": str(store.directory), "routing_from": model.id,
+            "expert_shape": {"hidden": hidden, "ffn": ffn, "dtype": "bfloat16", "bytes": expert_bytes},
+            "num_layers": layers, "num_experts": model.num_experts, "top_k": model.top_k, "tokens": len(routing),
+            "slow_tier": "disk, O_DIRECT or page cache dropped", "fast_tier": "RAM",
+            "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()}, "rows": rows}

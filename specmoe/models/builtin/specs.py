@@ -44,7 +44,7 @@ def _switch_config(vocab_size: int):
         vocab_size=vocab_size, d_model=128, d_kv=32, d_ff=64, num_heads=4,
         num_layers=12, num_sparse_encoder_layers=6, num_decoder_layers=2, num_sparse_decoder_layers=1,
         num_experts=128, expert_capacity=16, router_jitter_noise=0.0, dropout_rate=0.0,
-        router_aux_loss_coef=0.05, router_z_loss_coef=0.001, decoder_start_token_id=0,
+        router_aux_loss_coef=0.01, router_z_loss_coef=0.001, decoder_start_token_id=0,
     )
 
 

@@ -20,7 +20,7 @@ from specmoe.traces.store import TraceStore
 
 DEFAULT_PREDICTORS = ("popularity", "transition", "ngram", "token", "combo", "lookahead", "interlayer:baseline",
                       "multiscale:small", "lookahead-mlp", "ensemble")
-BUDGETS = {"cpu": {"epochs": 3, "max_steps_per_epoch": 150}, "full": {}}
+BUDGETS = {"cpu": {"epochs": 2, "max_steps_per_epoch": 100, "batch_size": 128}, "full": {}}
 
 
 def _make(spec: str, budget: str, horizons: int):

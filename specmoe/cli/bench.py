@@ -18,8 +18,8 @@ def bench_collect(
     model: Annotated[str, typer.Option(help="Model id, path or built-in name.")] = "switch-128e",
     max_tokens: Annotated[int, typer.Option(help="Tokens per measurement.")] = 16384,
     seq_len: Annotated[int, typer.Option()] = 128,
-    batch_size: Annotated[int, typer.Option()] = 8,
-    repeats: Annotated[int, typer.Option(help="Alternating hooked / plain passes.")] = 3,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    repeats: Annotated[int, typer.Option(help="Alternating hooked / plain passes.")] = 5,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
 ) -> None:
     """Collection throughput, and the overhead of recording hooks versus the plain forward pass."""

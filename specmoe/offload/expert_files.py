@@ -53,9 +53,14 @@ class ExpertFiles:
             nbytes = sum(t.numel() * t.element_size() for t in first)
             stride = _aligned(nbytes)
             with (directory / f"layer-{layer:04d}.bin").open("wb") as handle:
+                previous, blob = None, b""
                 for tensors in experts:
-                    blob = b"".join(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes() for t in tensors)
-                    handle.write(blob + b"\0" * (stride - len(blob)))
+                    if tensors is not previous:  # the same tensors repeated are serialised once
+                        blob = b"".join(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+                                        for t in tensors)
+                        blob += b"\0" * (stride - len(blob))
+                        previous = tensors
+                    handle.write(blob)
                 handle.flush()
                 os.fsync(handle.fileno())
             index[layer] = {"shapes": [list(t.shape) for t in first], "dtype": str(first[0].dtype).removeprefix("torch."),

@@ -24,13 +24,16 @@ from specmoe.predictors.data import IGNORE, Context
 
 def write_random_experts(directory: Path, num_layers: int, num_experts: int, hidden: int, ffn: int,
                          seed: int = 0) -> ExpertFiles:
-    """Random bf16 SwiGLU experts: gate_up (2F, D) and down (D, F) per expert."""
+    """Random bf16 SwiGLU experts: gate_up (2F, D) and down (D, F) per expert. One random set
+    per layer is written for all its experts (drawing gigabytes of random numbers would take
+    longer than the benchmark); every expert still has its own place on disk and is read
+    separately, uncached."""
     generator = torch.Generator().manual_seed(seed)
     layers = {}
     for layer in range(num_layers):
-        layers[layer] = [[(torch.randn(2 * ffn, hidden, generator=generator) * hidden ** -0.5).bfloat16(),
-                          (torch.randn(hidden, ffn, generator=generator) * ffn ** -0.5).bfloat16()]
-                         for _ in range(num_experts)]
+        shared = [(torch.randn(2 * ffn, hidden, generator=generator) * hidden ** -0.5).bfloat16(),
+                  (torch.randn(hidden, ffn, generator=generator) * ffn ** -0.5).bfloat16()]
+        layers[layer] = [shared] * num_experts
     return ExpertFiles.write(directory, layers)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from specmoe.offload.expert_files import ExpertFiles
-from specmoe.offload.runtime import FastTier, Prefetcher, RuntimeStats
+from specmoe.offload.runtime import FastTier, Prefetcher, RuntimeStats, fetch_expert
 from specmoe.predictors.data import IGNORE, Context
 
 
@@ -80,7 +80,7 @@ def replay(files: ExpertFiles, routing: np.ndarray, gate_weights: np.ndarray, to
                     tier.pinned = set(keys)
                 out = torch.zeros_like(x)
                 for key in keys:
-                    weights = _fetch(tier, prefetcher, files, stats, key)
+                    weights = fetch_expert(tier, prefetcher, files, stats, key)
                     gate_up, down = weights[0].float(), weights[1].float()
                     gate, up = (x @ gate_up.T).chunk(2, dim=-1)
                     out += (torch.nn.functional.silu(gate) * up) @ down.T
@@ -95,27 +95,6 @@ def replay(files: ExpertFiles, routing: np.ndarray, gate_weights: np.ndarray, to
     seconds = time.perf_counter() - start
     result = stats.to_dict() | {"expert_bytes": files.expert_nbytes(0)}
     return ReplayResult(policy, getattr(predictor, "name", None), budget_bytes, tokens, seconds, result)
-
-
-def _fetch(tier, prefetcher, files, stats, key):
-    tensors = tier.get(key)
-    if tensors is not None:
-        stats.hits += 1
-        return tensors
-    began = time.perf_counter()
-    if prefetcher is not None and prefetcher.wait_for(key):
-        tensors = tier.get(key)
-        if tensors is not None:
-            stats.late += 1
-            stats.stall_s += time.perf_counter() - began
-            return tensors
-    tensors = files.read(*key)
-    stats.stall_s += time.perf_counter() - began
-    stats.misses += 1
-    stats.demand_reads += 1
-    stats.bytes_read += files.expert_nbytes(key[0])
-    tier.put(key, tensors, files.expert_nbytes(key[0]), prefetch=False)
-    return tensors
 
 
 def _wanted(routing, gate_weights, token_ids, t, layer, policy, predictor, lookahead, budget, num_experts):

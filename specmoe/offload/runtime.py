@@ -165,6 +165,30 @@ class Prefetcher:
         self.thread.join(timeout=5)
 
 
+def fetch_expert(tier: FastTier, prefetcher: Prefetcher | None, files: ExpertFiles, stats: RuntimeStats,
+                 key: Key) -> list[torch.Tensor]:
+    """One expert's tensors: from the fast tier (hit), from a prefetch still reading (late),
+    or read now from the slow tier (miss). Waiting and reading count as stall time."""
+    tensors = tier.get(key)
+    if tensors is not None:
+        stats.hits += 1
+        return tensors
+    began = time.perf_counter()
+    if prefetcher is not None and prefetcher.wait_for(key):
+        tensors = tier.get(key)
+        if tensors is not None:
+            stats.late += 1
+            stats.stall_s += time.perf_counter() - began
+            return tensors
+    tensors = files.read(*key)
+    stats.stall_s += time.perf_counter() - began
+    stats.misses += 1
+    stats.demand_reads += 1
+    stats.bytes_read += files.expert_nbytes(key[0])
+    tier.put(key, tensors, files.expert_nbytes(key[0]), prefetch=False)
+    return tensors
+
+
 @dataclass
 class _LayerBinding:
     layer_idx: int
@@ -277,29 +301,9 @@ class OffloadRuntime:
     def fetch(self, layer: int, experts: list[int]) -> dict[int, list[torch.Tensor]]:
         keys = [(layer, e) for e in experts]
         with self.tier.lock:
-            self.tier.pinned = set(keys) if sum(self.files.expert_nbytes(layer) for _ in keys) <= self.tier.budget else set()
-        out = {}
-        for key in keys:
-            tensors = self.tier.get(key)
-            if tensors is None and self.prefetcher is not None:
-                start = time.perf_counter()
-                if self.prefetcher.wait_for(key):
-                    self.stats.stall_s += time.perf_counter() - start
-                    tensors = self.tier.get(key)
-                    if tensors is not None:
-                        self.stats.late += 1
-            elif tensors is not None:
-                self.stats.hits += 1
-            if tensors is None:
-                start = time.perf_counter()
-                tensors = self.files.read(*key)
-                self.stats.stall_s += time.perf_counter() - start
-                self.stats.misses += 1
-                self.stats.demand_reads += 1
-                self.stats.bytes_read += self.files.expert_nbytes(layer)
-                self.tier.put(key, tensors, self.files.expert_nbytes(layer), prefetch=False)
-            out[key[1]] = tensors
-        return out
+            fits = len(keys) * self.files.expert_nbytes(layer) <= self.tier.budget
+            self.tier.pinned = set(keys) if fits else set()  # a layer wider than the tier streams through it
+        return {key[1]: fetch_expert(self.tier, self.prefetcher, self.files, self.stats, key) for key in keys}
 
     def release(self, layer: int, experts: list[int]) -> None:
         with self.tier.lock:

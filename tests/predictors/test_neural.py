@@ -1,6 +1,7 @@
 """Torch predictors on the synthetic store: they learn, stay finite, resume, and never leak."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -56,8 +57,7 @@ def test_every_predictor_ignores_future_layers(synthetic_splits):
     data = TraceDataset(test.store, "test", seed=0, previous_tokens=2, splits=test.splits)
     batch = next(data.iter_batches(64))
     for layer in range(data.num_layers - 1):
-        scrambled = type(batch)(batch.expert_ids.clone(), batch.gate_weights.clone(), batch.token_ids,
-                                batch.prev_expert_ids, None, batch.doc_ids, batch.num_experts)
+        scrambled = replace(batch, expert_ids=batch.expert_ids.clone(), gate_weights=batch.gate_weights.clone())
         scrambled.expert_ids[:, layer + 1:] = torch.randint(0, data.num_experts, scrambled.expert_ids[:, layer + 1:].shape)
         scrambled.gate_weights[:, layer + 1:] = torch.rand(scrambled.gate_weights[:, layer + 1:].shape)
         context = scrambled.context(layer)

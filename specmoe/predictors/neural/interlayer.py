@@ -12,6 +12,8 @@ mask: a fully masked row is what made the seed's multi-scale model produce NaN.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -152,14 +154,14 @@ class InterLayerPredictor(TorchPredictor):
     def loss(self, batch, layer):
         if self.subsample < 1.0:
             keep = torch.rand(len(batch)) < self.subsample
-            batch = type(batch)(batch.expert_ids[keep], batch.gate_weights[keep], batch.token_ids[keep],
-                                batch.prev_expert_ids[keep], None if batch.hidden is None else batch.hidden[keep],
-                                batch.doc_ids[keep.numpy()], batch.num_experts)
+            batch = replace(batch, expert_ids=batch.expert_ids[keep], gate_weights=batch.gate_weights[keep],
+                            token_ids=batch.token_ids[keep], prev_expert_ids=batch.prev_expert_ids[keep],
+                            hidden=None if batch.hidden is None else batch.hidden[keep],
+                            doc_ids=batch.doc_ids[keep.numpy()], windows=None, positions=None)
         if self.permute_experts:  # one relabelling of expert ids, applied to inputs and targets alike
             perm = torch.randperm(batch.num_experts)
             relabel = lambda ids: torch.where(ids >= 0, perm[ids.clamp_min(0)], ids)  # noqa: E731
-            batch = type(batch)(relabel(batch.expert_ids), batch.gate_weights, batch.token_ids,
-                                relabel(batch.prev_expert_ids), batch.hidden, batch.doc_ids, batch.num_experts)
+            batch = replace(batch, expert_ids=relabel(batch.expert_ids), prev_expert_ids=relabel(batch.prev_expert_ids))
         context, targets = batch.context(layer), batch.targets(layer, self.horizons)
         if self.mixup > 0:
             lam = float(torch.distributions.Beta(self.mixup, self.mixup).sample())

@@ -16,8 +16,10 @@ def tiny_checkpoints(tmp_path_factory):
 def small_corpus(tmp_path):
     """A JSONL corpus of a few short documents."""
     path = tmp_path / "corpus.jsonl"
-    docs = [{"id": f"doc{i}", "text": f"Document {i}. " + "The lazy dog sleeps while the fox runs. " * (3 + i)}
-            for i in range(6)]
+    docs = [
+        {"id": f"doc{i}", "text": f"Document {i}. " + "The lazy dog sleeps while the fox runs. " * (3 + i)}
+        for i in range(6)
+    ]
     path.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
     return path
 

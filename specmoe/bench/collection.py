@@ -27,13 +27,14 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def benchmark_collection(model: str, *, max_tokens: int, seq_len: int, batch_size: int, repeats: int,
-                         text: str = "builtin") -> dict:
+def benchmark_collection(
+    model: str, *, max_tokens: int, seq_len: int, batch_size: int, repeats: int, text: str = "builtin"
+) -> dict:
     loaded = load_model(model)
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     windows = list(limit_tokens(plan_windows([text], tokenizer, seq_len), max_tokens))
-    batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     tokens = sum(len(w.token_ids) for w in windows)
 
     def plain():
@@ -54,19 +55,37 @@ def benchmark_collection(model: str, *, max_tokens: int, seq_len: int, batch_siz
         plain_s.append(_timed(plain))
         hooked_s.append(_timed(hooked))
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = CollectConfig(model=model, texts=[text], out=Path(tmp) / "traces", max_tokens=max_tokens,
-                            seq_len=seq_len, batch_size=batch_size, progress=False)
+        cfg = CollectConfig(
+            model=model,
+            texts=[text],
+            out=Path(tmp) / "traces",
+            max_tokens=max_tokens,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            progress=False,
+        )
         end_to_end = _timed(lambda: collect(cfg, loaded))
     plain_med, hooked_med = statistics.median(plain_s), statistics.median(hooked_s)
     return {
-        "benchmark": "collect", "model": model, "tokens": tokens, "seq_len": seq_len, "batch_size": batch_size,
-        "repeats": repeats, "plain_forward_s": plain_s, "hooked_forward_s": hooked_s,
-        "plain_tokens_per_s": round(tokens / plain_med, 1), "hooked_tokens_per_s": round(tokens / hooked_med, 1),
+        "benchmark": "collect",
+        "model": model,
+        "tokens": tokens,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "plain_forward_s": plain_s,
+        "hooked_forward_s": hooked_s,
+        "plain_tokens_per_s": round(tokens / plain_med, 1),
+        "hooked_tokens_per_s": round(tokens / hooked_med, 1),
         "hook_overhead_fraction": round(hooked_med / plain_med - 1, 4),
         "end_to_end_tokens_per_s": round(tokens / end_to_end, 1),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
         "specmoe_version": specmoe.__version__,
         "command": f"specmoe bench collect --model {model} --max-tokens {max_tokens} --seq-len {seq_len} "
-                   f"--batch-size {batch_size} --repeats {repeats}",
+        f"--batch-size {batch_size} --repeats {repeats}",
     }

@@ -32,9 +32,18 @@ def _test_tokens(store: TraceStore, tokens: int, split_seed: int):
     return (np.concatenate(ids)[:tokens], np.concatenate(weights)[:tokens], np.concatenate(token_ids)[:tokens])
 
 
-def benchmark_offload(traces: str | Path, *, predictor_dirs: list[Path], hidden: int, ffn: int, tokens: int = 48,
-                      cache_fractions=(0.1, 0.25, 0.5), lookahead: int = 1, split_seed: int = 0,
-                      experts_dir: Path | None = None) -> dict:
+def benchmark_offload(
+    traces: str | Path,
+    *,
+    predictor_dirs: list[Path],
+    hidden: int,
+    ffn: int,
+    tokens: int = 48,
+    cache_fractions=(0.1, 0.25, 0.5),
+    lookahead: int = 1,
+    split_seed: int = 0,
+    experts_dir: Path | None = None,
+) -> dict:
     store = TraceStore.open(traces)
     model = store.manifest.model
     layers = model.stacks[store.default_stack()].num_layers
@@ -51,9 +60,19 @@ def benchmark_offload(traces: str | Path, *, predictor_dirs: list[Path], hidden:
             budget_bytes = max(expert_bytes * model.top_k, int(fraction * total))
             for label, predictor, eviction in runs:
                 policy = label if label in ("on-demand", "prefetch", "oracle") else "cache"
-                result = replay(files, routing, gate_weights, token_ids, policy=policy, budget_bytes=budget_bytes,
-                                predictor=predictor, lookahead=lookahead, budget=2 * model.top_k,
-                                num_experts=model.num_experts, eviction=eviction)
+                result = replay(
+                    files,
+                    routing,
+                    gate_weights,
+                    token_ids,
+                    policy=policy,
+                    budget_bytes=budget_bytes,
+                    predictor=predictor,
+                    lookahead=lookahead,
+                    budget=2 * model.top_k,
+                    num_experts=model.num_experts,
+                    eviction=eviction,
+                )
                 result.policy = label
                 rows.append(result.row(fraction))
         files.close()
@@ -64,8 +83,18 @@ def benchmark_offload(traces: str | Path, *, predictor_dirs: list[Path], hidden:
         for r in group:
             r["speedup_vs_on_demand"] = r["tokens_per_s"] / floor
             r["fraction_of_oracle"] = r["tokens_per_s"] / ceiling
-    return {"benchmark": "offload", "simulated": False, "traces": str(store.directory), "routing_from": model.id,
-            "expert_shape": {"hidden": hidden, "ffn": ffn, "dtype": "bfloat16", "bytes": expert_bytes},
-            "num_layers": layers, "num_experts": model.num_experts, "top_k": model.top_k, "tokens": len(routing),
-            "slow_tier": "disk, O_DIRECT or page cache dropped", "fast_tier": "RAM",
-            "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()}, "rows": rows}
+    return {
+        "benchmark": "offload",
+        "simulated": False,
+        "traces": str(store.directory),
+        "routing_from": model.id,
+        "expert_shape": {"hidden": hidden, "ffn": ffn, "dtype": "bfloat16", "bytes": expert_bytes},
+        "num_layers": layers,
+        "num_experts": model.num_experts,
+        "top_k": model.top_k,
+        "tokens": len(routing),
+        "slow_tier": "disk, O_DIRECT or page cache dropped",
+        "fast_tier": "RAM",
+        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+        "rows": rows,
+    }

@@ -18,8 +18,18 @@ from specmoe.predictors.registry import make_predictor
 from specmoe.traces.splits import assign_splits
 from specmoe.traces.store import TraceStore
 
-DEFAULT_PREDICTORS = ("popularity", "transition", "ngram", "token", "combo", "lookahead", "interlayer:baseline",
-                      "multiscale:small", "lookahead-mlp", "ensemble")
+DEFAULT_PREDICTORS = (
+    "popularity",
+    "transition",
+    "ngram",
+    "token",
+    "combo",
+    "lookahead",
+    "interlayer:baseline",
+    "multiscale:small",
+    "lookahead-mlp",
+    "ensemble",
+)
 BUDGETS = {"cpu": {"epochs": 2, "max_steps_per_epoch": 100, "batch_size": 128}, "full": {}}
 
 
@@ -32,9 +42,17 @@ def _make(spec: str, budget: str, horizons: int):
     return make_predictor(name, preset or None, horizons=horizons, **overrides)
 
 
-def benchmark_predictors(traces: str | Path, *, specs: tuple[str, ...] = DEFAULT_PREDICTORS, split_seed: int = 0,
-                         budget: str = "cpu", horizons: int = 3, bootstrap: int = 1000, out_dir: Path | None = None,
-                         progress: bool = True) -> dict:
+def benchmark_predictors(
+    traces: str | Path,
+    *,
+    specs: tuple[str, ...] = DEFAULT_PREDICTORS,
+    split_seed: int = 0,
+    budget: str = "cpu",
+    horizons: int = 3,
+    bootstrap: int = 1000,
+    out_dir: Path | None = None,
+    progress: bool = True,
+) -> dict:
     store = TraceStore.open(traces)
     splits = assign_splits(store, split_seed)
     try:
@@ -56,34 +74,51 @@ def benchmark_predictors(traces: str | Path, *, specs: tuple[str, ...] = DEFAULT
         fit_seconds = time.perf_counter() - started
         if out_dir:
             predictor.save(Path(out_dir) / "predictors" / spec.replace(":", "-"))
-        result = evaluate(predictor, train.with_split("test"), bootstrap=bootstrap, seed=split_seed,
-                          model_time_us=model_time)
+        result = evaluate(
+            predictor, train.with_split("test"), bootstrap=bootstrap, seed=split_seed, model_time_us=model_time
+        )
         result.update(predictor=spec, fit_seconds=round(fit_seconds, 2))
         if hasattr(predictor, "member_scores_"):  # report each member on test beside the fusion
             result["member_val_recall_at_k"] = dict(zip(predictor.members, predictor.member_scores_.tolist()))
             result["member_weights"] = dict(zip(predictor.members, predictor.weights_[0].tolist()))
             result["members"] = {
-                spec: [r for r in evaluate(member, train.with_split("test"), bootstrap=bootstrap, seed=split_seed,
-                                           model_time_us=model_time)["rows"] if r["layer"] == "all"]
-                for spec, member in zip(predictor.members, predictor.members_)}
+                spec: [
+                    r
+                    for r in evaluate(
+                        member, train.with_split("test"), bootstrap=bootstrap, seed=split_seed, model_time_us=model_time
+                    )["rows"]
+                    if r["layer"] == "all"
+                ]
+                for spec, member in zip(predictor.members, predictor.members_)
+            }
         results.append(result)
     manifest = store.manifest
-    return {"benchmark": "predictors", "traces": str(store.directory), "model": manifest.model.id,
-            "num_layers": manifest.model.stacks[store.default_stack()].num_layers,
-            "num_experts": manifest.model.num_experts, "top_k": manifest.model.top_k, "split": "test",
-            "split_seed": split_seed, "budget": budget, "budget_overrides": BUDGETS[budget],
-            "split_sizes": {s: sum(1 for v in splits.values() if v == s) for s in ("train", "val", "test")},
-            "results": results}
+    return {
+        "benchmark": "predictors",
+        "traces": str(store.directory),
+        "model": manifest.model.id,
+        "num_layers": manifest.model.stacks[store.default_stack()].num_layers,
+        "num_experts": manifest.model.num_experts,
+        "top_k": manifest.model.top_k,
+        "split": "test",
+        "split_seed": split_seed,
+        "budget": budget,
+        "budget_overrides": BUDGETS[budget],
+        "split_sizes": {s: sum(1 for v in splits.values() if v == s) for s in ("train", "val", "test")},
+        "results": results,
+    }
 
 
 def markdown_table(report: dict) -> str:
-    lines = [f"Test split of `{report['traces']}` (model `{report['model']}`, L={report['num_layers']}, "
-             f"E={report['num_experts']}, k={report['top_k']}; split seed {report['split_seed']}, documents "
-             f"train/val/test = {report['split_sizes']['train']}/{report['split_sizes']['val']}/"
-             f"{report['split_sizes']['test']}; budget `{report['budget']}`). 95% bootstrap intervals over documents.",
-             "",
-             "| predictor | params | h | top1_acc | hit1 | recall@k | recall@2k | µs/token/layer | × model time |",
-             "|---|---:|---:|---|---:|---|---:|---:|---:|"]
+    lines = [
+        f"Test split of `{report['traces']}` (model `{report['model']}`, L={report['num_layers']}, "
+        f"E={report['num_experts']}, k={report['top_k']}; split seed {report['split_seed']}, documents "
+        f"train/val/test = {report['split_sizes']['train']}/{report['split_sizes']['val']}/"
+        f"{report['split_sizes']['test']}; budget `{report['budget']}`). 95% bootstrap intervals over documents.",
+        "",
+        "| predictor | params | h | top1_acc | hit1 | recall@k | recall@2k | µs/token/layer | × model time |",
+        "|---|---:|---:|---|---:|---|---:|---:|---:|",
+    ]
     chance = None
     for result in report["results"]:
         if "skipped" in result:
@@ -98,10 +133,13 @@ def markdown_table(report: dict) -> str:
                 f"| {result['predictor']} | {cost['params']:,} | {row['horizon']} | {row['top1_acc']:.3f} "
                 f"[{t_ci[0]:.3f}, {t_ci[1]:.3f}] | {row['hit1']:.3f} | {row['recall_at_k']:.3f} "
                 f"[{r_ci[0]:.3f}, {r_ci[1]:.3f}] | {row['recall_at_2k']:.3f} | {cost['latency_us_per_token_layer']:.1f} "
-                f"| {'' if frac is None else f'{frac:.4f}'} |")
+                f"| {'' if frac is None else f'{frac:.4f}'} |"
+            )
     if chance:
-        lines.append(f"| *chance* | | | {chance['chance_top1_acc']:.4f} | {chance['chance_hit1']:.4f} | "
-                     f"{chance['chance_recall_at_k']:.4f} | {chance['chance_recall_at_2k']:.4f} | | |")
+        lines.append(
+            f"| *chance* | | | {chance['chance_top1_acc']:.4f} | {chance['chance_hit1']:.4f} | "
+            f"{chance['chance_recall_at_k']:.4f} | {chance['chance_recall_at_2k']:.4f} | | |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -9,8 +9,12 @@ import typer
 from specmoe.cli import bench, collect, corpus, evaluate, models, predictors, serve, simulate, traces, train
 from specmoe.errors import SpecmoeError
 
-app = typer.Typer(help="Predict which MoE experts upcoming layers will use, and prefetch them.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="Predict which MoE experts upcoming layers will use, and prefetch them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 app.command(name="collect")(collect.collect_command)
 app.command(name="train")(train.train_command)
 app.command(name="evaluate")(evaluate.evaluate_command)

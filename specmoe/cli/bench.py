@@ -25,8 +25,7 @@ def bench_collect(
     """Collection throughput, and the overhead of recording hooks versus the plain forward pass."""
     from specmoe.bench.collection import benchmark_collection
 
-    result = benchmark_collection(model, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
-                                  repeats=repeats)
+    result = benchmark_collection(model, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, repeats=repeats)
     text = json.dumps(result, indent=2)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -50,8 +49,14 @@ def bench_predictors(
 
     if budget not in ("cpu", "full"):
         raise InputError(f"--budget must be cpu or full, got {budget!r}")
-    report = benchmark_predictors(traces, specs=tuple(predictor or DEFAULT_PREDICTORS), split_seed=split_seed,
-                                  budget=budget, bootstrap=bootstrap, out_dir=save_dir)
+    report = benchmark_predictors(
+        traces,
+        specs=tuple(predictor or DEFAULT_PREDICTORS),
+        split_seed=split_seed,
+        budget=budget,
+        bootstrap=bootstrap,
+        out_dir=save_dir,
+    )
     report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     write_report(report, json_out)
     typer.echo(markdown_table(report))
@@ -62,8 +67,9 @@ def bench_offload(
     traces: Annotated[Path, typer.Option(help="Trace store whose test split supplies the routing.")],
     json_out: Annotated[Path, typer.Option("--json", help="Write rows here.")],
     predictor_dir: Annotated[list[Path] | None, typer.Option(help="Routing predictors for prefetch.")] = None,
-    expert_shape: Annotated[str, typer.Option(help="hidden,ffn of a real model's expert (OLMoE-1B-7B: 2048,1024).")]
-    = "2048,1024",
+    expert_shape: Annotated[
+        str, typer.Option(help="hidden,ffn of a real model's expert (OLMoE-1B-7B: 2048,1024).")
+    ] = "2048,1024",
     tokens: Annotated[int, typer.Option(help="Decode steps replayed.")] = 48,
     cache_fractions: Annotated[str, typer.Option()] = "0.1,0.25,0.5",
     lookahead: Annotated[int, typer.Option()] = 1,
@@ -73,15 +79,26 @@ def bench_offload(
     from specmoe.bench.offload import benchmark_offload
 
     hidden, ffn = (int(x) for x in expert_shape.split(","))
-    report = benchmark_offload(traces, predictor_dirs=predictor_dir or [], hidden=hidden, ffn=ffn, tokens=tokens,
-                               cache_fractions=tuple(float(x) for x in cache_fractions.split(",")),
-                               lookahead=lookahead, experts_dir=experts_dir)
+    report = benchmark_offload(
+        traces,
+        predictor_dirs=predictor_dir or [],
+        hidden=hidden,
+        ffn=ffn,
+        tokens=tokens,
+        cache_fractions=tuple(float(x) for x in cache_fractions.split(",")),
+        lookahead=lookahead,
+        experts_dir=experts_dir,
+    )
     report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(report, indent=2))
-    typer.echo(f"{'cache':>6} {'policy':<22} {'tok/s':>8} {'ms/tok':>8} {'stall':>6} {'hit':>6} {'MB read':>9} {'of oracle':>9}")
+    typer.echo(
+        f"{'cache':>6} {'policy':<22} {'tok/s':>8} {'ms/tok':>8} {'stall':>6} {'hit':>6} {'MB read':>9} {'of oracle':>9}"
+    )
     for r in report["rows"]:
         label = r["policy"] + (f":{r['predictor']}" if r["predictor"] else "")
-        typer.echo(f"{r['cache_fraction']:>6.2f} {label:<22} {r['tokens_per_s']:>8.2f} {r['time_per_token_ms']:>8.1f} "
-                   f"{r['stall_fraction']:>6.3f} {r['hit_rate']:>6.3f} {r['bytes_read'] / 2**20:>9.1f} "
-                   f"{r['fraction_of_oracle']:>9.3f}")
+        typer.echo(
+            f"{r['cache_fraction']:>6.2f} {label:<22} {r['tokens_per_s']:>8.2f} {r['time_per_token_ms']:>8.1f} "
+            f"{r['stall_fraction']:>6.3f} {r['hit_rate']:>6.3f} {r['bytes_read'] / 2**20:>9.1f} "
+            f"{r['fraction_of_oracle']:>9.3f}"
+        )

@@ -9,20 +9,31 @@ import typer
 
 
 def collect_command(
-    model: Annotated[str, typer.Option(help="Hugging Face hub id, local checkpoint directory, or built-in "
-                                            "model name (see `specmoe models list`).")],
-    text: Annotated[list[str], typer.Option(help="Text source: .txt, .jsonl[.gz] or .parquet file, or "
-                                                 "'builtin' for the shipped corpus. Repeatable.")],
-    out: Annotated[Path, typer.Option(help="Output trace store directory. Rerunning the same command "
-                                           "resumes an interrupted run.")],
+    model: Annotated[
+        str,
+        typer.Option(
+            help="Hugging Face hub id, local checkpoint directory, or built-in model name (see `specmoe models list`)."
+        ),
+    ],
+    text: Annotated[
+        list[str],
+        typer.Option(
+            help="Text source: .txt, .jsonl[.gz] or .parquet file, or 'builtin' for the shipped corpus. Repeatable."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Output trace store directory. Rerunning the same command resumes an interrupted run.")
+    ],
     max_tokens: Annotated[int | None, typer.Option(help="Stop after about this many tokens.")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per window; windows never cross documents.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 32,
     windows_per_shard: Annotated[int, typer.Option(help="Windows per shard (the unit of resumption).")] = 256,
-    save_router_inputs: Annotated[bool, typer.Option(help="Also store the hidden state entering each "
-                                                          "router (fp16, in separate files).")] = False,
-    save_residuals: Annotated[bool, typer.Option(help="Also store the residual stream leaving each MoE "
-                                                      "block (fp16, separate files).")] = False,
+    save_router_inputs: Annotated[
+        bool, typer.Option(help="Also store the hidden state entering each router (fp16, in separate files).")
+    ] = False,
+    save_residuals: Annotated[
+        bool, typer.Option(help="Also store the residual stream leaving each MoE block (fp16, separate files).")
+    ] = False,
     dtype: Annotated[str, typer.Option(help="Model dtype: float32, bfloat16 or float16.")] = "float32",
     trust_remote_code: Annotated[bool, typer.Option(help="Allow code from the checkpoint repository.")] = False,
 ) -> None:
@@ -30,11 +41,22 @@ def collect_command(
     from specmoe.traces.collector import CollectConfig, collect
     from specmoe.traces.stats import store_summary
 
-    cfg = CollectConfig(model=model, texts=text, out=out, max_tokens=max_tokens, seq_len=seq_len,
-                        batch_size=batch_size, windows_per_shard=windows_per_shard,
-                        save_router_inputs=save_router_inputs, save_residuals=save_residuals, dtype=dtype,
-                        trust_remote_code=trust_remote_code)
+    cfg = CollectConfig(
+        model=model,
+        texts=text,
+        out=out,
+        max_tokens=max_tokens,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        windows_per_shard=windows_per_shard,
+        save_router_inputs=save_router_inputs,
+        save_residuals=save_residuals,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
     store = collect(cfg)
     summary = store_summary(store, with_statistics=False)
-    typer.echo(f"wrote {summary['num_tokens']} tokens from {summary['num_documents']} documents in "
-               f"{summary['num_shards']} shards to {out}")
+    typer.echo(
+        f"wrote {summary['num_tokens']} tokens from {summary['num_documents']} documents in "
+        f"{summary['num_shards']} shards to {out}"
+    )

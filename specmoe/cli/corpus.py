@@ -13,8 +13,10 @@ app = typer.Typer(help="Build text corpora from offline sources.", no_args_is_he
 @app.command("build")
 def build(
     out: Annotated[Path, typer.Option(help="Output .jsonl.gz file.")],
-    sources: Annotated[list[str], typer.Option("--source", help="web-bible, python-docs or fortunes; "
-                                                                "repeatable.")] = ["web-bible", "python-docs"],
+    sources: Annotated[list[str], typer.Option("--source", help="web-bible, python-docs or fortunes; repeatable.")] = [
+        "web-bible",
+        "python-docs",
+    ],
     max_chars_per_source: Annotated[int | None, typer.Option(help="Cap per source, in characters.")] = None,
 ) -> None:
     """Build a JSONL corpus (one document per line, with ids) from installed Debian packages."""

@@ -35,9 +35,13 @@ def evaluate_command(
         ci_text = f" [{ci[0]:.3f},{ci[1]:.3f}]" if ci else ""
         tci = row.get("top1_acc_ci")
         tci_text = f" [{tci[0]:.3f},{tci[1]:.3f}]" if tci else ""
-        typer.echo(f"{row['horizon']:>2} {row['layer']:>5} {row['top1_acc']:>6.3f}{tci_text:<12} {row['hit1']:>7.3f}"
-                   f" {row['recall_at_k']:>6.3f}{ci_text:<12} {row['recall_at_2k']:>9.3f} {row['n_tokens']:>8}")
+        typer.echo(
+            f"{row['horizon']:>2} {row['layer']:>5} {row['top1_acc']:>6.3f}{tci_text:<12} {row['hit1']:>7.3f}"
+            f" {row['recall_at_k']:>6.3f}{ci_text:<12} {row['recall_at_2k']:>9.3f} {row['n_tokens']:>8}"
+        )
     first = result["rows"][0]
-    typer.echo(f"chance: top1 {first['chance_top1_acc']:.4f}  recall@k {first['chance_recall_at_k']:.4f}  "
-               f"recall@2k {first['chance_recall_at_2k']:.4f}")
+    typer.echo(
+        f"chance: top1 {first['chance_top1_acc']:.4f}  recall@k {first['chance_recall_at_k']:.4f}  "
+        f"recall@2k {first['chance_recall_at_2k']:.4f}"
+    )
     typer.echo(f"cost: {json.dumps(result['cost'])}")

@@ -32,8 +32,13 @@ def serve_command(
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     predictor = load_predictor(predictor_dir) if predictor_dir else None
     with tempfile.TemporaryDirectory() as tmp:
-        runtime = OffloadRuntime(loaded, experts_dir or Path(tmp) / "experts", int(budget_mb * 2**20),
-                                 predictor=predictor, lookahead=lookahead)
+        runtime = OffloadRuntime(
+            loaded,
+            experts_dir or Path(tmp) / "experts",
+            int(budget_mb * 2**20),
+            predictor=predictor,
+            lookahead=lookahead,
+        )
         try:
             ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
             start = time.perf_counter()
@@ -42,8 +47,11 @@ def serve_command(
             seconds = time.perf_counter() - start
         finally:
             runtime.close()
-    new = out[0, ids.shape[1]:]
+    new = out[0, ids.shape[1] :]
     typer.echo(loaded.tokenizer.decode(new, skip_special_tokens=True))
-    stats = runtime.stats.to_dict() | {"tokens": len(new), "seconds": round(seconds, 3),
-                                       "tokens_per_s": round(len(new) / seconds, 2)}
+    stats = runtime.stats.to_dict() | {
+        "tokens": len(new),
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(len(new) / seconds, 2),
+    }
     typer.echo(json.dumps(stats), err=True)

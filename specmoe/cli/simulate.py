@@ -45,13 +45,23 @@ def simulate_command(
     if hardware == "measured":
         profile = measured_profile((compute_ms or 0.25) / 1e3)
     else:
-        profile = preset(hardware, bandwidth_bytes_per_s=None if bandwidth_gbps is None else bandwidth_gbps * 1e9,
-                         latency_s=None if latency_us is None else latency_us / 1e6,
-                         compute_s_per_layer=None if compute_ms is None else compute_ms / 1e3)
+        profile = preset(
+            hardware,
+            bandwidth_bytes_per_s=None if bandwidth_gbps is None else bandwidth_gbps * 1e9,
+            latency_s=None if latency_us is None else latency_us / 1e6,
+            compute_s_per_layer=None if compute_ms is None else compute_ms / 1e3,
+        )
     predictors = {Path(d).name: load_predictor(d) for d in predictor_dir or []}
-    cfg = SweepConfig(cache_fractions=_floats(cache_fractions), batch_sizes=tuple(int(b) for b in batch_sizes.split(",")),
-                      lookahead=lookahead, budget=budget, threshold=threshold, prefetch_eviction=prefetch_eviction,
-                      max_windows=max_windows, split_seed=split_seed)
+    cfg = SweepConfig(
+        cache_fractions=_floats(cache_fractions),
+        batch_sizes=tuple(int(b) for b in batch_sizes.split(",")),
+        lookahead=lookahead,
+        budget=budget,
+        threshold=threshold,
+        prefetch_eviction=prefetch_eviction,
+        max_windows=max_windows,
+        split_seed=split_seed,
+    )
     report = run_sweep(traces, profile, bytes_per_expert, predictors, cfg)
     report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     write_sweep(report, out)
@@ -60,5 +70,7 @@ def simulate_command(
     for r in report["rows"]:
         label = r["policy"] + (f":{r['predictor']}" if r["predictor"] else f":{r['eviction']}")
         gap = "" if r["oracle_gap_closed"] is None else f"{r['oracle_gap_closed']:.3f}"
-        typer.echo(f"{r['batch_size']:>5} {r['cache_fraction']:>6.2f} {label:<28} {r['tokens_per_s']:>9.1f} "
-                   f"{r['stall_fraction']:>6.3f} {r['hit_rate']:>6.3f} {gap:>10}")
+        typer.echo(
+            f"{r['batch_size']:>5} {r['cache_fraction']:>6.2f} {label:<28} {r['tokens_per_s']:>9.1f} "
+            f"{r['stall_fraction']:>6.3f} {r['hit_rate']:>6.3f} {gap:>10}"
+        )

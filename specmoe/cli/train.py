@@ -31,8 +31,11 @@ def train_command(
         if value is not None:
             overrides[key] = value
     command = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    _, info = fit_and_save(predictor, traces, out, preset=preset, split_seed=split_seed, resume=resume,
-                           command=command, **overrides)
+    _, info = fit_and_save(
+        predictor, traces, out, preset=preset, split_seed=split_seed, resume=resume, command=command, **overrides
+    )
     if info:
-        typer.echo(f"saved {predictor} ({info['num_parameters']} parameters) to {out}; "
-                   f"val recall@k {info['val_recall_at_k']:.4f}")
+        typer.echo(
+            f"saved {predictor} ({info['num_parameters']} parameters) to {out}; "
+            f"val recall@k {info['val_recall_at_k']:.4f}"
+        )

@@ -55,8 +55,7 @@ def _read_jsonl(path: Path) -> Iterator[Document]:
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise InputError(f'{path}:{line_no}: expected an object with a string "text" field')
             doc_id = str(record.get("id", record.get("doc_id", f"{path.name}:{line_no}")))
-            yield Document(doc_id, record["text"], str(record.get("source", path.name)),
-                           str(record.get("group", "")))
+            yield Document(doc_id, record["text"], str(record.get("source", path.name)), str(record.get("group", "")))
 
 
 def _read_parquet(path: Path) -> Iterator[Document]:
@@ -81,7 +80,7 @@ HF_PREFIX = "hf:"
 
 def _read_hf_dataset(spec: str) -> Iterator[Document]:
     """``hf:NAME[:SPLIT[:COLUMN]]``, streamed with the ``datasets`` library (needs network)."""
-    name, split, column = (spec[len(HF_PREFIX):].split(":") + ["train", "text"])[:3]
+    name, split, column = (spec[len(HF_PREFIX) :].split(":") + ["train", "text"])[:3]
     try:
         from datasets import load_dataset
     except ImportError:

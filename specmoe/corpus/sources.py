@@ -24,8 +24,9 @@ FORTUNES = Path("/usr/share/games/fortunes")
 # passage can never sit in train while its twin sits in test.
 _PARALLEL_BOOKS = {
     **dict.fromkeys(["Matthew", "Mark", "Luke"], "synoptic-gospels"),
-    **dict.fromkeys(["I Samuel", "II Samuel", "I Kings", "II Kings", "I Chronicles",
-                     "II Chronicles"], "samuel-kings-chronicles"),
+    **dict.fromkeys(
+        ["I Samuel", "II Samuel", "I Kings", "II Kings", "I Chronicles", "II Chronicles"], "samuel-kings-chronicles"
+    ),
 }
 _RST_RULE = re.compile(r"^\s*([=\-~^*#+`'\".:_])\1{3,}\s*$")
 
@@ -49,8 +50,7 @@ def web_bible() -> Iterator[Document]:
                 yield Document(doc_id, text.strip(), "web-bible", _PARALLEL_BOOKS.get(book.name, doc_id))
 
 
-def python_docs(sections: tuple[str, ...] = ("tutorial", "howto", "faq", "reference", "library")
-                ) -> Iterator[Document]:
+def python_docs(sections: tuple[str, ...] = ("tutorial", "howto", "faq", "reference", "library")) -> Iterator[Document]:
     """Python 3.11 documentation sources, one document per page (Debian ``python3.11-doc``)."""
     if not PYTHON_DOCS.is_dir():
         raise InputError("the python-docs source needs Debian's python3.11-doc: apt-get install python3.11-doc")
@@ -74,8 +74,12 @@ def fortunes(per_document: int = 40) -> Iterator[Document]:
         items = [f.strip() for f in path.read_text(encoding="utf-8", errors="replace").split("\n%\n")]
         items = [f for f in items if f]
         for start in range(0, len(items), per_document):
-            yield Document(f"fortunes/{path.name}/{start // per_document}",
-                           "\n\n".join(items[start:start + per_document]), "fortunes", f"fortunes/{path.name}")
+            yield Document(
+                f"fortunes/{path.name}/{start // per_document}",
+                "\n\n".join(items[start : start + per_document]),
+                "fortunes",
+                f"fortunes/{path.name}",
+            )
 
 
 SOURCES: dict[str, Callable[[], Iterator[Document]]] = {

@@ -23,14 +23,18 @@ def token_metrics(scores: torch.Tensor, true_ids: torch.Tensor, top_k: int) -> d
         "top1_acc": (ranked[:, 0] == true_ids[:, 0]).float(),
         "hit1": hit_at[:, 0].float(),
         "recall_at_k": hit_at[:, :top_k].sum(-1).float() / k_eff,
-        "recall_at_2k": hit_at[:, :2 * top_k].sum(-1).float() / k_eff,
+        "recall_at_2k": hit_at[:, : 2 * top_k].sum(-1).float() / k_eff,
     }
 
 
 def chance_levels(num_experts: int, top_k: int) -> dict[str, float]:
     """Expected value of each metric for a uniformly random ranking of the experts."""
-    return {"top1_acc": 1 / num_experts, "hit1": top_k / num_experts,
-            "recall_at_k": min(1.0, top_k / num_experts), "recall_at_2k": min(1.0, 2 * top_k / num_experts)}
+    return {
+        "top1_acc": 1 / num_experts,
+        "hit1": top_k / num_experts,
+        "recall_at_k": min(1.0, top_k / num_experts),
+        "recall_at_2k": min(1.0, 2 * top_k / num_experts),
+    }
 
 
 class MetricAccumulator:

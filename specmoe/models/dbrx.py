@@ -17,4 +17,6 @@ class DbrxAdapter(MoEAdapter):
     def expert_parameters(self, layer: MoELayer, expert_idx: int):
         experts = layer.block.experts
         rows = experts.ffn_hidden_size
-        return [p[expert_idx * rows:(expert_idx + 1) * rows] for p in (experts.mlp.w1, experts.mlp.v1, experts.mlp.w2)]
+        return [
+            p[expert_idx * rows : (expert_idx + 1) * rows] for p in (experts.mlp.w1, experts.mlp.v1, experts.mlp.w2)
+        ]

@@ -41,8 +41,10 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path in BUILTIN_SPECS:
         path = BUILTIN_SPECS[name_or_path].path
         if not (path / "config.json").exists():
-            raise InputError(f"built-in model {name_or_path!r} is missing its weights at {path}; "
-                             f"retrain it with: specmoe models train-builtin {name_or_path}")
+            raise InputError(
+                f"built-in model {name_or_path!r} is missing its weights at {path}; "
+                f"retrain it with: specmoe models train-builtin {name_or_path}"
+            )
         return str(path)
     return name_or_path
 
@@ -61,9 +63,14 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises OSError, ValueError or its own validation errors
-        hint = "" if Path(source).exists() else (
-            " It is not a built-in model name, not a local directory, and could not be fetched from the "
-            f"Hugging Face hub (offline?). Built-in models: {', '.join(BUILTIN_SPECS)}.")
+        hint = (
+            ""
+            if Path(source).exists()
+            else (
+                " It is not a built-in model name, not a local directory, and could not be fetched from the "
+                f"Hugging Face hub (offline?). Built-in models: {', '.join(BUILTIN_SPECS)}."
+            )
+        )
         raise InputError(f"cannot load model config from {name_or_path!r}: {exc}.{hint}") from None
 
 
@@ -74,12 +81,22 @@ def wrap_model(model_id: str, model: nn.Module, tokenizer=None) -> LoadedModel:
     stacks: dict[str, int] = {}
     for layer in layers:
         stacks[layer.stack] = stacks.get(layer.stack, 0) + 1
-    return LoadedModel(model_id, model, tokenizer, adapter, layers, adapter.num_experts(model.config),
-                       adapter.top_k(model.config), model.config.model_type, stacks)
+    return LoadedModel(
+        model_id,
+        model,
+        tokenizer,
+        adapter,
+        layers,
+        adapter.num_experts(model.config),
+        adapter.top_k(model.config),
+        model.config.model_type,
+        stacks,
+    )
 
 
-def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               trust_remote_code: bool = False) -> LoadedModel:
+def load_model(
+    name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False
+) -> LoadedModel:
     """Load a checkpoint and its tokenizer; fails early, naming the supported families, if
     its ``model_type`` has no adapter."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer

@@ -17,9 +17,19 @@ from specmoe.models.qwen_moe import Qwen2MoeAdapter, Qwen3MoeAdapter
 from specmoe.models.switch import SwitchAdapter
 
 ADAPTERS: tuple[MoEAdapter, ...] = (
-    SwitchAdapter(), MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), OlmoeAdapter(),
-    DeepseekV2Adapter(), DeepseekV3Adapter(), GptOssAdapter(), PhimoeAdapter(), GraniteMoeAdapter(),
-    JetMoeAdapter(), DbrxAdapter(), Llama4Adapter(),
+    SwitchAdapter(),
+    MixtralAdapter(),
+    Qwen2MoeAdapter(),
+    Qwen3MoeAdapter(),
+    OlmoeAdapter(),
+    DeepseekV2Adapter(),
+    DeepseekV3Adapter(),
+    GptOssAdapter(),
+    PhimoeAdapter(),
+    GraniteMoeAdapter(),
+    JetMoeAdapter(),
+    DbrxAdapter(),
+    Llama4Adapter(),
 )
 _BY_MODEL_TYPE = {model_type: adapter for adapter in ADAPTERS for model_type in adapter.model_types}
 
@@ -34,6 +44,5 @@ def adapter_for(model_type: str) -> MoEAdapter:
         return _BY_MODEL_TYPE[model_type]
     except KeyError:
         raise UnsupportedModelError(
-            f"model_type {model_type!r} is not a supported MoE family; supported: "
-            + ", ".join(supported_model_types())
+            f"model_type {model_type!r} is not a supported MoE family; supported: " + ", ".join(supported_model_types())
         ) from None

@@ -42,5 +42,6 @@ class SwitchAdapter(MoEAdapter):
         # The decoder is teacher-forced on the same text (shifted right), so both stacks
         # route the same tokens; the decoder's row t holds input token t-1.
         decoder_input_ids = model._shift_right(input_ids)
-        return model(input_ids=input_ids, attention_mask=attention_mask,
-                     decoder_input_ids=decoder_input_ids, use_cache=False)
+        return model(
+            input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids, use_cache=False
+        )

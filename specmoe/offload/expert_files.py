@@ -56,15 +56,20 @@ class ExpertFiles:
                 previous, blob = None, b""
                 for tensors in experts:
                     if tensors is not previous:  # the same tensors repeated are serialised once
-                        blob = b"".join(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-                                        for t in tensors)
+                        blob = b"".join(
+                            t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes() for t in tensors
+                        )
                         blob += b"\0" * (stride - len(blob))
                         previous = tensors
                     handle.write(blob)
                 handle.flush()
                 os.fsync(handle.fileno())
-            index[layer] = {"shapes": [list(t.shape) for t in first], "dtype": str(first[0].dtype).removeprefix("torch."),
-                            "nbytes": nbytes, "stride": stride}
+            index[layer] = {
+                "shapes": [list(t.shape) for t in first],
+                "dtype": str(first[0].dtype).removeprefix("torch."),
+                "nbytes": nbytes,
+                "stride": stride,
+            }
         (directory / INDEX).write_text(json.dumps({"layers": index}, indent=2))
         return ExpertFiles(directory)
 
@@ -99,11 +104,11 @@ class ExpertFiles:
         if got < layout.nbytes:
             raise OSError(f"{self.directory}: short read of expert ({layer}, {expert}): {got} bytes")
         dtype = getattr(torch, layout.dtype)
-        flat = torch.frombuffer(bytearray(buffer[:layout.nbytes]), dtype=dtype)
+        flat = torch.frombuffer(bytearray(buffer[: layout.nbytes]), dtype=dtype)
         tensors, start = [], 0
         for shape in layout.shapes:
             count = int(torch.Size(shape).numel())
-            tensors.append(flat[start:start + count].view(shape))
+            tensors.append(flat[start : start + count].view(shape))
             start += count
         buffer.close()
         return tensors

@@ -9,8 +9,9 @@ from specmoe.offload.simulator import NO_TOKEN
 from specmoe.predictors.data import TraceDataset
 
 
-def decode_order(data: TraceDataset, predictor=None, *, batch_size: int = 1, budget: int = 1,
-                 max_windows: int | None = None) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+def decode_order(
+    data: TraceDataset, predictor=None, *, batch_size: int = 1, budget: int = 1, max_windows: int | None = None
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     """Routing (S, B, L, k) of ``batch_size`` windows decoded in lockstep, batches one after
     another along S; with a predictor, its top-``budget`` experts and probabilities for every
     (step, sequence, layer, horizon): two (S, B, L, H, budget) arrays."""
@@ -30,7 +31,7 @@ def decode_order(data: TraceDataset, predictor=None, *, batch_size: int = 1, bud
         order = order[:max_windows]
     steps_total, chunks = 0, []
     for start in range(0, len(order), batch_size):
-        group = order[start:start + batch_size]
+        group = order[start : start + batch_size]
         rows = [np.nonzero(windows == w)[0] for w in group]
         rows = [r[np.argsort(positions[r])] for r in rows]
         chunks.append((rows, max(len(r) for r in rows)))
@@ -45,9 +46,9 @@ def decode_order(data: TraceDataset, predictor=None, *, batch_size: int = 1, bud
     step = 0
     for rows, length in chunks:
         for b, r in enumerate(rows):
-            routing[step:step + len(r), b] = ids[r]
+            routing[step : step + len(r), b] = ids[r]
             if predictor is not None:
-                pred_ids[step:step + len(r), b] = pred_all[r]
-                pred_probs[step:step + len(r), b] = prob_all[r]
+                pred_ids[step : step + len(r), b] = pred_all[r]
+                pred_probs[step : step + len(r), b] = prob_all[r]
         step += length
     return routing, (None if predictor is None else (pred_ids, pred_probs))

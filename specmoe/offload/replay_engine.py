@@ -22,8 +22,9 @@ from specmoe.offload.runtime import FastTier, Prefetcher, RuntimeStats, fetch_ex
 from specmoe.predictors.data import IGNORE, Context
 
 
-def write_random_experts(directory: Path, num_layers: int, num_experts: int, hidden: int, ffn: int,
-                         seed: int = 0) -> ExpertFiles:
+def write_random_experts(
+    directory: Path, num_layers: int, num_experts: int, hidden: int, ffn: int, seed: int = 0
+) -> ExpertFiles:
     """Random bf16 SwiGLU experts: gate_up (2F, D) and down (D, F) per expert. One random set
     per layer is written for all its experts (drawing gigabytes of random numbers would take
     longer than the benchmark); every expert still has its own place on disk and is read
@@ -31,8 +32,10 @@ def write_random_experts(directory: Path, num_layers: int, num_experts: int, hid
     generator = torch.Generator().manual_seed(seed)
     layers = {}
     for layer in range(num_layers):
-        shared = [(torch.randn(2 * ffn, hidden, generator=generator) * hidden ** -0.5).bfloat16(),
-                  (torch.randn(hidden, ffn, generator=generator) * ffn ** -0.5).bfloat16()]
+        shared = [
+            (torch.randn(2 * ffn, hidden, generator=generator) * hidden**-0.5).bfloat16(),
+            (torch.randn(hidden, ffn, generator=generator) * ffn**-0.5).bfloat16(),
+        ]
         layers[layer] = [shared] * num_experts
     return ExpertFiles.write(directory, layers)
 
@@ -47,19 +50,39 @@ class ReplayResult:
     stats: dict
 
     def row(self, cache_fraction: float) -> dict:
-        return {"policy": self.policy, "predictor": self.predictor, "cache_fraction": cache_fraction,
-                "budget_bytes": self.budget_bytes, "tokens": self.tokens, "seconds": round(self.seconds, 4),
-                "tokens_per_s": self.tokens / self.seconds, "time_per_token_ms": 1e3 * self.seconds / self.tokens,
-                "stall_fraction": self.stats["stall_s"] / self.seconds, "hit_rate": self.stats["hit_rate"],
-                "bytes_read": self.stats["bytes_read"], "wasted_prefetch_bytes": self.stats["wasted_prefetches"]
-                * self.stats.get("expert_bytes", 0), "peak_fast_tier_bytes": self.stats["peak_bytes"],
-                "simulated": False, "weights": "random, real shape"}
+        return {
+            "policy": self.policy,
+            "predictor": self.predictor,
+            "cache_fraction": cache_fraction,
+            "budget_bytes": self.budget_bytes,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 4),
+            "tokens_per_s": self.tokens / self.seconds,
+            "time_per_token_ms": 1e3 * self.seconds / self.tokens,
+            "stall_fraction": self.stats["stall_s"] / self.seconds,
+            "hit_rate": self.stats["hit_rate"],
+            "bytes_read": self.stats["bytes_read"],
+            "wasted_prefetch_bytes": self.stats["wasted_prefetches"] * self.stats.get("expert_bytes", 0),
+            "peak_fast_tier_bytes": self.stats["peak_bytes"],
+            "simulated": False,
+            "weights": "random, real shape",
+        }
 
 
-def replay(files: ExpertFiles, routing: np.ndarray, gate_weights: np.ndarray, token_ids: np.ndarray, *, policy: str,
-           budget_bytes: int,
-           predictor=None, lookahead: int = 1, budget: int = 2, num_experts: int, eviction: str = "lru"
-           ) -> ReplayResult:
+def replay(
+    files: ExpertFiles,
+    routing: np.ndarray,
+    gate_weights: np.ndarray,
+    token_ids: np.ndarray,
+    *,
+    policy: str,
+    budget_bytes: int,
+    predictor=None,
+    lookahead: int = 1,
+    budget: int = 2,
+    num_experts: int,
+    eviction: str = "lru",
+) -> ReplayResult:
     """Decode ``routing`` (T tokens, L layers, k) one token at a time."""
     tokens, layers, top_k = routing.shape
     stats = RuntimeStats()
@@ -73,8 +96,20 @@ def replay(files: ExpertFiles, routing: np.ndarray, gate_weights: np.ndarray, to
             for layer in range(layers):
                 needed = sorted({int(e) for e in routing[t, layer] if e >= 0})
                 if prefetcher is not None:
-                    prefetcher.request(_wanted(routing, gate_weights, token_ids, t, layer, policy, predictor,
-                                               lookahead, budget, num_experts))
+                    prefetcher.request(
+                        _wanted(
+                            routing,
+                            gate_weights,
+                            token_ids,
+                            t,
+                            layer,
+                            policy,
+                            predictor,
+                            lookahead,
+                            budget,
+                            num_experts,
+                        )
+                    )
                 keys = [(layer, e) for e in needed]
                 with tier.lock:
                     tier.pinned = set(keys)
@@ -84,7 +119,7 @@ def replay(files: ExpertFiles, routing: np.ndarray, gate_weights: np.ndarray, to
                     gate_up, down = weights[0].float(), weights[1].float()
                     gate, up = (x @ gate_up.T).chunk(2, dim=-1)
                     out += (torch.nn.functional.silu(gate) * up) @ down.T
-                x = torch.nn.functional.normalize(x + out, dim=-1) * hidden ** 0.5
+                x = torch.nn.functional.normalize(x + out, dim=-1) * hidden**0.5
                 with tier.lock:
                     tier.pinned = set()
                 if policy == "on-demand":
@@ -102,9 +137,17 @@ def _wanted(routing, gate_weights, token_ids, t, layer, policy, predictor, looka
     targets = range(layer + 1, min(layer + 1 + lookahead, layers))
     if policy == "oracle":
         return [(target, int(e)) for target in targets for e in routing[t, target] if e >= 0]
-    ids = torch.from_numpy(routing[t:t + 1, :layer + 1].astype(np.int64))
-    weights = torch.from_numpy(gate_weights[t:t + 1, :layer + 1].astype(np.float32))
-    context = Context(layer, ids, weights, torch.tensor([int(token_ids[t])]),
-                      torch.full((1, 0, layers, routing.shape[2]), IGNORE), None, layers, num_experts)
+    ids = torch.from_numpy(routing[t : t + 1, : layer + 1].astype(np.int64))
+    weights = torch.from_numpy(gate_weights[t : t + 1, : layer + 1].astype(np.float32))
+    context = Context(
+        layer,
+        ids,
+        weights,
+        torch.tensor([int(token_ids[t])]),
+        torch.full((1, 0, layers, routing.shape[2]), IGNORE),
+        None,
+        layers,
+        num_experts,
+    )
     probs = predictor.predict_proba(context)[0]  # (H, E)
     return [(target, int(e)) for h, target in enumerate(targets) for e in probs[h].topk(budget).indices]

@@ -165,8 +165,9 @@ class Prefetcher:
         self.thread.join(timeout=5)
 
 
-def fetch_expert(tier: FastTier, prefetcher: Prefetcher | None, files: ExpertFiles, stats: RuntimeStats,
-                 key: Key) -> list[torch.Tensor]:
+def fetch_expert(
+    tier: FastTier, prefetcher: Prefetcher | None, files: ExpertFiles, stats: RuntimeStats, key: Key
+) -> list[torch.Tensor]:
     """One expert's tensors: from the fast tier (hit), from a prefetch still reading (late),
     or read now from the slow tier (miss). Waiting and reading count as stall time."""
     tensors = tier.get(key)
@@ -238,14 +239,27 @@ class OffloadRuntime:
         oracle: recorded routing ``oracle[step][layer] -> list of experts`` to prefetch instead.
     """
 
-    def __init__(self, loaded: LoadedModel, directory: str | Path, budget_bytes: int, *, predictor=None,
-                 lookahead: int = 1, budget: int | None = None, threshold: float = 0.0, oracle=None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        directory: str | Path,
+        budget_bytes: int,
+        *,
+        predictor=None,
+        lookahead: int = 1,
+        budget: int | None = None,
+        threshold: float = 0.0,
+        oracle=None,
+    ):
         if len(loaded.stacks) != 1:
-            raise InputError("the offload runtime supports single-stack (decoder-only) models; "
-                             f"{loaded.model_id} has stacks {list(loaded.stacks)}")
+            raise InputError(
+                "the offload runtime supports single-stack (decoder-only) models; "
+                f"{loaded.model_id} has stacks {list(loaded.stacks)}"
+            )
         if predictor is not None and (predictor.needs_hidden or predictor.previous_tokens):
-            raise InputError(f"runtime prefetch uses routing-only predictors; {predictor.name} needs hidden states "
-                             "or earlier tokens")
+            raise InputError(
+                f"runtime prefetch uses routing-only predictors; {predictor.name} needs hidden states or earlier tokens"
+            )
         self.loaded = loaded
         self.layers = loaded.layers
         self.num_experts, self.top_k = loaded.num_experts, loaded.top_k
@@ -274,12 +288,17 @@ class OffloadRuntime:
     # --- setup ------------------------------------------------------------------------
     def _binding(self, layer) -> _LayerBinding:
         experts = getattr(layer.block, "experts", None)
-        names = [n for n, p in experts.named_parameters(recurse=False)
-                 if p.dim() >= 2 and p.shape[0] == self.num_experts] if experts is not None else []
+        names = (
+            [n for n, p in experts.named_parameters(recurse=False) if p.dim() >= 2 and p.shape[0] == self.num_experts]
+            if experts is not None
+            else []
+        )
         if not names or any(p.dim() >= 2 for n, p in experts.named_parameters() if n not in names):
-            raise InputError(f"the offload runtime supports experts stored as (num_experts, ...) tensors "
-                             f"(Mixtral, Qwen-MoE, OLMoE, DeepSeek, gpt-oss, PhiMoE, GraniteMoE); "
-                             f"{self.loaded.model_type} is not supported yet")
+            raise InputError(
+                f"the offload runtime supports experts stored as (num_experts, ...) tensors "
+                f"(Mixtral, Qwen-MoE, OLMoE, DeepSeek, gpt-oss, PhiMoE, GraniteMoE); "
+                f"{self.loaded.model_type} is not supported yet"
+            )
         return _LayerBinding(layer.layer_idx, names)
 
     def _write_experts(self, directory: Path) -> ExpertFiles:
@@ -330,7 +349,7 @@ class OffloadRuntime:
                 continue
             probs = self._predict(layer)[:, h - 1]  # (N, E)
             pooled, best = probs.sum(0), probs.max(0).values
-            ranked = [int(e) for e in pooled.argsort(descending=True)[:self.budget] if best[e] >= self.threshold]
+            ranked = [int(e) for e in pooled.argsort(descending=True)[: self.budget] if best[e] >= self.threshold]
             wanted += [(target, e) for e in ranked]
         self.prefetcher.request(wanted)
 
@@ -341,9 +360,16 @@ class OffloadRuntime:
         weights = torch.stack([h[1] for h in self._history], 1)
         n = ids.shape[0]
         tokens = self._token_ids if len(self._token_ids) == n else torch.zeros(n, dtype=torch.long)
-        context = Context(layer, ids, weights, tokens,
-                          torch.full((n, 0, len(self.layers), self.top_k), IGNORE), None, len(self.layers),
-                          self.num_experts)
+        context = Context(
+            layer,
+            ids,
+            weights,
+            tokens,
+            torch.full((n, 0, len(self.layers), self.top_k), IGNORE),
+            None,
+            len(self.layers),
+            self.num_experts,
+        )
         return self.predictor.predict_proba(context)
 
     def close(self) -> None:

@@ -74,11 +74,17 @@ class SimulationResult:
 
     def summary(self) -> dict:
         moved = self.demand_loads + self.prefetch_loads
-        return {**asdict(self), "simulated": True, "tokens_per_s": self.tokens / self.total_s if self.total_s else 0.0,
-                "time_per_token_s": self.time_per_token_s, "stall_fraction": self.stall_s / max(self.total_s, 1e-12),
-                "hit_rate": self.hits / max(self.accesses, 1), "bytes_moved": moved * self.expert_bytes,
-                "wasted_prefetch_bytes": self.wasted_prefetches * self.expert_bytes,
-                "peak_fast_tier_bytes": self.peak_slots * self.expert_bytes}
+        return {
+            **asdict(self),
+            "simulated": True,
+            "tokens_per_s": self.tokens / self.total_s if self.total_s else 0.0,
+            "time_per_token_s": self.time_per_token_s,
+            "stall_fraction": self.stall_s / max(self.total_s, 1e-12),
+            "hit_rate": self.hits / max(self.accesses, 1),
+            "bytes_moved": moved * self.expert_bytes,
+            "wasted_prefetch_bytes": self.wasted_prefetches * self.expert_bytes,
+            "peak_fast_tier_bytes": self.peak_slots * self.expert_bytes,
+        }
 
 
 def _uses(routing: np.ndarray) -> dict[Key, list[int]]:
@@ -92,8 +98,13 @@ def _uses(routing: np.ndarray) -> dict[Key, list[int]]:
     return uses
 
 
-def simulate(routing: np.ndarray, profile: HardwareProfile, expert_bytes: int, config: SimulationConfig,
-             predictions: tuple[np.ndarray, np.ndarray] | None = None) -> SimulationResult:
+def simulate(
+    routing: np.ndarray,
+    profile: HardwareProfile,
+    expert_bytes: int,
+    config: SimulationConfig,
+    predictions: tuple[np.ndarray, np.ndarray] | None = None,
+) -> SimulationResult:
     """Replay ``routing`` (S steps, B sequences, L layers, k); -1 is a dropped token, NO_TOKEN
     an empty slot.
 
@@ -164,10 +175,21 @@ def simulate(routing: np.ndarray, profile: HardwareProfile, expert_bytes: int, c
             now = ready + profile.compute_s_per_layer
             cache.pinned = set()
     start_prefetches(now, steps * layers)
-    return SimulationResult(config=asdict(config), steps=steps, tokens=tokens, total_s=now, stall_s=stall,
-                            accesses=accesses, hits=hits, late_prefetches=late, demand_loads=demand,
-                            prefetch_loads=prefetched, wasted_prefetches=cache.wasted_prefetches + len(cache.unused_prefetch),
-                            expert_bytes=expert_bytes, peak_slots=cache.peak)
+    return SimulationResult(
+        config=asdict(config),
+        steps=steps,
+        tokens=tokens,
+        total_s=now,
+        stall_s=stall,
+        accesses=accesses,
+        hits=hits,
+        late_prefetches=late,
+        demand_loads=demand,
+        prefetch_loads=prefetched,
+        wasted_prefetches=cache.wasted_prefetches + len(cache.unused_prefetch),
+        expert_bytes=expert_bytes,
+        peak_slots=cache.peak,
+    )
 
 
 def _prefetch_set(routing, predictions, config: SimulationConfig, step: int, layer: int, h: int) -> list[int]:
@@ -183,4 +205,4 @@ def _prefetch_set(routing, predictions, config: SimulationConfig, step: int, lay
         scores[int(e)] += float(p)
         best[int(e)] = max(best[int(e)], float(p))
     ranked = sorted((e for e in scores if best[e] >= config.threshold), key=lambda e: -scores[e])
-    return ranked[:config.budget]
+    return ranked[: config.budget]

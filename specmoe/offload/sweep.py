@@ -37,8 +37,14 @@ class SweepConfig:
     cache_evictions: tuple[str, ...] = field(default=("lru", "lfu", "belady"))
 
 
-def run_sweep(traces: str | Path, profile: HardwareProfile, expert_bytes: int,
-              predictors: dict[str, ExpertPredictor], cfg: SweepConfig, progress: bool = True) -> dict:
+def run_sweep(
+    traces: str | Path,
+    profile: HardwareProfile,
+    expert_bytes: int,
+    predictors: dict[str, ExpertPredictor],
+    cfg: SweepConfig,
+    progress: bool = True,
+) -> dict:
     store = TraceStore.open(traces)
     stack = store.default_stack()
     layers = store.manifest.model.stacks[stack].num_layers
@@ -52,8 +58,9 @@ def run_sweep(traces: str | Path, profile: HardwareProfile, expert_bytes: int,
         predicted = {}
         for name, predictor in predictors.items():
             data = dataset_for(predictor, store, cfg.split, cfg.split_seed, base.splits)
-            predicted[name] = decode_order(data, predictor, batch_size=batch_size, budget=budget,
-                                           max_windows=cfg.max_windows)[1]
+            predicted[name] = decode_order(
+                data, predictor, batch_size=batch_size, budget=budget, max_windows=cfg.max_windows
+            )[1]
         runs = [("on-demand", "none", None, "lru")]
         runs += [("cache", e, None, e) for e in cfg.cache_evictions]
         runs += [("prefetch", cfg.prefetch_eviction, name, cfg.prefetch_eviction) for name in predictors]
@@ -62,22 +69,48 @@ def run_sweep(traces: str | Path, profile: HardwareProfile, expert_bytes: int,
             capacity = max(1, int(round(fraction * layers * experts)))
             group = []
             for policy, eviction_label, predictor_name, eviction in runs:
-                sim = SimulationConfig(policy=policy, eviction=eviction, capacity=capacity,
-                                       lookahead=cfg.lookahead, budget=budget, threshold=cfg.threshold)
+                sim = SimulationConfig(
+                    policy=policy,
+                    eviction=eviction,
+                    capacity=capacity,
+                    lookahead=cfg.lookahead,
+                    budget=budget,
+                    threshold=cfg.threshold,
+                )
                 result = simulate(routing, profile, expert_bytes, sim, predicted.get(predictor_name)).summary()
-                result.update(policy=policy, eviction=eviction_label, predictor=predictor_name,
-                              cache_fraction=fraction, batch_size=batch_size)
+                result.update(
+                    policy=policy,
+                    eviction=eviction_label,
+                    predictor=predictor_name,
+                    cache_fraction=fraction,
+                    batch_size=batch_size,
+                )
                 group.append(result)
             floor = group[0]["total_s"]
             ceiling = group[-1]["total_s"]
             for result in group:
                 result["speedup_vs_on_demand"] = floor / result["total_s"]
-                result["oracle_gap_closed"] = (floor - result["total_s"]) / (floor - ceiling) if floor > ceiling else None
+                result["oracle_gap_closed"] = (
+                    (floor - result["total_s"]) / (floor - ceiling) if floor > ceiling else None
+                )
             rows.extend(group)
-    return {"simulated": True, "traces": str(store.directory), "model": store.manifest.model.id, "stack": stack,
-            "num_layers": layers, "num_experts": experts, "top_k": top_k, "expert_bytes": expert_bytes,
-            "hardware": profile.to_dict(), "split": cfg.split, "split_seed": cfg.split_seed,
-            "max_windows": cfg.max_windows, "lookahead": cfg.lookahead, "budget": budget, "rows": rows}
+    return {
+        "simulated": True,
+        "traces": str(store.directory),
+        "model": store.manifest.model.id,
+        "stack": stack,
+        "num_layers": layers,
+        "num_experts": experts,
+        "top_k": top_k,
+        "expert_bytes": expert_bytes,
+        "hardware": profile.to_dict(),
+        "split": cfg.split,
+        "split_seed": cfg.split_seed,
+        "max_windows": cfg.max_windows,
+        "lookahead": cfg.lookahead,
+        "budget": budget,
+        "rows": rows,
+    }
 
 
 def plot_speed_vs_memory(report: dict, path: Path) -> None:
@@ -93,17 +126,24 @@ def plot_speed_vs_memory(report: dict, path: Path) -> None:
         labels = sorted({_label(r) for r in rows}, key=lambda s: (s != "on-demand", s.startswith("oracle"), s))
         for label in labels:
             mine = sorted((r for r in rows if _label(r) == label), key=lambda r: r["cache_fraction"])
-            ax.plot([100 * r["cache_fraction"] for r in mine], [r["tokens_per_s"] for r in mine], marker="o",
-                    label=label, linestyle="--" if label in ("on-demand", "oracle") else "-")
+            ax.plot(
+                [100 * r["cache_fraction"] for r in mine],
+                [r["tokens_per_s"] for r in mine],
+                marker="o",
+                label=label,
+                linestyle="--" if label in ("on-demand", "oracle") else "-",
+            )
         ax.set_xlabel("fast tier (% of all experts)")
         ax.set_ylabel("tokens/s (simulated)")
         ax.set_title(f"batch {batch_size}")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     hw = report["hardware"]
-    fig.suptitle(f"SIMULATION — {report['model']}: {hw['name']} link {hw['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
-                 f"{report['expert_bytes'] / 2**20:.1f} MiB/expert, compute {hw['compute_s_per_layer'] * 1e3:.2f} ms/layer",
-                 fontsize=10)
+    fig.suptitle(
+        f"SIMULATION — {report['model']}: {hw['name']} link {hw['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
+        f"{report['expert_bytes'] / 2**20:.1f} MiB/expert, compute {hw['compute_s_per_layer'] * 1e3:.2f} ms/layer",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -51,8 +51,9 @@ class ExpertPredictor:
 
     # --- introspection ----------------------------------------------------------------
     def get_params(self) -> dict:
-        return {name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters
-                if name != "self"}
+        return {
+            name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters if name != "self"
+        }
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Fitted state as named tensors (what ``save`` writes)."""

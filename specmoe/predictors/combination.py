@@ -33,8 +33,11 @@ class MixturePredictor(ExpertPredictor):
     def fitted_meta(self) -> dict:
         if not hasattr(self, "weights_"):
             return {}
-        return {"num_layers": self.num_layers_, "num_experts": self.num_experts_,
-                "members": [m.fitted_meta() for m in self.members_]}
+        return {
+            "num_layers": self.num_layers_,
+            "num_experts": self.num_experts_,
+            "members": [m.fitted_meta() for m in self.members_],
+        }
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         state = {"weights": self.weights_}
@@ -49,8 +52,9 @@ class MixturePredictor(ExpertPredictor):
         for i, (spec, member_meta) in enumerate(zip(self.members, meta["members"])):
             member = self.make_member(spec)
             prefix = f"m{i}."
-            member.load_state_tensors({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
-                                      member_meta)
+            member.load_state_tensors(
+                {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, member_meta
+            )
             self.members_.append(member)
 
     def num_parameters(self) -> int:
@@ -63,8 +67,13 @@ class InterpolatedPredictor(MixturePredictor):
 
     name = "combo"
 
-    def __init__(self, *, horizons: int = 3, members: tuple[str, ...] = ("popularity", "transition", "ngram", "token"),
-                 em_iterations: int = 30):
+    def __init__(
+        self,
+        *,
+        horizons: int = 3,
+        members: tuple[str, ...] = ("popularity", "transition", "ngram", "token"),
+        em_iterations: int = 30,
+    ):
         self.horizons = horizons
         self.members = tuple(members)
         self.em_iterations = em_iterations

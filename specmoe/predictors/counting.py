@@ -59,8 +59,12 @@ class _CountingPredictor(ExpertPredictor):
 
     def _prior(self, layer: int) -> torch.Tensor:
         """(H, E) popularity of layers layer+1..layer+H (uniform past the last layer)."""
-        rows = [_normalise(self.popularity_[layer + h] + 1e-3) if layer + h < self.num_layers_
-                else torch.full((self.num_experts_,), 1 / self.num_experts_) for h in range(1, self.horizons + 1)]
+        rows = [
+            _normalise(self.popularity_[layer + h] + 1e-3)
+            if layer + h < self.num_layers_
+            else torch.full((self.num_experts_,), 1 / self.num_experts_)
+            for h in range(1, self.horizons + 1)
+        ]
         return torch.stack(rows)
 
     def fitted_meta(self) -> dict:
@@ -108,8 +112,9 @@ class TransitionPredictor(_CountingPredictor):
             pairs_dst = dst[:, None, :].expand(-1, src.shape[1], -1).reshape(-1)
             mass = (src_w[:, :, None] * dst_w[:, h, None, :]).reshape(-1)
             ok = (pairs_src >= 0) & (pairs_dst >= 0)
-            self.transitions_[layer, h] += torch.bincount(pairs_src[ok] * e + pairs_dst[ok], weights=mass[ok],
-                                                          minlength=e * e).view(e, e).float()
+            self.transitions_[layer, h] += (
+                torch.bincount(pairs_src[ok] * e + pairs_dst[ok], weights=mass[ok], minlength=e * e).view(e, e).float()
+            )
 
     def predict_proba(self, context: Context) -> torch.Tensor:
         prior = self._prior(context.layer)  # (H, E)
@@ -200,12 +205,16 @@ class TokenTablePredictor(_CountingPredictor):
     def _accumulate(self, batch, layer, context, targets):
         if layer == 0:  # each token once per target layer: count layers 0..L-1 here
             tokens = batch.token_ids.numpy() * self.num_layers_
-            weights = torch.cat([self._target_weights(batch, -1, 1)[:, 0:1],
-                                 self._target_weights(batch, 0, self.num_layers_ - 1)], 1).numpy()  # (N, L, k)
+            weights = torch.cat(
+                [self._target_weights(batch, -1, 1)[:, 0:1], self._target_weights(batch, 0, self.num_layers_ - 1)], 1
+            ).numpy()  # (N, L, k)
             for target_layer in range(self.num_layers_):
                 for slot in range(batch.expert_ids.shape[2]):
-                    self.table_.add(tokens + target_layer, batch.expert_ids[:, target_layer, slot].numpy(),
-                                    weights[:, target_layer, slot])
+                    self.table_.add(
+                        tokens + target_layer,
+                        batch.expert_ids[:, target_layer, slot].numpy(),
+                        weights[:, target_layer, slot],
+                    )
 
     def _finish(self):
         self.table_.freeze()
@@ -217,7 +226,9 @@ class TokenTablePredictor(_CountingPredictor):
         for h in range(1, self.horizons + 1):
             if context.layer + h < self.num_layers_:
                 counts = self.table_.lookup(tokens + context.layer + h)
-                out[:, h - 1] = (counts + self.smoothing * prior[h - 1]) / (counts.sum(-1, keepdim=True) + self.smoothing)
+                out[:, h - 1] = (counts + self.smoothing * prior[h - 1]) / (
+                    counts.sum(-1, keepdim=True) + self.smoothing
+                )
         return out
 
     def state_tensors(self):

@@ -64,9 +64,16 @@ class RoutingBatch:
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"layer {layer} outside 0..{self.num_layers - 1}")
         cut = layer + 1
-        return Context(layer, self.expert_ids[:, :cut].clone(), self.gate_weights[:, :cut].clone(), self.token_ids,
-                       self.prev_expert_ids, None if self.hidden is None else self.hidden[:, :cut].clone(),
-                       self.num_layers, self.num_experts)
+        return Context(
+            layer,
+            self.expert_ids[:, :cut].clone(),
+            self.gate_weights[:, :cut].clone(),
+            self.token_ids,
+            self.prev_expert_ids,
+            None if self.hidden is None else self.hidden[:, :cut].clone(),
+            self.num_layers,
+            self.num_experts,
+        )
 
     def targets(self, layer: int, horizons: int) -> torch.Tensor:
         """(N, H, k) expert ids of layers layer+1..layer+H; IGNORE beyond the last layer."""
@@ -101,8 +108,17 @@ class TraceDataset:
         hidden: ``None``, ``"router_input"`` or ``"residual_out"``.
     """
 
-    def __init__(self, store: TraceStore, split: str = "all", *, seed: int = 0, stack: str | None = None,
-                 previous_tokens: int = 0, hidden: str | None = None, splits: dict[str, str] | None = None):
+    def __init__(
+        self,
+        store: TraceStore,
+        split: str = "all",
+        *,
+        seed: int = 0,
+        stack: str | None = None,
+        previous_tokens: int = 0,
+        hidden: str | None = None,
+        splits: dict[str, str] | None = None,
+    ):
         if split not in ("train", "val", "test", "all"):
             raise ValueError(f"split must be train, val, test or all, got {split!r}")
         self.store = store
@@ -112,12 +128,21 @@ class TraceDataset:
         self.previous_tokens = previous_tokens
         self.hidden = hidden
         if hidden is not None and hidden not in store.manifest.collection.hidden:
-            raise ValueError(f"store {store.directory} has no {hidden} states (has: {store.manifest.collection.hidden})")
+            raise ValueError(
+                f"store {store.directory} has no {hidden} states (has: {store.manifest.collection.hidden})"
+            )
         self.splits = splits if splits is not None or split == "all" else assign_splits(store, seed)
 
     def with_split(self, split: str) -> TraceDataset:
-        return TraceDataset(self.store, split, seed=self.seed, stack=self.stack, previous_tokens=self.previous_tokens,
-                            hidden=self.hidden, splits=self.splits)
+        return TraceDataset(
+            self.store,
+            split,
+            seed=self.seed,
+            stack=self.stack,
+            previous_tokens=self.previous_tokens,
+            hidden=self.hidden,
+            splits=self.splits,
+        )
 
     @property
     def num_layers(self) -> int:
@@ -133,8 +158,11 @@ class TraceDataset:
 
     def _shard_batch(self, index: int) -> RoutingBatch | None:
         shard = self.store.read_shard(index, self.stack)
-        keep = np.ones(len(shard), dtype=bool) if self.split == "all" else \
-            np.array([self.splits[d] == self.split for d in shard.doc_ids])
+        keep = (
+            np.ones(len(shard), dtype=bool)
+            if self.split == "all"
+            else np.array([self.splits[d] == self.split for d in shard.doc_ids])
+        )
         if not keep.any():
             return None
         ids = shard.expert_ids.astype(np.int64)
@@ -142,9 +170,17 @@ class TraceDataset:
         hidden = None
         if self.hidden is not None:
             hidden = self.store.hidden_states(index, self.hidden, self.stack)[torch.from_numpy(keep)].float()
-        return RoutingBatch(torch.from_numpy(ids[keep]), torch.from_numpy(shard.gate_weights[keep]),
-                            torch.from_numpy(shard.token_ids[keep].astype(np.int64)), torch.from_numpy(prev), hidden,
-                            shard.doc_ids[keep], self.num_experts, shard.windows[keep], shard.positions[keep])
+        return RoutingBatch(
+            torch.from_numpy(ids[keep]),
+            torch.from_numpy(shard.gate_weights[keep]),
+            torch.from_numpy(shard.token_ids[keep].astype(np.int64)),
+            torch.from_numpy(prev),
+            hidden,
+            shard.doc_ids[keep],
+            self.num_experts,
+            shard.windows[keep],
+            shard.positions[keep],
+        )
 
     def iter_batches(self, batch_size: int = 4096, *, shuffle: bool = False, seed: int = 0) -> Iterator[RoutingBatch]:
         """Batches of up to ``batch_size`` tokens. With ``shuffle``, shard order and the
@@ -157,11 +193,19 @@ class TraceDataset:
                 continue
             perm = torch.from_numpy(rng.permutation(len(full))) if shuffle else torch.arange(len(full))
             for start in range(0, len(full), batch_size):
-                rows = perm[start:start + batch_size]
+                rows = perm[start : start + batch_size]
                 index = rows.numpy()
-                yield RoutingBatch(full.expert_ids[rows], full.gate_weights[rows], full.token_ids[rows],
-                                   full.prev_expert_ids[rows], None if full.hidden is None else full.hidden[rows],
-                                   full.doc_ids[index], full.num_experts, full.windows[index], full.positions[index])
+                yield RoutingBatch(
+                    full.expert_ids[rows],
+                    full.gate_weights[rows],
+                    full.token_ids[rows],
+                    full.prev_expert_ids[rows],
+                    None if full.hidden is None else full.hidden[rows],
+                    full.doc_ids[index],
+                    full.num_experts,
+                    full.windows[index],
+                    full.positions[index],
+                )
 
     def num_tokens(self) -> int:
         return sum(len(b) for b in self.iter_batches(1 << 30))

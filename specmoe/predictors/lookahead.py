@@ -30,14 +30,20 @@ def extract_routers(model_id: str, stack: str) -> dict[str, torch.Tensor]:
         probe = torch.randn(4, norm_weight.shape[0])
         with torch.no_grad():
             if not torch.allclose(norm(probe).float(), rms_normalise(probe, norm_weight, layer_eps), atol=1e-4):
-                raise InputError(f"lookahead supports RMSNorm-normalised routers; {layer.name} uses {type(norm).__name__}")
+                raise InputError(
+                    f"lookahead supports RMSNorm-normalised routers; {layer.name} uses {type(norm).__name__}"
+                )
         weight, bias = loaded.adapter.router_weights(layer)
         norms.append(norm_weight)
         weights.append(weight.float())
         biases.append(bias.detach().float() if bias is not None else torch.zeros(weight.shape[0]))
         eps.append(layer_eps)
-    return {"norm": torch.stack(norms), "router": torch.stack(weights), "bias": torch.stack(biases),
-            "eps": torch.tensor(eps)}
+    return {
+        "norm": torch.stack(norms),
+        "router": torch.stack(weights),
+        "bias": torch.stack(biases),
+        "eps": torch.tensor(eps),
+    }
 
 
 class RouterLookaheadPredictor(ExpertPredictor):

@@ -54,8 +54,12 @@ class SparseCounts:
         return torch.from_numpy(out)
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.keys": torch.from_numpy(self.keys), f"{prefix}.offsets": torch.from_numpy(self.offsets),
-                f"{prefix}.experts": torch.from_numpy(self.experts), f"{prefix}.counts": torch.from_numpy(self.counts)}
+        return {
+            f"{prefix}.keys": torch.from_numpy(self.keys),
+            f"{prefix}.offsets": torch.from_numpy(self.offsets),
+            f"{prefix}.experts": torch.from_numpy(self.experts),
+            f"{prefix}.counts": torch.from_numpy(self.counts),
+        }
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], prefix: str, num_experts: int) -> SparseCounts:

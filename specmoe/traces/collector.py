@@ -65,8 +65,11 @@ class CollectConfig:
 
     @property
     def hidden_kinds(self) -> list[str]:
-        return [kind for kind, on in (("router_input", self.save_router_inputs),
-                                      ("residual_out", self.save_residuals)) if on]
+        return [
+            kind
+            for kind, on in (("router_input", self.save_router_inputs), ("residual_out", self.save_residuals))
+            if on
+        ]
 
 
 @dataclass
@@ -87,7 +90,7 @@ def plan_windows(texts: list[str], tokenizer, seq_len: int) -> Iterator[Window]:
         for doc in read_documents(resolve_text_source(text)):
             ids = tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"]
             for start in range(0, len(ids), body):
-                chunk = ids[start:start + body]
+                chunk = ids[start : start + body]
                 yield Window(index, doc.doc_id, doc.split_key, ([bos] if bos is not None else []) + chunk)
                 index += 1
 
@@ -124,25 +127,45 @@ def _new_manifest(cfg: CollectConfig, loaded: LoadedModel, hidden_size: int) -> 
         if not path.startswith(HF_PREFIX) and not Path(path).is_file():
             raise InputError(f"text file not found: {path}")
     identity = {
-        "model": cfg.model, "model_revision": model_revision(cfg.model, loaded), "texts": [p if p.startswith(HF_PREFIX) else sha256_of(Path(p)) for p in texts],
-        "seq_len": cfg.seq_len, "windows_per_shard": cfg.windows_per_shard, "max_tokens": cfg.max_tokens,
-        "hidden": cfg.hidden_kinds, "dtype": cfg.dtype, "format": 1,
+        "model": cfg.model,
+        "model_revision": model_revision(cfg.model, loaded),
+        "texts": [p if p.startswith(HF_PREFIX) else sha256_of(Path(p)) for p in texts],
+        "seq_len": cfg.seq_len,
+        "windows_per_shard": cfg.windows_per_shard,
+        "max_tokens": cfg.max_tokens,
+        "hidden": cfg.hidden_kinds,
+        "dtype": cfg.dtype,
+        "format": 1,
     }
-    stacks = {stack: StackInfo(num_layers=count, block_names=[l.name for l in loaded.layers_of(stack)])
-              for stack, count in loaded.stacks.items()}
+    stacks = {
+        stack: StackInfo(num_layers=count, block_names=[l.name for l in loaded.layers_of(stack)])
+        for stack, count in loaded.stacks.items()
+    }
     tok = loaded.tokenizer
     return Manifest(
         specmoe_version=specmoe.__version__,
-        model=ModelInfo(id=cfg.model, model_type=loaded.model_type, num_experts=loaded.num_experts,
-                        top_k=loaded.top_k, hidden_size=hidden_size, stacks=stacks, dtype=cfg.dtype),
-        tokenizer=TokenizerInfo(name_or_path=getattr(tok, "name_or_path", cfg.model), vocab_size=len(tok),
-                                bos_token_id=tok.bos_token_id),
+        model=ModelInfo(
+            id=cfg.model,
+            model_type=loaded.model_type,
+            num_experts=loaded.num_experts,
+            top_k=loaded.top_k,
+            hidden_size=hidden_size,
+            stacks=stacks,
+            dtype=cfg.dtype,
+        ),
+        tokenizer=TokenizerInfo(
+            name_or_path=getattr(tok, "name_or_path", cfg.model), vocab_size=len(tok), bos_token_id=tok.bos_token_id
+        ),
         collection=CollectionInfo(
-            texts=texts, seq_len=cfg.seq_len, batch_size=cfg.batch_size, windows_per_shard=cfg.windows_per_shard,
-            max_tokens=cfg.max_tokens, hidden=cfg.hidden_kinds,
-            decoder_input="shift_right(input_ids): decoder row t holds input token t-1"
-            if len(stacks) > 1 else "",
-            fingerprint=hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]),
+            texts=texts,
+            seq_len=cfg.seq_len,
+            batch_size=cfg.batch_size,
+            windows_per_shard=cfg.windows_per_shard,
+            max_tokens=cfg.max_tokens,
+            hidden=cfg.hidden_kinds,
+            decoder_input="shift_right(input_ids): decoder row t holds input token t-1" if len(stacks) > 1 else "",
+            fingerprint=hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16],
+        ),
     )
 
 
@@ -151,9 +174,11 @@ def _open_or_create(cfg: CollectConfig, fresh: Manifest) -> TraceStore:
     if (cfg.out / "manifest.json").exists():
         store = TraceStore.open(cfg.out)
         if store.manifest.collection.fingerprint != fresh.collection.fingerprint:
-            raise InputError(f"{cfg.out} holds traces collected with other settings or text "
-                             f"(fingerprint {store.manifest.collection.fingerprint}, this run "
-                             f"{fresh.collection.fingerprint}); choose another --out or delete it")
+            raise InputError(
+                f"{cfg.out} holds traces collected with other settings or text "
+                f"(fingerprint {store.manifest.collection.fingerprint}, this run "
+                f"{fresh.collection.fingerprint}); choose another --out or delete it"
+            )
         store.remove_unlisted_files()
         return store
     if any(cfg.out.iterdir()):
@@ -169,8 +194,8 @@ def batch_tensors(windows: list[Window], pad_id: int) -> tuple[torch.Tensor, tor
     input_ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(input_ids)
     for row, window in enumerate(windows):
-        input_ids[row, :len(window.token_ids)] = torch.tensor(window.token_ids)
-        mask[row, :len(window.token_ids)] = 1
+        input_ids[row, : len(window.token_ids)] = torch.tensor(window.token_ids)
+        mask[row, : len(window.token_ids)] = 1
     return input_ids, mask
 
 
@@ -185,8 +210,10 @@ def run_batch(loaded: LoadedModel, recorder: RoutingRecorder, windows: list[Wind
     expected = input_ids.numel()
     for key, record in records.items():
         if record.expert_ids.shape[0] != expected:
-            raise RuntimeError(f"layer {key} recorded {record.expert_ids.shape[0]} tokens for a batch of "
-                               f"{expected}; the adapter does not match this model's forward pass")
+            raise RuntimeError(
+                f"layer {key} recorded {record.expert_ids.shape[0]} tokens for a batch of "
+                f"{expected}; the adapter does not match this model's forward pass"
+            )
     return records, keep
 
 
@@ -196,8 +223,7 @@ class _ShardBuffer:
     def __init__(self, stacks: dict[str, int], hidden_kinds: list[str]):
         self.stacks = stacks
         self.hidden_kinds = hidden_kinds
-        self.columns: dict[str, list] = {"doc_id": [], "doc_group": [], "window": [], "position": [],
-                                             "token_id": []}
+        self.columns: dict[str, list] = {"doc_id": [], "doc_group": [], "window": [], "position": [], "token_id": []}
         self.layers: dict[tuple[str, int], dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
 
     def add(self, batch: list[Window], records: dict, keep: torch.Tensor) -> None:
@@ -228,12 +254,14 @@ class _ShardBuffer:
 
 def collect(cfg: CollectConfig, loaded: LoadedModel | None = None) -> TraceStore:
     """Collect routing traces into ``cfg.out``; resumes an interrupted run of the same settings."""
-    loaded = loaded or load_model(cfg.model, dtype=getattr(torch, cfg.dtype),
-                                  trust_remote_code=cfg.trust_remote_code)
+    loaded = loaded or load_model(cfg.model, dtype=getattr(torch, cfg.dtype), trust_remote_code=cfg.trust_remote_code)
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    hidden_size = int(getattr(loaded.adapter.text_config(loaded.model.config), "hidden_size",
-                              getattr(loaded.model.config, "d_model", 0)))
+    hidden_size = int(
+        getattr(
+            loaded.adapter.text_config(loaded.model.config), "hidden_size", getattr(loaded.model.config, "d_model", 0)
+        )
+    )
     store = _open_or_create(cfg, _new_manifest(cfg, loaded, hidden_size))
     manifest = store.manifest
     if manifest.complete:
@@ -241,13 +269,19 @@ def collect(cfg: CollectConfig, loaded: LoadedModel | None = None) -> TraceStore
     windows = limit_tokens(plan_windows(cfg.texts, tokenizer, cfg.seq_len), cfg.max_tokens)
     for _ in islice(windows, sum(s.num_windows for s in manifest.shards)):
         pass  # finished shards: skip their windows
-    bar = tqdm(total=cfg.max_tokens, initial=manifest.num_tokens, unit="tok", unit_scale=True,
-               desc=f"collect {cfg.model}", disable=not cfg.progress)
+    bar = tqdm(
+        total=cfg.max_tokens,
+        initial=manifest.num_tokens,
+        unit="tok",
+        unit_scale=True,
+        desc=f"collect {cfg.model}",
+        disable=not cfg.progress,
+    )
     with RoutingRecorder(loaded, router_inputs=cfg.save_router_inputs, residuals=cfg.save_residuals) as recorder:
         while shard_windows := list(islice(windows, cfg.windows_per_shard)):
             buffer = _ShardBuffer(loaded.stacks, cfg.hidden_kinds)
             for first in range(0, len(shard_windows), cfg.batch_size):
-                batch = shard_windows[first:first + cfg.batch_size]
+                batch = shard_windows[first : first + cfg.batch_size]
                 records, keep = run_batch(loaded, recorder, batch, pad_id)
                 buffer.add(batch, records, keep)
                 bar.update(int(keep.sum()))

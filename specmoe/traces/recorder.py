@@ -51,12 +51,19 @@ class RoutingRecorder:
 
             self._handles.append(adapter.capture_hook(layer, on_selection))
             if self.router_inputs:
-                self._handles.append(layer.block.register_forward_pre_hook(
-                    lambda _m, args, key=key: self._append(key, "router_input", args[0])))
+                self._handles.append(
+                    layer.block.register_forward_pre_hook(
+                        lambda _m, args, key=key: self._append(key, "router_input", args[0])
+                    )
+                )
             if self.residuals:
-                self._handles.append(layer.residual_parent.register_forward_hook(
-                    lambda _m, _a, out, key=key: self._append(key, "residual_out",
-                                                             out[0] if isinstance(out, tuple) else out)))
+                self._handles.append(
+                    layer.residual_parent.register_forward_hook(
+                        lambda _m, _a, out, key=key: self._append(
+                            key, "residual_out", out[0] if isinstance(out, tuple) else out
+                        )
+                    )
+                )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -69,7 +76,8 @@ class RoutingRecorder:
         records = {}
         for key, parts in self._parts.items():
             cat = {name: torch.cat(chunks) for name, chunks in parts.items()}
-            records[key] = LayerRecord(cat["expert_ids"], cat["gate_weights"],
-                                       cat.get("router_input"), cat.get("residual_out"))
+            records[key] = LayerRecord(
+                cat["expert_ids"], cat["gate_weights"], cat.get("router_input"), cat.get("residual_out")
+            )
         self._parts.clear()
         return records

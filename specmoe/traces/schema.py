@@ -97,8 +97,9 @@ class Manifest(BaseModel):
     def load(cls, directory: Path) -> Manifest:
         path = directory / MANIFEST
         if not path.is_file():
-            raise CorruptStoreError(f"{directory} is not a trace store: no {MANIFEST} "
-                                    "(create one with `specmoe collect`)")
+            raise CorruptStoreError(
+                f"{directory} is not a trace store: no {MANIFEST} (create one with `specmoe collect`)"
+            )
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
@@ -106,8 +107,10 @@ class Manifest(BaseModel):
         if raw.get("format") != FORMAT:
             raise CorruptStoreError(f"{path}: not a specmoe trace manifest (format={raw.get('format')!r})")
         if raw.get("format_version", 0) > FORMAT_VERSION:
-            raise CorruptStoreError(f"{path}: format version {raw['format_version']} is newer than this "
-                                    f"specmoe understands ({FORMAT_VERSION}); upgrade specmoe")
+            raise CorruptStoreError(
+                f"{path}: format version {raw['format_version']} is newer than this "
+                f"specmoe understands ({FORMAT_VERSION}); upgrade specmoe"
+            )
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:

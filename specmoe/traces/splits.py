@@ -63,15 +63,16 @@ def minhash_signature(tokens: np.ndarray, num_hashes: int = 64, shingle: int = 5
     return hashed.min(0)
 
 
-def near_duplicate_groups(doc_tokens: dict[str, np.ndarray], *, bands: int = 16, rows: int = 4,
-                          threshold: float = 0.7) -> dict[str, str]:
+def near_duplicate_groups(
+    doc_tokens: dict[str, np.ndarray], *, bands: int = 16, rows: int = 4, threshold: float = 0.7
+) -> dict[str, str]:
     """Map every document to a cluster representative; documents whose estimated Jaccard
     similarity of token 5-grams is >= ``threshold`` share one (LSH candidates, then verified)."""
     signatures = {doc: minhash_signature(tokens, bands * rows) for doc, tokens in doc_tokens.items()}
     buckets: dict[tuple, list[str]] = defaultdict(list)
     for doc, sig in signatures.items():
         for band in range(bands):
-            buckets[(band, sig[band * rows:(band + 1) * rows].tobytes())].append(doc)
+            buckets[(band, sig[band * rows : (band + 1) * rows].tobytes())].append(doc)
     uf = _UnionFind()
     for docs in buckets.values():
         for other in docs[1:]:
@@ -80,8 +81,11 @@ def near_duplicate_groups(doc_tokens: dict[str, np.ndarray], *, bands: int = 16,
     return {doc: uf.find(doc) for doc in doc_tokens}
 
 
-def assign_splits(store: TraceStore, seed: int = 0, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-                  ) -> dict[str, str]:
+def assign_splits(
+    store: TraceStore,
+    seed: int = 0,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+) -> dict[str, str]:
     """``doc_id -> "train" | "val" | "test"`` for every document in the store."""
     tokens: dict[str, list[np.ndarray]] = defaultdict(list)
     group_of: dict[str, str] = {}

@@ -58,7 +58,8 @@ def stack_statistics(store: TraceStore, stack: str) -> dict:
             "layer": layer,
             "usage_entropy_bits": round(_entropy_bits(usage[layer]), 4),
             "usage_entropy_normalized": round(_entropy_bits(usage[layer]) / np.log2(num_experts), 4)
-            if num_experts > 1 else 1.0,
+            if num_experts > 1
+            else 1.0,
             "most_used_expert": int(usage[layer].argmax()),
             "most_used_share": round(float(usage[layer].max() / max(usage[layer].sum(), 1)), 4),
             "experts_never_used": int((usage[layer] == 0).sum()),
@@ -82,13 +83,23 @@ def store_summary(store: TraceStore, *, with_statistics: bool = True) -> dict:
         doc_ids.update(pc.unique(column.cast(pa.string())).to_pylist())
     first = store.default_stack()
     summary = {
-        "path": str(store.directory), "model": m.model.id, "model_type": m.model.model_type,
-        "num_layers": m.model.stacks[first].num_layers, "num_experts": m.model.num_experts,
-        "top_k": m.model.top_k, "num_tokens": m.num_tokens, "num_documents": len(doc_ids),
-        "num_shards": len(m.shards), "complete": m.complete, "hidden_states": m.collection.hidden,
+        "path": str(store.directory),
+        "model": m.model.id,
+        "model_type": m.model.model_type,
+        "num_layers": m.model.stacks[first].num_layers,
+        "num_experts": m.model.num_experts,
+        "top_k": m.model.top_k,
+        "num_tokens": m.num_tokens,
+        "num_documents": len(doc_ids),
+        "num_shards": len(m.shards),
+        "complete": m.complete,
+        "hidden_states": m.collection.hidden,
         "stacks": {name: info.num_layers for name, info in m.model.stacks.items()},
-        "seq_len": m.collection.seq_len, "texts": m.collection.texts, "tokenizer": m.tokenizer.name_or_path,
-        "specmoe_version": m.specmoe_version, "chance_top1": round(1 / m.model.num_experts, 6),
+        "seq_len": m.collection.seq_len,
+        "texts": m.collection.texts,
+        "tokenizer": m.tokenizer.name_or_path,
+        "specmoe_version": m.specmoe_version,
+        "chance_top1": round(1 / m.model.num_experts, 6),
     }
     if with_statistics:
         summary["statistics"] = {stack: stack_statistics(store, stack) for stack in store.stacks}

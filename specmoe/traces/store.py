@@ -66,9 +66,11 @@ def routing_table(columns: dict[str, np.ndarray], per_stack: dict[str, tuple[np.
     for stack, (ids, weights) in per_stack.items():
         width = ids.shape[1] * ids.shape[2]
         arrays[f"{stack}.expert_ids"] = pa.FixedSizeListArray.from_arrays(
-            pa.array(ids.reshape(-1).astype(np.int16)), width)
+            pa.array(ids.reshape(-1).astype(np.int16)), width
+        )
         arrays[f"{stack}.gate_weights"] = pa.FixedSizeListArray.from_arrays(
-            pa.array(weights.reshape(-1).astype(np.float32)), width)
+            pa.array(weights.reshape(-1).astype(np.float32)), width
+        )
     return pa.table(arrays)
 
 
@@ -80,8 +82,9 @@ class TraceStore:
         self.manifest = manifest
 
     # --- writing ----------------------------------------------------------------------
-    def write_shard(self, index: int, table: pa.Table, hidden: dict[str, dict[str, np.ndarray]],
-                    first_window: int, num_windows: int) -> ShardEntry:
+    def write_shard(
+        self, index: int, table: pa.Table, hidden: dict[str, dict[str, np.ndarray]], first_window: int, num_windows: int
+    ) -> ShardEntry:
         """Write one shard (tmp file, fsync, rename), then record it in the manifest."""
         stem = f"shard-{index:05d}"
         tmp = self.directory / f".{stem}.parquet.tmp"
@@ -94,8 +97,14 @@ class TraceStore:
             tmp = self.directory / f".{stem}.{kind}.safetensors.tmp"
             save_file({stack: np.ascontiguousarray(arr, dtype=np.float16) for stack, arr in tensors.items()}, tmp)
             hidden_entries[kind] = _commit(tmp, self.directory / f"{stem}.{kind}.safetensors")
-        entry = ShardEntry(index=index, routing=routing, hidden=hidden_entries, num_tokens=table.num_rows,
-                           first_window=first_window, num_windows=num_windows)
+        entry = ShardEntry(
+            index=index,
+            routing=routing,
+            hidden=hidden_entries,
+            num_tokens=table.num_rows,
+            first_window=first_window,
+            num_windows=num_windows,
+        )
         self.manifest.shards.append(entry)
         self.manifest.num_tokens += table.num_rows
         self.manifest.save(self.directory)
@@ -134,8 +143,9 @@ class TraceStore:
                     raise CorruptStoreError(f"{path}: listed in the manifest but missing")
                 size = path.stat().st_size
                 if size != entry.bytes:
-                    raise CorruptStoreError(f"{path}: {size} bytes but the manifest lists {entry.bytes} "
-                                            "(truncated or replaced)")
+                    raise CorruptStoreError(
+                        f"{path}: {size} bytes but the manifest lists {entry.bytes} (truncated or replaced)"
+                    )
                 if verify_checksums and sha256_of(path) != entry.sha256:
                     raise CorruptStoreError(f"{path}: SHA-256 does not match the manifest (corrupt)")
 
@@ -153,7 +163,15 @@ class TraceStore:
             raise KeyError(f"no stack {stack!r} in this store; stacks: {self.stacks}")
         shard = self.manifest.shards[index]
         path = self.directory / shard.routing.file
-        columns = ["doc_id", "doc_group", "window", "position", "token_id", f"{stack}.expert_ids", f"{stack}.gate_weights"]
+        columns = [
+            "doc_id",
+            "doc_group",
+            "window",
+            "position",
+            "token_id",
+            f"{stack}.expert_ids",
+            f"{stack}.gate_weights",
+        ]
         try:
             table = pq.read_table(path, columns=columns, memory_map=True)
         except (pa.ArrowException, OSError) as exc:

@@ -18,8 +18,14 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(out_dir: Path, epoch: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, best: dict[str, torch.Tensor]) -> Path:
+def save_checkpoint(
+    out_dir: Path,
+    epoch: int,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    best: dict[str, torch.Tensor],
+) -> Path:
     directory = Path(out_dir) / CHECKPOINTS / f"epoch-{epoch:04d}"
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_save(module.state_dict(), directory / "model.safetensors")
@@ -46,8 +52,9 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_checkpoint(directory: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer
-                    ) -> tuple[dict, dict[str, torch.Tensor]]:
+def load_checkpoint(
+    directory: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """Restore module and optimizer; returns (trainer state, best weights so far)."""
     module.load_state_dict(load_file(directory / "model.safetensors"))
     meta = json.loads((directory / "trainer.json").read_text())

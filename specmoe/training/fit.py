@@ -14,8 +14,18 @@ from specmoe.predictors.registry import make_predictor
 from specmoe.traces.store import TraceStore
 
 
-def fit_and_save(name: str, traces: str | Path, out: str | Path, *, preset: str | None = None, split_seed: int = 0,
-                 resume: bool = False, progress: bool = True, command: str = "", **overrides):
+def fit_and_save(
+    name: str,
+    traces: str | Path,
+    out: str | Path,
+    *,
+    preset: str | None = None,
+    split_seed: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+    command: str = "",
+    **overrides,
+):
     store = TraceStore.open(traces)
     predictor = make_predictor(name, preset, **overrides)
     train = dataset_for(predictor, store, "train", split_seed)
@@ -29,9 +39,17 @@ def fit_and_save(name: str, traces: str | Path, out: str | Path, *, preset: str 
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return predictor, {}  # under torchrun, rank 0 alone writes the result
     out = predictor.save(out)
-    info = {"predictor": name, "preset": preset, "params": predictor.get_params(), "traces": str(store.directory),
-            "split_seed": split_seed, "fit_seconds": round(seconds, 2), "num_parameters": predictor.num_parameters(),
-            "val_recall_at_k": round(predictor.score(val), 5), "command": command,
-            "training": getattr(predictor, "training_summary_", None)}
+    info = {
+        "predictor": name,
+        "preset": preset,
+        "params": predictor.get_params(),
+        "traces": str(store.directory),
+        "split_seed": split_seed,
+        "fit_seconds": round(seconds, 2),
+        "num_parameters": predictor.num_parameters(),
+        "val_recall_at_k": round(predictor.score(val), 5),
+        "command": command,
+        "training": getattr(predictor, "training_summary_", None),
+    }
     (Path(out) / "train_info.json").write_text(json.dumps(info, indent=2))
     return predictor, info

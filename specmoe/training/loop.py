@@ -79,8 +79,9 @@ def validation_loss(predictor, val, max_batches: int | None = None) -> float:
     return total / max(count, 1)
 
 
-def train_predictor(predictor, train, val=None, *, out_dir: str | Path | None = None, resume: bool = False,
-                    progress: bool = True):
+def train_predictor(
+    predictor, train, val=None, *, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True
+):
     """Fit a :class:`TorchPredictor`; returns it with the best-on-validation weights."""
     rank, world = _distributed()
     out_dir = Path(out_dir) if out_dir else None
@@ -104,11 +105,16 @@ def train_predictor(predictor, train, val=None, *, out_dir: str | Path | None = 
     non_finite_in_row = 0
     for epoch in range(state["epoch"], predictor.epochs):
         predictor.module_.train()
-        bar = tqdm(total=steps_per_epoch, desc=f"{predictor.name} epoch {epoch + 1}/{predictor.epochs}",
-                   disable=not progress or rank != 0, unit="step")
+        bar = tqdm(
+            total=steps_per_epoch,
+            desc=f"{predictor.name} epoch {epoch + 1}/{predictor.epochs}",
+            disable=not progress or rank != 0,
+            unit="step",
+        )
         started, epoch_loss, epoch_steps = time.perf_counter(), 0.0, 0
-        for batch in _batches(predictor, train, shuffle=True, seed=predictor.seed + epoch, rank=rank, world=world,
-                              limit=steps_per_epoch):
+        for batch in _batches(
+            predictor, train, shuffle=True, seed=predictor.seed + epoch, rank=rank, world=world, limit=steps_per_epoch
+        ):
             for group in optimizer.param_groups:
                 group["lr"] = predictor.lr * _lr_factor(state["step"], total, warmup)
             loss = step_loss(batch)
@@ -117,7 +123,8 @@ def train_predictor(predictor, train, val=None, *, out_dir: str | Path | None = 
                 if non_finite_in_row >= 2:
                     raise NonFiniteLossError(
                         f"{predictor.name}: loss is {loss.item()} at step {state['step']} again after rolling back; "
-                        "lower --lr or check the traces")
+                        "lower --lr or check the traces"
+                    )
                 predictor.module_.load_state_dict(good)  # roll back to the last finite step
                 optimizer.state.clear()
                 logger.log({"event": "rollback", "step": state["step"], "loss": str(loss.item())})
@@ -136,7 +143,9 @@ def train_predictor(predictor, train, val=None, *, out_dir: str | Path | None = 
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()
-        val_loss = validation_loss(predictor, val, max_batches=50) if val is not None else epoch_loss / max(epoch_steps, 1)
+        val_loss = (
+            validation_loss(predictor, val, max_batches=50) if val is not None else epoch_loss / max(epoch_steps, 1)
+        )
         improved = val_loss < state["best_val"] - 1e-4
         if improved:
             state.update(best_val=val_loss, bad_epochs=0, best_epoch=epoch)
@@ -144,8 +153,16 @@ def train_predictor(predictor, train, val=None, *, out_dir: str | Path | None = 
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
-        logger.log({"epoch": epoch + 1, "step": state["step"], "train_loss": epoch_loss / max(epoch_steps, 1),
-                    "val_loss": val_loss, "seconds": round(time.perf_counter() - started, 2), "best": improved})
+        logger.log(
+            {
+                "epoch": epoch + 1,
+                "step": state["step"],
+                "train_loss": epoch_loss / max(epoch_steps, 1),
+                "val_loss": val_loss,
+                "seconds": round(time.perf_counter() - started, 2),
+                "best": improved,
+            }
+        )
         if out_dir and rank == 0:
             save_checkpoint(out_dir, epoch + 1, predictor.module_, optimizer, state, best)
         if state["bad_epochs"] >= predictor.patience:
@@ -153,8 +170,12 @@ def train_predictor(predictor, train, val=None, *, out_dir: str | Path | None = 
             break
     predictor.module_.load_state_dict(best)
     predictor.module_.eval()
-    predictor.training_summary_ = {"epochs_run": state["epoch"], "best_epoch": state["best_epoch"] + 1,
-                                   "best_val_loss": state["best_val"], "steps": state["step"]}
+    predictor.training_summary_ = {
+        "epochs_run": state["epoch"],
+        "best_epoch": state["best_epoch"] + 1,
+        "best_val_loss": state["best_val"],
+        "steps": state["step"],
+    }
     logger.close()
     if out_dir:
         (out_dir / "training_summary.json").write_text(json.dumps(predictor.training_summary_, indent=2))

@@ -46,8 +46,20 @@ def test_unsupported_local_checkpoint_lists_supported_types(tmp_path):
 
 def test_collect_cli_end_to_end(tiny_checkpoints, small_corpus, tmp_path):
     out = tmp_path / "t"
-    result = runner.invoke(app, ["collect", "--model", str(tiny_checkpoints["olmoe"]), "--text", str(small_corpus),
-                                 "--out", str(out), "--seq-len", "16"])
+    result = runner.invoke(
+        app,
+        [
+            "collect",
+            "--model",
+            str(tiny_checkpoints["olmoe"]),
+            "--text",
+            str(small_corpus),
+            "--out",
+            str(out),
+            "--seq-len",
+            "16",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "from 6 documents" in result.output
     verify = runner.invoke(app, ["traces", "verify", str(out)])

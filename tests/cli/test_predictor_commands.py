@@ -14,13 +14,27 @@ runner = CliRunner()
 def test_train_then_evaluate(tmp_path):
     traces = tmp_path / "traces"
     make_synthetic_store(traces, noise=0.05)
-    result = runner.invoke(app, ["train", "--predictor", "ngram", "--traces", str(traces), "--out", str(tmp_path / "p")])
+    result = runner.invoke(
+        app, ["train", "--predictor", "ngram", "--traces", str(traces), "--out", str(tmp_path / "p")]
+    )
     assert result.exit_code == 0, result.output
     info = json.loads((tmp_path / "p" / "train_info.json").read_text())
     assert info["val_recall_at_k"] > 0.8 and info["command"]
     out = tmp_path / "eval.json"
-    result = runner.invoke(app, ["evaluate", "--predictor-dir", str(tmp_path / "p"), "--traces", str(traces),
-                                 "--bootstrap", "100", "--json", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--predictor-dir",
+            str(tmp_path / "p"),
+            "--traces",
+            str(traces),
+            "--bootstrap",
+            "100",
+            "--json",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     rows = report["rows"]
@@ -37,8 +51,10 @@ def test_bad_predictor_name_and_param_are_one_line_errors(tmp_path):
     make_synthetic_store(traces)
     result = runner.invoke(app, ["train", "--predictor", "nope", "--traces", str(traces), "--out", str(tmp_path / "p")])
     assert result.exit_code != 0 and "unknown predictor 'nope'" in str(result.exception)
-    result = runner.invoke(app, ["train", "--predictor", "ngram", "--traces", str(traces), "--out", str(tmp_path / "p"),
-                                 "--param", "bogus=1"])
+    result = runner.invoke(
+        app,
+        ["train", "--predictor", "ngram", "--traces", str(traces), "--out", str(tmp_path / "p"), "--param", "bogus=1"],
+    )
     assert "bad parameters" in str(result.exception)
 
 
@@ -52,8 +68,25 @@ def test_bench_predictors_writes_json_and_markdown(tmp_path):
     traces = tmp_path / "traces"
     make_synthetic_store(traces, noise=0.05)
     out = tmp_path / "bench.json"
-    result = runner.invoke(app, ["bench", "predictors", "--traces", str(traces), "--json", str(out), "--bootstrap", "50",
-                                 "--predictor", "popularity", "--predictor", "transition", "--predictor", "lookahead"])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "predictors",
+            "--traces",
+            str(traces),
+            "--json",
+            str(out),
+            "--bootstrap",
+            "50",
+            "--predictor",
+            "popularity",
+            "--predictor",
+            "transition",
+            "--predictor",
+            "lookahead",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     names = [r["predictor"] for r in report["results"]]
@@ -64,8 +97,20 @@ def test_bench_predictors_writes_json_and_markdown(tmp_path):
 
 
 def test_serve_generates_with_offloaded_experts(tiny_checkpoints):
-    result = runner.invoke(app, ["serve", "--model", str(tiny_checkpoints["olmoe"]), "--prompt", "The quick brown",
-                                 "--budget-mb", "0.05", "--max-new-tokens", "4"])
+    result = runner.invoke(
+        app,
+        [
+            "serve",
+            "--model",
+            str(tiny_checkpoints["olmoe"]),
+            "--prompt",
+            "The quick brown",
+            "--budget-mb",
+            "0.05",
+            "--max-new-tokens",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     stats = json.loads(result.output.strip().splitlines()[-1])
     assert stats["tokens"] == 4 and stats["misses"] > 0 and stats["peak_bytes"] <= 0.05 * 2**20

@@ -16,10 +16,18 @@ PLAIN_BLOCKS = {"mixtral", "qwen3_moe", "olmoe", "gpt_oss", "phimoe", "granitemo
 
 def _run(loaded, input_ids):
     outputs = {}
-    hooks = [layer.block.register_forward_hook(
-        lambda _m, _a, out, key=(layer.stack, layer.layer_idx): outputs.__setitem__(
-            key, (out[0] if isinstance(out, tuple) else out).detach().reshape(-1, out[0].shape[-1] if isinstance(out, tuple) else out.shape[-1]).clone()))
-        for layer in loaded.layers]
+    hooks = [
+        layer.block.register_forward_hook(
+            lambda _m, _a, out, key=(layer.stack, layer.layer_idx): outputs.__setitem__(
+                key,
+                (out[0] if isinstance(out, tuple) else out)
+                .detach()
+                .reshape(-1, out[0].shape[-1] if isinstance(out, tuple) else out.shape[-1])
+                .clone(),
+            )
+        )
+        for layer in loaded.layers
+    ]
     with torch.no_grad(), RoutingRecorder(loaded, router_inputs=True) as recorder:
         loaded.adapter.forward(loaded.model, input_ids, torch.ones_like(input_ids))
         records = recorder.pop()
@@ -69,8 +77,10 @@ def test_silencing_an_expert_changes_exactly_the_tokens_recorded_for_it(loaded):
                     p.copy_(s)
             moved = (ablated[key] - baseline[key]).abs().amax(-1) > 1e-6
             routed = (ids == expert).any(-1)
-            assert torch.equal(moved, routed), f"{key} expert {expert}: moved {moved.nonzero().flatten().tolist()}" \
+            assert torch.equal(moved, routed), (
+                f"{key} expert {expert}: moved {moved.nonzero().flatten().tolist()}"
                 f" vs recorded {routed.nonzero().flatten().tolist()}"
+            )
 
 
 def test_recorded_weights_reproduce_the_block_output(loaded):
@@ -83,8 +93,12 @@ def test_recorded_weights_reproduce_the_block_output(loaded):
         weights = record.gate_weights.to(record.router_input.dtype)
         with torch.no_grad():
             expected = layer.block.experts(record.router_input, record.expert_ids, weights)
-        torch.testing.assert_close(expected.reshape(outputs[(layer.stack, layer.layer_idx)].shape),
-                                   outputs[(layer.stack, layer.layer_idx)], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            expected.reshape(outputs[(layer.stack, layer.layer_idx)].shape),
+            outputs[(layer.stack, layer.layer_idx)],
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def test_switch_records_capacity_drops_as_minus_one():
@@ -118,5 +132,19 @@ def test_deepseek_v3_records_biased_group_limited_choice_not_plain_topk():
 def test_unknown_model_type_lists_supported_ones():
     with pytest.raises(UnsupportedModelError, match="supported: .*mixtral"):
         adapter_for("llama")
-    assert {"switch_transformers", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
-            "gpt_oss", "phimoe", "granitemoe", "jetmoe", "dbrx", "llama4_text", "llama4"} <= set(supported_model_types())
+    assert {
+        "switch_transformers",
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe",
+        "olmoe",
+        "deepseek_v2",
+        "deepseek_v3",
+        "gpt_oss",
+        "phimoe",
+        "granitemoe",
+        "jetmoe",
+        "dbrx",
+        "llama4_text",
+        "llama4",
+    } <= set(supported_model_types())

@@ -31,8 +31,10 @@ def test_routing_is_learned_not_random(builtin):
     one layer's tokens (which keeps both marginals and destroys only the pairing)."""
     windows = list(limit_tokens(plan_windows(["builtin"], builtin.tokenizer, 128), 4096))
     with RoutingRecorder(builtin) as recorder:
-        chunks = [run_batch(builtin, recorder, windows[i:i + 8], builtin.tokenizer.pad_token_id or 0)
-                  for i in range(0, len(windows), 8)]
+        chunks = [
+            run_batch(builtin, recorder, windows[i : i + 8], builtin.tokenizer.pad_token_id or 0)
+            for i in range(0, len(windows), 8)
+        ]
     stack = next(iter(builtin.stacks))
     rng = np.random.default_rng(0)
     for layer in range(builtin.stacks[stack] - 1):

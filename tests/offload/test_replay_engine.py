@@ -26,10 +26,13 @@ def test_policies_stay_within_budget(setup, policy):
     predictor = None
     if policy == "prefetch":  # popularity over this engine's 3 layers x 8 experts, skewed to expert 0
         predictor = make_predictor("popularity")
-        predictor.load_state_tensors({"popularity": torch.arange(8, 0, -1).float().expand(3, 8).clone()},
-                                     {"num_layers": 3, "num_experts": 8, "top_k": 2})
-    result = replay(files, routing, weights, tokens, policy=policy, budget_bytes=budget, predictor=predictor,
-                    num_experts=8)
+        predictor.load_state_tensors(
+            {"popularity": torch.arange(8, 0, -1).float().expand(3, 8).clone()},
+            {"num_layers": 3, "num_experts": 8, "top_k": 2},
+        )
+    result = replay(
+        files, routing, weights, tokens, policy=policy, budget_bytes=budget, predictor=predictor, num_experts=8
+    )
     assert result.tokens == 12 and 0 < result.stats["peak_bytes"] <= budget
     accesses = result.stats["hits"] + result.stats["misses"] + result.stats["late"]
     assert accesses == routing.size

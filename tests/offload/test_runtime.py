@@ -43,8 +43,9 @@ def test_generation_matches_resident_model(model_type, slots, tmp_path):
         expected = resident.generate(prompt, max_new_tokens=6, do_sample=False)
     budget = slots * _expert_bytes(model_type)
     predictor = RandomPredictor(horizons=2) if slots == 5 else None
-    runtime = OffloadRuntime(wrap_model(model_type, tiny_model(model_type)), tmp_path / "experts", budget,
-                             predictor=predictor, lookahead=2)
+    runtime = OffloadRuntime(
+        wrap_model(model_type, tiny_model(model_type)), tmp_path / "experts", budget, predictor=predictor, lookahead=2
+    )
     model = runtime.loaded.model
     try:
         with torch.no_grad():

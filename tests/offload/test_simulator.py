@@ -49,8 +49,9 @@ def test_perfect_predictions_match_the_oracle_and_wrong_ones_are_wasted():
     assert perfect["total_s"] == pytest.approx(oracle["total_s"])
     wrong = simulate(routing, PROFILE, BYTES, cfg, ((right + 4) % 8, probs)).summary()
     assert wrong["wasted_prefetches"] > 0 and wrong["total_s"] > perfect["total_s"]
-    ignored = simulate(routing, PROFILE, BYTES, SimulationConfig(policy="prefetch", capacity=6, threshold=2.0),
-                       (right, probs)).summary()
+    ignored = simulate(
+        routing, PROFILE, BYTES, SimulationConfig(policy="prefetch", capacity=6, threshold=2.0), (right, probs)
+    ).summary()
     assert ignored["prefetch_loads"] == 0  # nothing clears the threshold
 
 
@@ -61,8 +62,9 @@ def test_fast_tier_never_exceeds_capacity(eviction, policy):
     routing = rng.integers(0, 16, (40, 3, 4, 2))
     routing[35:, 2] = NO_TOKEN  # one sequence ends early
     for capacity in (1, 3, 8):
-        result = simulate(routing, PROFILE, BYTES, SimulationConfig(policy=policy, eviction=eviction,
-                                                                    capacity=capacity, lookahead=2)).summary()
+        result = simulate(
+            routing, PROFILE, BYTES, SimulationConfig(policy=policy, eviction=eviction, capacity=capacity, lookahead=2)
+        ).summary()
         assert result["peak_slots"] <= capacity
         assert result["tokens"] == 40 * 3 - 5
 
@@ -70,6 +72,8 @@ def test_fast_tier_never_exceeds_capacity(eviction, policy):
 def test_belady_hits_at_least_as_often_as_lru_and_lfu():
     rng = np.random.default_rng(2)
     routing = rng.zipf(1.5, (200, 1, 3, 1)) % 12
-    hits = {e: simulate(routing, PROFILE, BYTES, SimulationConfig(policy="cache", eviction=e, capacity=5)).hits
-            for e in ("lru", "lfu", "belady")}
+    hits = {
+        e: simulate(routing, PROFILE, BYTES, SimulationConfig(policy="cache", eviction=e, capacity=5)).hits
+        for e in ("lru", "lfu", "belady")
+    }
     assert hits["belady"] >= max(hits["lru"], hits["lfu"])

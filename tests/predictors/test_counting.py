@@ -33,8 +33,9 @@ def test_save_load_round_trip_gives_identical_predictions(synthetic_splits, tmp_
         predictor.save(tmp_path / name)
         loaded = load_predictor(tmp_path / name)
         for layer in range(test.num_layers - 1):
-            torch.testing.assert_close(loaded.predict_proba(batch.context(layer)),
-                                       predictor.predict_proba(batch.context(layer)))
+            torch.testing.assert_close(
+                loaded.predict_proba(batch.context(layer)), predictor.predict_proba(batch.context(layer))
+            )
 
 
 def test_probabilities_are_distributions(synthetic_splits):

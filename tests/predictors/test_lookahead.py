@@ -14,11 +14,22 @@ def hidden_store(tiny_checkpoints, tmp_path_factory):
     import json
 
     corpus = tmp_path_factory.mktemp("c") / "c.jsonl"
-    corpus.write_text("\n".join(json.dumps({"id": f"d{i}", "text": f"Text number {i}. " + "a quick fox " * (20 + i)})
-                                for i in range(30)))
-    return collect(CollectConfig(model=str(tiny_checkpoints["olmoe"]), texts=[str(corpus)],
-                                 out=tmp_path_factory.mktemp("t") / "traces", seq_len=32, save_router_inputs=True,
-                                 save_residuals=True, progress=False))
+    corpus.write_text(
+        "\n".join(
+            json.dumps({"id": f"d{i}", "text": f"Text number {i}. " + "a quick fox " * (20 + i)}) for i in range(30)
+        )
+    )
+    return collect(
+        CollectConfig(
+            model=str(tiny_checkpoints["olmoe"]),
+            texts=[str(corpus)],
+            out=tmp_path_factory.mktemp("t") / "traces",
+            seq_len=32,
+            save_router_inputs=True,
+            save_residuals=True,
+            progress=False,
+        )
+    )
 
 
 def test_router_applied_to_its_own_input_reproduces_the_recorded_choice(hidden_store):
@@ -39,7 +50,8 @@ def test_lookahead_beats_chance_and_learned_lookahead_trains(hidden_store, hidde
     predictor = make_predictor("lookahead", hidden=hidden).fit(data)
     row = next(r for r in evaluate_predictor(predictor, data, bootstrap=0) if r["horizon"] == 1 and r["layer"] == "all")
     assert row["recall_at_k"] > 2 * row["chance_recall_at_k"]
-    learned = make_predictor("lookahead-mlp", hidden=hidden, width=32, epochs=1, max_steps_per_epoch=5,
-                             batch_size=128).fit(data, progress=False)
+    learned = make_predictor(
+        "lookahead-mlp", hidden=hidden, width=32, epochs=1, max_steps_per_epoch=5, batch_size=128
+    ).fit(data, progress=False)
     probs = learned.predict_proba(next(data.iter_batches(16)).context(0))
     assert probs.shape == (16, 3, data.num_experts) and torch.isfinite(probs).all()

@@ -12,19 +12,32 @@ from specmoe.predictors.data import TraceDataset
 from specmoe.predictors.registry import make_predictor
 from specmoe.training.loop import NonFiniteLossError
 
-TINY = dict(d_model=32, heads=2, ff=64, depth=1, memory_slots=8, epochs=2, max_steps_per_epoch=30, batch_size=128,
-            lr=3e-3, dropout=0.0)
+TINY = dict(
+    d_model=32,
+    heads=2,
+    ff=64,
+    depth=1,
+    memory_slots=8,
+    epochs=2,
+    max_steps_per_epoch=30,
+    batch_size=128,
+    lr=3e-3,
+    dropout=0.0,
+)
 
 
 def _h1(predictor, data):
-    return next(r for r in evaluate_predictor(predictor, data, bootstrap=0) if r["horizon"] == 1 and r["layer"] == "all")
+    return next(
+        r for r in evaluate_predictor(predictor, data, bootstrap=0) if r["horizon"] == 1 and r["layer"] == "all"
+    )
 
 
 @pytest.mark.parametrize("name", ["interlayer", "multiscale"])
 def test_seed_transformers_learn_the_chain(synthetic_splits, name):
     train, val, test = synthetic_splits
     predictor = make_predictor(name, **{**TINY, "epochs": 6, "batch_size": 64, "max_steps_per_epoch": 40}).fit(
-        train, val, progress=False)
+        train, val, progress=False
+    )
     assert _h1(predictor, test)["recall_at_k"] > 0.5  # chance is 2/16
 
 
@@ -42,8 +55,9 @@ def test_multiscale_loss_is_finite_from_the_first_batch(synthetic_splits):
 
 def test_augmentations_train_and_are_off_at_evaluation(synthetic_splits):
     train, val, test = synthetic_splits
-    predictor = make_predictor("interlayer", **TINY, permute_experts=True, layer_dropout=0.2, subsample=0.8, mixup=0.4,
-                               embedding_noise=0.1).fit(train, val, progress=False)
+    predictor = make_predictor(
+        "interlayer", **TINY, permute_experts=True, layer_dropout=0.2, subsample=0.8, mixup=0.4, embedding_noise=0.1
+    ).fit(train, val, progress=False)
     batch = next(test.iter_batches(64))
     first = predictor.predict_proba(batch.context(1))
     torch.testing.assert_close(first, predictor.predict_proba(batch.context(1)))  # deterministic: no noise
@@ -58,8 +72,10 @@ def test_every_predictor_ignores_future_layers(synthetic_splits):
     batch = next(data.iter_batches(64))
     for layer in range(data.num_layers - 1):
         scrambled = replace(batch, expert_ids=batch.expert_ids.clone(), gate_weights=batch.gate_weights.clone())
-        scrambled.expert_ids[:, layer + 1:] = torch.randint(0, data.num_experts, scrambled.expert_ids[:, layer + 1:].shape)
-        scrambled.gate_weights[:, layer + 1:] = torch.rand(scrambled.gate_weights[:, layer + 1:].shape)
+        scrambled.expert_ids[:, layer + 1 :] = torch.randint(
+            0, data.num_experts, scrambled.expert_ids[:, layer + 1 :].shape
+        )
+        scrambled.gate_weights[:, layer + 1 :] = torch.rand(scrambled.gate_weights[:, layer + 1 :].shape)
         context = scrambled.context(layer)
         assert context.expert_ids.shape[1] == layer + 1
         for predictor in predictors:
@@ -70,18 +86,24 @@ def test_checkpoint_each_epoch_and_resume(synthetic_splits, tmp_path):
     train, val, _ = synthetic_splits
     make_predictor("interlayer", **TINY).fit(train, val, out_dir=tmp_path, progress=False)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
-    resumed = make_predictor("interlayer", **{**TINY, "epochs": 3}).fit(train, val, out_dir=tmp_path, resume=True,
-                                                                         progress=False)
+    resumed = make_predictor("interlayer", **{**TINY, "epochs": 3}).fit(
+        train, val, out_dir=tmp_path, resume=True, progress=False
+    )
     assert resumed.training_summary_["epochs_run"] == 3
-    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
-              if "epoch" in json.loads(line) and "event" not in json.loads(line)]
+    epochs = [
+        json.loads(line)["epoch"]
+        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        if "epoch" in json.loads(line) and "event" not in json.loads(line)
+    ]
     assert epochs == [1, 2, 3]  # the resumed run did only the third epoch
 
 
 def test_non_finite_loss_rolls_back_then_stops_with_a_clear_message(synthetic_splits, monkeypatch):
     train, val, _ = synthetic_splits
     predictor = make_predictor("interlayer", **TINY)
-    monkeypatch.setattr(type(predictor), "loss", lambda self, batch, layer: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(
+        type(predictor), "loss", lambda self, batch, layer: torch.tensor(float("nan"), requires_grad=True)
+    )
     with pytest.raises(NonFiniteLossError, match="nan at step 0 again after rolling back"):
         predictor.fit(train, val, progress=False)
 

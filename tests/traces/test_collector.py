@@ -23,11 +23,11 @@ def _collect(checkpoint, text, out, **kw):
 
 
 @pytest.mark.parametrize("model_type", ["olmoe", "switch_transformers"])
-def test_store_holds_every_token_with_the_routing_of_a_direct_run(tiny_checkpoints, small_corpus, tmp_path,
-                                                                   model_type):
+def test_store_holds_every_token_with_the_routing_of_a_direct_run(tiny_checkpoints, small_corpus, tmp_path, model_type):
     checkpoint = tiny_checkpoints[model_type]
-    store = _collect(checkpoint, small_corpus, tmp_path / "t", seq_len=16, batch_size=3, windows_per_shard=4,
-                     save_router_inputs=True)
+    store = _collect(
+        checkpoint, small_corpus, tmp_path / "t", seq_len=16, batch_size=3, windows_per_shard=4, save_router_inputs=True
+    )
     loaded = load_model(str(checkpoint))
     windows = list(plan_windows([str(small_corpus)], loaded.tokenizer, 16))
     assert store.manifest.complete
@@ -58,8 +58,7 @@ def test_documents_are_recorded_and_windows_do_not_cross_them(tiny_checkpoints, 
         assert len(set(docs[windows == window])) == 1
 
 
-def test_rerun_of_a_finished_store_is_a_no_op_and_other_settings_are_refused(tiny_checkpoints, small_corpus,
-                                                                            tmp_path):
+def test_rerun_of_a_finished_store_is_a_no_op_and_other_settings_are_refused(tiny_checkpoints, small_corpus, tmp_path):
     out = tmp_path / "t"
     _collect(tiny_checkpoints["olmoe"], small_corpus, out, seq_len=16)
     before = (out / "manifest.json").read_text()
@@ -85,12 +84,24 @@ def _cli(*args):
 def test_kill_and_rerun_loses_nothing_and_duplicates_nothing(tiny_checkpoints, tmp_path):
     """SIGKILL a real `specmoe collect` mid-run, rerun the same command, and compare with a
     run that was never interrupted."""
-    args = ["collect", "--model", tiny_checkpoints["olmoe"], "--text", "builtin", "--max-tokens", "12000",
-            "--seq-len", "32", "--batch-size", "2", "--windows-per-shard", "4"]
+    args = [
+        "collect",
+        "--model",
+        tiny_checkpoints["olmoe"],
+        "--text",
+        "builtin",
+        "--max-tokens",
+        "12000",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--windows-per-shard",
+        "4",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(*args, "--out", killed), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cli(*args, "--out", killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
         manifest = killed / "manifest.json"

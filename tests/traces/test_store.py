@@ -14,8 +14,17 @@ from specmoe.traces.store import TraceStore
 @pytest.fixture
 def store_dir(tiny_checkpoints, small_corpus, tmp_path):
     out = tmp_path / "traces"
-    collect(CollectConfig(model=str(tiny_checkpoints["olmoe"]), texts=[str(small_corpus)], out=out, seq_len=16,
-                          windows_per_shard=4, save_router_inputs=True, progress=False))
+    collect(
+        CollectConfig(
+            model=str(tiny_checkpoints["olmoe"]),
+            texts=[str(small_corpus)],
+            out=out,
+            seq_len=16,
+            windows_per_shard=4,
+            save_router_inputs=True,
+            progress=False,
+        )
+    )
     return out
 
 
@@ -71,10 +80,10 @@ def test_traces_info_json(store_dir):
 
 
 def test_cli_reports_bad_store_in_one_line(tmp_path):
-    from specmoe.cli import main
     import subprocess, sys
 
-    proc = subprocess.run([sys.executable, "-m", "specmoe", "traces", "info", str(tmp_path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "specmoe", "traces", "info", str(tmp_path)], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr

@@ -17,10 +17,32 @@ TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 def test_torchrun_two_processes(tmp_path):
     make_synthetic_store(tmp_path / "traces", noise=0.05)
     torchrun = TORCHRUN
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "specmoe", "train", "--predictor", "interlayer",
-                           "--preset", "small", "--traces", str(tmp_path / "traces"), "--out", str(tmp_path / "p"),
-                           "--epochs", "2", "--max-steps-per-epoch", "5"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "specmoe",
+            "train",
+            "--predictor",
+            "interlayer",
+            "--preset",
+            "small",
+            "--traces",
+            str(tmp_path / "traces"),
+            "--out",
+            str(tmp_path / "p"),
+            "--epochs",
+            "2",
+            "--max-steps-per-epoch",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("saved interlayer") == 1  # rank 0 alone writes
     assert json.loads((tmp_path / "p" / "training_summary.json").read_text())["epochs_run"] == 2

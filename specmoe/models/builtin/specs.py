@@ -41,10 +41,22 @@ def _switch_config(vocab_size: int):
     # Seed setting: top-1 of 128 experts, 6 encoder MoE layers (every other layer, as in
     # Switch-base-128), scaled down so the checkpoint stays under 40 MB.
     return SwitchTransformersConfig(
-        vocab_size=vocab_size, d_model=128, d_kv=32, d_ff=64, num_heads=4,
-        num_layers=12, num_sparse_encoder_layers=6, num_decoder_layers=2, num_sparse_decoder_layers=1,
-        num_experts=128, expert_capacity=16, router_jitter_noise=0.0, dropout_rate=0.0,
-        router_aux_loss_coef=0.01, router_z_loss_coef=0.001, decoder_start_token_id=0,
+        vocab_size=vocab_size,
+        d_model=128,
+        d_kv=32,
+        d_ff=64,
+        num_heads=4,
+        num_layers=12,
+        num_sparse_encoder_layers=6,
+        num_decoder_layers=2,
+        num_sparse_decoder_layers=1,
+        num_experts=128,
+        expert_capacity=16,
+        router_jitter_noise=0.0,
+        dropout_rate=0.0,
+        router_aux_loss_coef=0.01,
+        router_z_loss_coef=0.001,
+        decoder_start_token_id=0,
     )
 
 
@@ -53,19 +65,36 @@ def _olmoe_config(vocab_size: int):
 
     # Today's fine-grained style: top-8 of 64 small experts in every one of 8 layers.
     return OlmoeConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=64, num_hidden_layers=8,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-        num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, router_aux_loss_coef=0.01,
-        pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=64,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        num_experts=64,
+        num_experts_per_tok=8,
+        norm_topk_prob=False,
+        router_aux_loss_coef=0.01,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        tie_word_embeddings=False,
     )
 
 
 BUILTIN_SPECS: dict[str, BuiltinSpec] = {
     spec.name: spec
     for spec in (
-        BuiltinSpec("switch-128e", "Switch Transformers (encoder-decoder), top-1 of 128 experts, "
-                    "6 encoder + 1 decoder MoE layers", "span_corruption", 8192, _switch_config),
-        BuiltinSpec("olmoe-64e", "OLMoE-style decoder, top-8 of 64 experts, 8 MoE layers",
-                    "causal_lm", 8192, _olmoe_config),
+        BuiltinSpec(
+            "switch-128e",
+            "Switch Transformers (encoder-decoder), top-1 of 128 experts, 6 encoder + 1 decoder MoE layers",
+            "span_corruption",
+            8192,
+            _switch_config,
+        ),
+        BuiltinSpec(
+            "olmoe-64e", "OLMoE-style decoder, top-8 of 64 experts, 8 MoE layers", "causal_lm", 8192, _olmoe_config
+        ),
     )
 }

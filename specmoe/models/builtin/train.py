@@ -51,24 +51,38 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-        extra_special_tokens=SPECIAL_TOKENS[3:], model_max_length=512,
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens=SPECIAL_TOKENS[3:],
+        model_max_length=512,
     )
 
 
 def token_windows(token_lists: list[list[int]], seq_len: int) -> torch.Tensor:
     """Cut every document into non-overlapping windows of ``seq_len`` tokens (no packing
     across documents, so a window never mixes two texts)."""
-    windows = [ids[i:i + seq_len] for ids in token_lists for i in range(0, len(ids) - seq_len + 1, seq_len)]
+    windows = [ids[i : i + seq_len] for ids in token_lists for i in range(0, len(ids) - seq_len + 1, seq_len)]
     return torch.tensor(windows, dtype=torch.long)
 
 
-def span_corrupt(window: torch.Tensor, sentinel_ids: list[int], eos_id: int, rng: random.Random,
-                 noise: float = 0.15, mean_span: float = 3.0) -> tuple[list[int], list[int]]:
+def span_corrupt(
+    window: torch.Tensor,
+    sentinel_ids: list[int],
+    eos_id: int,
+    rng: random.Random,
+    noise: float = 0.15,
+    mean_span: float = 3.0,
+) -> tuple[list[int], list[int]]:
     """T5 span corruption: replace ~15% of tokens, in spans of mean length 3, by sentinels;
     the target lists each sentinel followed by the tokens it hid."""
     tokens = window.tolist()
@@ -80,7 +94,7 @@ def span_corrupt(window: torch.Tensor, sentinel_ids: list[int], eos_id: int, rng
             continue
         length = max(1, round(rng.expovariate(1 / mean_span)))
         inputs += tokens[pos:start] + [sentinel_ids[span_no]]
-        targets += [sentinel_ids[span_no]] + tokens[start:start + length]
+        targets += [sentinel_ids[span_no]] + tokens[start : start + length]
         pos = start + length
     inputs += tokens[pos:] + [eos_id]
     targets += [eos_id]
@@ -92,8 +106,8 @@ def _pad(rows: list[list[int]], fill: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.full((len(rows), width), fill, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = 1
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
     return ids, mask
 
 
@@ -137,7 +151,7 @@ def train_builtin(name: str, settings: TrainSettings, out_dir: Path | None = Non
             if step >= settings.steps:
                 break
             elapsed = time.perf_counter() - start
-            batch = make_batch(spec, windows[order[first:first + settings.batch_size]], tokenizer, rng)
+            batch = make_batch(spec, windows[order[first : first + settings.batch_size]], tokenizer, rng)
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, settings.steps, settings)
             loss = model(**batch, output_router_logits=True).loss
@@ -157,10 +171,15 @@ def train_builtin(name: str, settings: TrainSettings, out_dir: Path | None = Non
     model.to(torch.bfloat16).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     record = {
-        "name": name, "settings": asdict(settings), "steps": step,
+        "name": name,
+        "settings": asdict(settings),
+        "steps": step,
         "tokens_seen": step * settings.batch_size * settings.seq_len,
-        "seconds": round(time.perf_counter() - start, 1), "final_loss": history[-1]["loss"] if history else None,
-        "history": history, "num_documents": len(documents), "num_windows": len(windows),
+        "seconds": round(time.perf_counter() - start, 1),
+        "final_loss": history[-1]["loss"] if history else None,
+        "history": history,
+        "num_documents": len(documents),
+        "num_windows": len(windows),
         "command": f"specmoe models train-builtin {name} --steps {settings.steps} --seed {settings.seed}",
     }
     (out_dir / "training.json").write_text(json.dumps(record, indent=2))

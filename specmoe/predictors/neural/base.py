@@ -26,8 +26,14 @@ def soft_targets(targets: torch.Tensor, num_experts: int) -> tuple[torch.Tensor,
     return dist / mass.clamp_min(1), mass[..., 0] > 0
 
 
-def predictor_loss(logits: torch.Tensor, confidence: torch.Tensor, targets: torch.Tensor, *,
-                   focal_gamma: float = 0.0, confidence_weight: float = 0.1) -> torch.Tensor:
+def predictor_loss(
+    logits: torch.Tensor,
+    confidence: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    focal_gamma: float = 0.0,
+    confidence_weight: float = 0.1,
+) -> torch.Tensor:
     """Soft-label cross-entropy (focal when ``focal_gamma`` > 0) on the expert head, plus
     binary cross-entropy teaching the confidence head whether the top guess is a true expert."""
     dist, rows = soft_targets(targets, logits.shape[-1])
@@ -50,9 +56,21 @@ class TorchPredictor(ExpertPredictor):
     so they are saved with the predictor and a rerun reproduces it.
     """
 
-    def __init__(self, *, horizons: int = 3, epochs: int = 10, lr: float = 1e-3, weight_decay: float = 0.01,
-                 batch_size: int = 1024, warmup_fraction: float = 0.05, grad_clip: float = 1.0, patience: int = 3,
-                 max_steps_per_epoch: int | None = None, focal_gamma: float = 0.0, seed: int = 0):
+    def __init__(
+        self,
+        *,
+        horizons: int = 3,
+        epochs: int = 10,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        batch_size: int = 1024,
+        warmup_fraction: float = 0.05,
+        grad_clip: float = 1.0,
+        patience: int = 3,
+        max_steps_per_epoch: int | None = None,
+        focal_gamma: float = 0.0,
+        seed: int = 0,
+    ):
         self.horizons = horizons
         self.epochs = epochs
         self.lr = lr
@@ -78,8 +96,15 @@ class TorchPredictor(ExpertPredictor):
         logits, confidence = self.module_(context)
         return predictor_loss(logits, confidence, batch.targets(layer, self.horizons), focal_gamma=self.focal_gamma)
 
-    def fit(self, train: TraceDataset, val: TraceDataset | None = None, *, out_dir=None, resume: bool = False,
-            progress: bool = True):
+    def fit(
+        self,
+        train: TraceDataset,
+        val: TraceDataset | None = None,
+        *,
+        out_dir=None,
+        resume: bool = False,
+        progress: bool = True,
+    ):
         from specmoe.training.loop import train_predictor
 
         return train_predictor(self, train, val, out_dir=out_dir, resume=resume, progress=progress)

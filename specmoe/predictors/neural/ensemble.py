@@ -14,8 +14,14 @@ class EnsemblePredictor(MixturePredictor):
 
     name = "ensemble"
 
-    def __init__(self, *, horizons: int = 3, members: tuple[str, ...] = ("ngram", "interlayer:small"),
-                 temperature: float = 0.02, member_params: dict | None = None):
+    def __init__(
+        self,
+        *,
+        horizons: int = 3,
+        members: tuple[str, ...] = ("ngram", "interlayer:small"),
+        temperature: float = 0.02,
+        member_params: dict | None = None,
+    ):
         self.horizons = horizons
         self.members = tuple(members)
         self.temperature = temperature

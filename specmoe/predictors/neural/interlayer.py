@@ -24,9 +24,24 @@ from specmoe.predictors.neural.base import PredictorModule, TorchPredictor, embe
 class InterLayerEncoder(nn.Module):
     """Routing of the last ``context_layers`` layers (+ neighbours) -> (N, H, d) query states."""
 
-    def __init__(self, *, num_layers: int, num_experts: int, horizons: int, context_layers: int, d_model: int,
-                 heads: int, ff: int, depth: int, neighbour_tokens: int, dropout: float, embedding_noise: float,
-                 layer_dropout: float, expert_embedding: nn.Embedding, layer_embedding: nn.Embedding):
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_experts: int,
+        horizons: int,
+        context_layers: int,
+        d_model: int,
+        heads: int,
+        ff: int,
+        depth: int,
+        neighbour_tokens: int,
+        dropout: float,
+        embedding_noise: float,
+        layer_dropout: float,
+        expert_embedding: nn.Embedding,
+        layer_embedding: nn.Embedding,
+    ):
         super().__init__()
         self.num_layers, self.num_experts, self.horizons = num_layers, num_experts, horizons
         self.context_layers, self.neighbour_tokens = context_layers, neighbour_tokens
@@ -63,13 +78,14 @@ class InterLayerEncoder(nn.Module):
                 else:
                     ids = context.prev_expert_ids[:, p, target]
                 emb = embed_routing(expert_embedding, ids, torch.ones(ids.shape), pad)
-                parts.append(emb + layer_embedding.weight[target] + self.neighbour_position.weight[p]
-                             + self.roles.weight[2])
+                parts.append(
+                    emb + layer_embedding.weight[target] + self.neighbour_position.weight[p] + self.roles.weight[2]
+                )
         x = torch.stack(parts, dim=1)  # (N, S, d)
         if self.training and self.layer_dropout > 0:
             drop = torch.rand(n, self.context_layers, 1) < self.layer_dropout
             padded = expert_embedding.weight[pad] + self.roles.weight[0]
-            x[:, :self.context_layers] = torch.where(drop, padded, x[:, :self.context_layers])
+            x[:, : self.context_layers] = torch.where(drop, padded, x[:, : self.context_layers])
         if self.training and self.embedding_noise > 0:
             x = x + torch.randn_like(x) * self.embedding_noise
         return x
@@ -80,22 +96,49 @@ class InterLayerEncoder(nn.Module):
             perm, lam = mix
             x = lam * x + (1 - lam) * x[perm]
         x = self.encoder(x)
-        return x[:, self.context_layers:self.context_layers + self.horizons]  # (N, H, d)
+        return x[:, self.context_layers : self.context_layers + self.horizons]  # (N, H, d)
 
 
 class InterLayerModule(PredictorModule):
-    def __init__(self, *, num_layers: int, num_experts: int, horizons: int, context_windows: tuple[int, ...],
-                 d_model: int, heads: int, ff: int, depth: int, memory_slots: int, neighbour_tokens: int,
-                 dropout: float, embedding_noise: float, layer_dropout: float):
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_experts: int,
+        horizons: int,
+        context_windows: tuple[int, ...],
+        d_model: int,
+        heads: int,
+        ff: int,
+        depth: int,
+        memory_slots: int,
+        neighbour_tokens: int,
+        dropout: float,
+        embedding_noise: float,
+        layer_dropout: float,
+    ):
         super().__init__()
         self.expert_embedding = nn.Embedding(num_experts + 1, d_model)
         self.layer_embedding = nn.Embedding(num_layers + 1, d_model)
         self.branches = nn.ModuleList(
-            InterLayerEncoder(num_layers=num_layers, num_experts=num_experts, horizons=horizons, context_layers=c,
-                              d_model=d_model, heads=heads, ff=ff, depth=depth, neighbour_tokens=neighbour_tokens,
-                              dropout=dropout, embedding_noise=embedding_noise, layer_dropout=layer_dropout,
-                              expert_embedding=self.expert_embedding, layer_embedding=self.layer_embedding)
-            for c in context_windows)
+            InterLayerEncoder(
+                num_layers=num_layers,
+                num_experts=num_experts,
+                horizons=horizons,
+                context_layers=c,
+                d_model=d_model,
+                heads=heads,
+                ff=ff,
+                depth=depth,
+                neighbour_tokens=neighbour_tokens,
+                dropout=dropout,
+                embedding_noise=embedding_noise,
+                layer_dropout=layer_dropout,
+                expert_embedding=self.expert_embedding,
+                layer_embedding=self.layer_embedding,
+            )
+            for c in context_windows
+        )
         self.scale_logits = nn.Parameter(torch.zeros(len(context_windows)))
         self.memory = nn.Parameter(torch.randn(max(memory_slots, 1), d_model) * 0.02)
         self.memory_slots = memory_slots
@@ -121,16 +164,47 @@ class InterLayerPredictor(TorchPredictor):
     name = "interlayer"
     context_windows: tuple[int, ...] = ()
 
-    def __init__(self, *, horizons: int = 3, context_layers: int = 3, d_model: int = 256, heads: int = 8,
-                 ff: int = 1024, depth: int = 4, memory_slots: int = 64, neighbour_tokens: int = 0,
-                 dropout: float = 0.1, focal_gamma: float = 0.0, permute_experts: bool = False,
-                 layer_dropout: float = 0.0, subsample: float = 1.0, mixup: float = 0.0, embedding_noise: float = 0.0,
-                 epochs: int = 10, lr: float = 5e-4, weight_decay: float = 0.01, batch_size: int = 512,
-                 warmup_fraction: float = 0.05, grad_clip: float = 1.0, patience: int = 3,
-                 max_steps_per_epoch: int | None = None, seed: int = 0):
-        super().__init__(horizons=horizons, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                         warmup_fraction=warmup_fraction, grad_clip=grad_clip, patience=patience,
-                         max_steps_per_epoch=max_steps_per_epoch, focal_gamma=focal_gamma, seed=seed)
+    def __init__(
+        self,
+        *,
+        horizons: int = 3,
+        context_layers: int = 3,
+        d_model: int = 256,
+        heads: int = 8,
+        ff: int = 1024,
+        depth: int = 4,
+        memory_slots: int = 64,
+        neighbour_tokens: int = 0,
+        dropout: float = 0.1,
+        focal_gamma: float = 0.0,
+        permute_experts: bool = False,
+        layer_dropout: float = 0.0,
+        subsample: float = 1.0,
+        mixup: float = 0.0,
+        embedding_noise: float = 0.0,
+        epochs: int = 10,
+        lr: float = 5e-4,
+        weight_decay: float = 0.01,
+        batch_size: int = 512,
+        warmup_fraction: float = 0.05,
+        grad_clip: float = 1.0,
+        patience: int = 3,
+        max_steps_per_epoch: int | None = None,
+        seed: int = 0,
+    ):
+        super().__init__(
+            horizons=horizons,
+            epochs=epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            warmup_fraction=warmup_fraction,
+            grad_clip=grad_clip,
+            patience=patience,
+            max_steps_per_epoch=max_steps_per_epoch,
+            focal_gamma=focal_gamma,
+            seed=seed,
+        )
         self.context_layers = context_layers
         self.d_model, self.heads, self.ff, self.depth = d_model, heads, ff, depth
         self.memory_slots, self.neighbour_tokens, self.dropout = memory_slots, neighbour_tokens, dropout
@@ -145,19 +219,36 @@ class InterLayerPredictor(TorchPredictor):
         return (self.context_layers,)
 
     def build_module(self, num_layers, num_experts, top_k):
-        return InterLayerModule(num_layers=num_layers, num_experts=num_experts, horizons=self.horizons,
-                                context_windows=self.windows(), d_model=self.d_model, heads=self.heads, ff=self.ff,
-                                depth=self.depth, memory_slots=self.memory_slots,
-                                neighbour_tokens=self.neighbour_tokens, dropout=self.dropout,
-                                embedding_noise=self.embedding_noise, layer_dropout=self.layer_dropout)
+        return InterLayerModule(
+            num_layers=num_layers,
+            num_experts=num_experts,
+            horizons=self.horizons,
+            context_windows=self.windows(),
+            d_model=self.d_model,
+            heads=self.heads,
+            ff=self.ff,
+            depth=self.depth,
+            memory_slots=self.memory_slots,
+            neighbour_tokens=self.neighbour_tokens,
+            dropout=self.dropout,
+            embedding_noise=self.embedding_noise,
+            layer_dropout=self.layer_dropout,
+        )
 
     def loss(self, batch, layer):
         if self.subsample < 1.0:
             keep = torch.rand(len(batch)) < self.subsample
-            batch = replace(batch, expert_ids=batch.expert_ids[keep], gate_weights=batch.gate_weights[keep],
-                            token_ids=batch.token_ids[keep], prev_expert_ids=batch.prev_expert_ids[keep],
-                            hidden=None if batch.hidden is None else batch.hidden[keep],
-                            doc_ids=batch.doc_ids[keep.numpy()], windows=None, positions=None)
+            batch = replace(
+                batch,
+                expert_ids=batch.expert_ids[keep],
+                gate_weights=batch.gate_weights[keep],
+                token_ids=batch.token_ids[keep],
+                prev_expert_ids=batch.prev_expert_ids[keep],
+                hidden=None if batch.hidden is None else batch.hidden[keep],
+                doc_ids=batch.doc_ids[keep.numpy()],
+                windows=None,
+                positions=None,
+            )
         if self.permute_experts:  # one relabelling of expert ids, applied to inputs and targets alike
             perm = torch.randperm(batch.num_experts)
             relabel = lambda ids: torch.where(ids >= 0, perm[ids.clamp_min(0)], ids)  # noqa: E731
@@ -167,8 +258,9 @@ class InterLayerPredictor(TorchPredictor):
             lam = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
             perm = torch.randperm(len(batch))
             logits, confidence = self.module_(context, mix=(perm, lam))
-            return (lam * predictor_loss(logits, confidence, targets, focal_gamma=self.focal_gamma)
-                    + (1 - lam) * predictor_loss(logits, confidence, targets[perm], focal_gamma=self.focal_gamma))
+            return lam * predictor_loss(logits, confidence, targets, focal_gamma=self.focal_gamma) + (
+                1 - lam
+            ) * predictor_loss(logits, confidence, targets[perm], focal_gamma=self.focal_gamma)
         logits, confidence = self.module_(context)
         return predictor_loss(logits, confidence, targets, focal_gamma=self.focal_gamma)
 

@@ -3,7 +3,6 @@ predicting layers l+1..l+H (the learned counterpart of :class:`RouterLookaheadPr
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from specmoe.predictors.data import Context
@@ -11,16 +10,30 @@ from specmoe.predictors.neural.base import PredictorModule, TorchPredictor, embe
 
 
 class LookaheadModule(PredictorModule):
-    def __init__(self, *, hidden_size: int, num_layers: int, num_experts: int, horizons: int, width: int,
-                 context_layers: int, dropout: float):
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        num_layers: int,
+        num_experts: int,
+        horizons: int,
+        width: int,
+        context_layers: int,
+        dropout: float,
+    ):
         super().__init__()
         self.num_experts, self.horizons, self.context_layers = num_experts, horizons, context_layers
         self.input_norm = nn.RMSNorm(hidden_size)
         self.project = nn.Linear(hidden_size, width)
         self.expert_embedding = nn.Embedding(num_experts + 1, width)
         self.layer_embedding = nn.Embedding(num_layers, width)
-        self.body = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Dropout(dropout),
-                                  nn.Linear(2 * width, width))
+        self.body = nn.Sequential(
+            nn.LayerNorm(width),
+            nn.Linear(width, 2 * width),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(2 * width, width),
+        )
         self.heads = nn.Linear(width, horizons * num_experts)
         self.confidence = nn.Linear(width, horizons)
 
@@ -28,8 +41,9 @@ class LookaheadModule(PredictorModule):
         x = self.project(self.input_norm(context.hidden[:, -1].float())) + self.layer_embedding.weight[context.layer]
         for back in range(min(self.context_layers, context.layer + 1)):
             src = context.layer - back
-            x = x + embed_routing(self.expert_embedding, context.expert_ids[:, src], context.gate_weights[:, src],
-                                  self.num_experts)
+            x = x + embed_routing(
+                self.expert_embedding, context.expert_ids[:, src], context.gate_weights[:, src], self.num_experts
+            )
         x = x + self.body(x)
         logits = self.heads(x).view(-1, self.horizons, self.num_experts)
         return logits, self.confidence(x)
@@ -38,13 +52,38 @@ class LookaheadModule(PredictorModule):
 class LookaheadMLPPredictor(TorchPredictor):
     name = "lookahead-mlp"
 
-    def __init__(self, *, horizons: int = 3, hidden: str = "residual_out", width: int = 256, context_layers: int = 2,
-                 dropout: float = 0.1, epochs: int = 10, lr: float = 1e-3, weight_decay: float = 0.01,
-                 batch_size: int = 512, warmup_fraction: float = 0.05, grad_clip: float = 1.0, patience: int = 3,
-                 max_steps_per_epoch: int | None = None, focal_gamma: float = 0.0, seed: int = 0):
-        super().__init__(horizons=horizons, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                         warmup_fraction=warmup_fraction, grad_clip=grad_clip, patience=patience,
-                         max_steps_per_epoch=max_steps_per_epoch, focal_gamma=focal_gamma, seed=seed)
+    def __init__(
+        self,
+        *,
+        horizons: int = 3,
+        hidden: str = "residual_out",
+        width: int = 256,
+        context_layers: int = 2,
+        dropout: float = 0.1,
+        epochs: int = 10,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        batch_size: int = 512,
+        warmup_fraction: float = 0.05,
+        grad_clip: float = 1.0,
+        patience: int = 3,
+        max_steps_per_epoch: int | None = None,
+        focal_gamma: float = 0.0,
+        seed: int = 0,
+    ):
+        super().__init__(
+            horizons=horizons,
+            epochs=epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            warmup_fraction=warmup_fraction,
+            grad_clip=grad_clip,
+            patience=patience,
+            max_steps_per_epoch=max_steps_per_epoch,
+            focal_gamma=focal_gamma,
+            seed=seed,
+        )
         self.hidden, self.width, self.context_layers, self.dropout = hidden, width, context_layers, dropout
 
     @property
@@ -56,9 +95,15 @@ class LookaheadMLPPredictor(TorchPredictor):
         return super().fit(train, val, **kw)
 
     def build_module(self, num_layers, num_experts, top_k):
-        return LookaheadModule(hidden_size=self.hidden_size_, num_layers=num_layers, num_experts=num_experts,
-                               horizons=self.horizons, width=self.width, context_layers=self.context_layers,
-                               dropout=self.dropout)
+        return LookaheadModule(
+            hidden_size=self.hidden_size_,
+            num_layers=num_layers,
+            num_experts=num_experts,
+            horizons=self.horizons,
+            width=self.width,
+            context_layers=self.context_layers,
+            dropout=self.dropout,
+        )
 
     def fitted_meta(self):
         meta = super().fitted_meta()

@@ -43,6 +43,7 @@ def benchmark_offload(
     lookahead: int = 1,
     split_seed: int = 0,
     experts_dir: Path | None = None,
+    repeats: int = 3,
 ) -> dict:
     store = TraceStore.open(traces)
     model = store.manifest.model
@@ -56,25 +57,24 @@ def benchmark_offload(
         total = layers * model.num_experts * expert_bytes
         runs = [("on-demand", None, "lru"), ("lru", None, "lru"), ("lfu", None, "lfu")]
         runs += [("prefetch", p, "lru") for p in predictors] + [("oracle", None, "lru")]
-        for fraction in cache_fractions:
-            budget_bytes = max(expert_bytes * model.top_k, int(fraction * total))
-            for label, predictor, eviction in runs:
+        configs = [(fraction, *run) for fraction in cache_fractions for run in runs]
+        timings: dict[int, list] = {i: [] for i in range(len(configs))}
+        rng = np.random.default_rng(0)
+        for _ in range(repeats):  # rounds in shuffled order, so drift in disk speed hits every policy alike
+            for i in rng.permutation(len(configs)):
+                fraction, label, predictor, eviction = configs[i]
+                budget_bytes = max(expert_bytes * model.top_k, int(fraction * total))
                 policy = label if label in ("on-demand", "prefetch", "oracle") else "cache"
-                result = replay(
-                    files,
-                    routing,
-                    gate_weights,
-                    token_ids,
-                    policy=policy,
-                    budget_bytes=budget_bytes,
-                    predictor=predictor,
-                    lookahead=lookahead,
-                    budget=2 * model.top_k,
-                    num_experts=model.num_experts,
-                    eviction=eviction,
-                )
+                result = replay(files, routing, gate_weights, token_ids, policy=policy, budget_bytes=budget_bytes,
+                                predictor=predictor, lookahead=lookahead, budget=2 * model.top_k,
+                                num_experts=model.num_experts, eviction=eviction)
                 result.policy = label
-                rows.append(result.row(fraction))
+                timings[int(i)].append(result)
+        for i, (fraction, *_rest) in enumerate(configs):
+            results = sorted(timings[i], key=lambda r: r.seconds)
+            row = results[len(results) // 2].row(fraction)  # the median run
+            row["seconds_all_repeats"] = [round(r.seconds, 4) for r in timings[i]]
+            rows.append(row)
         files.close()
     for fraction in cache_fractions:
         group = [r for r in rows if r["cache_fraction"] == fraction]
@@ -92,7 +92,7 @@ def benchmark_offload(
         "num_layers": layers,
         "num_experts": model.num_experts,
         "top_k": model.top_k,
-        "tokens": len(routing),
+        "tokens": len(routing), "repeats": repeats,
         "slow_tier": "disk, O_DIRECT or page cache dropped",
         "fast_tier": "RAM",
         "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},

@@ -73,6 +73,7 @@ def bench_offload(
     tokens: Annotated[int, typer.Option(help="Decode steps replayed.")] = 48,
     cache_fractions: Annotated[str, typer.Option()] = "0.1,0.25,0.5",
     lookahead: Annotated[int, typer.Option()] = 1,
+    repeats: Annotated[int, typer.Option(help="Runs per configuration, in shuffled order; the median is kept.")] = 3,
     experts_dir: Annotated[Path | None, typer.Option(help="Where the expert files go (a real disk).")] = None,
 ) -> None:
     """Measured tokens/s per policy: real recorded routing, experts of a real shape on disk."""
@@ -88,6 +89,7 @@ def bench_offload(
         cache_fractions=tuple(float(x) for x in cache_fractions.split(",")),
         lookahead=lookahead,
         experts_dir=experts_dir,
+        repeats=repeats,
     )
     report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,8 @@ def benchmark_offload(
         expert_bytes = files.expert_nbytes(0)
         total = layers * model.num_experts * expert_bytes
         runs = [("on-demand", None, "lru"), ("lru", None, "lru"), ("lfu", None, "lfu")]
-        runs += [("prefetch", p, "lru") for p in predictors] + [("oracle", None, "lru")]
+        runs += [("belady", None, "belady")]
+        runs += [("prefetch", p, "lru") for p in predictors] + [("oracle", None, "belady")]
         configs = [(fraction, *run) for fraction in cache_fractions for run in runs]
         timings: dict[int, list] = {i: [] for i in range(len(configs))}
         rng = np.random.default_rng(0)

@@ -86,7 +86,14 @@ def replay(
     """Decode ``routing`` (T tokens, L layers, k) one token at a time."""
     tokens, layers, top_k = routing.shape
     stats = RuntimeStats()
-    tier = FastTier(budget_bytes, stats, eviction)
+    future = None
+    if eviction == "belady":
+        future = {}
+        for t in range(tokens):
+            for layer in range(layers):
+                for e in {int(x) for x in routing[t, layer] if x >= 0}:
+                    future.setdefault((layer, e), []).append(t * layers + layer)
+    tier = FastTier(budget_bytes, stats, eviction, future)
     prefetcher = Prefetcher(files, tier, stats) if policy in ("prefetch", "oracle") else None
     hidden = files.layout[0].shapes[0][1]
     x = torch.randn(1, hidden)
@@ -95,6 +102,7 @@ def replay(
         for t in range(tokens):
             for layer in range(layers):
                 needed = sorted({int(e) for e in routing[t, layer] if e >= 0})
+                tier.position = t * layers + layer
                 if prefetcher is not None:
                     prefetcher.request(
                         _wanted(

@@ -23,7 +23,7 @@ from torch.func import functional_call
 
 from specmoe.errors import InputError
 from specmoe.models.loading import LoadedModel
-from specmoe.offload.cache import LFU, LRU
+from specmoe.offload.cache import LFU, LRU, Belady
 from specmoe.offload.expert_files import ExpertFiles
 
 Key = tuple[int, int]
@@ -52,14 +52,22 @@ class FastTier:
     """Expert tensors in fast memory, never more than ``budget_bytes``; LRU eviction of
     experts not pinned by the running layer. Thread-safe."""
 
-    def __init__(self, budget_bytes: int, stats: RuntimeStats, eviction: str = "lru"):
+    def __init__(self, budget_bytes: int, stats: RuntimeStats, eviction: str = "lru",
+                 future_uses: dict[Key, list[int]] | None = None):
         self.budget = budget_bytes
         self.stats = stats
         self.entries: dict[Key, tuple[list[torch.Tensor], int]] = {}
         self.used = 0
         self.pinned: set[Key] = set()
         self.unused_prefetch: set[Key] = set()
-        self.policy = {"lru": LRU, "lfu": LFU}[eviction]()
+        if eviction == "belady":
+            if future_uses is None:
+                raise ValueError("Belady eviction needs the future: pass future_uses")
+            self.policy = Belady(future_uses)
+        else:
+            self.policy = {"lru": LRU, "lfu": LFU}[eviction]()
+        self.position = 0
+        """Where decoding is (step * layers + layer); Belady measures next uses from here."""
         self.clock = 0
         self.lock = threading.RLock()
 
@@ -92,7 +100,8 @@ class FastTier:
                 candidates = [k for k in self.entries if k not in self.pinned]
                 if not candidates:
                     return False
-                victim = self.policy.victim(candidates, self.clock)
+                now = self.position if isinstance(self.policy, Belady) else self.clock
+                victim = self.policy.victim(candidates, now)
                 self.used -= self.entries.pop(victim)[1]
                 if victim in self.unused_prefetch:
                     self.unused_prefetch.discard(victim)

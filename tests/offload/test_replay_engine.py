@@ -45,3 +45,13 @@ def test_oracle_reads_no_more_than_on_demand(setup):
     oracle = replay(files, routing, weights, tokens, policy="oracle", budget_bytes=budget, num_experts=8)
     assert oracle.stats["bytes_read"] <= floor.stats["bytes_read"]
     assert floor.stats["hits"] == 0
+
+
+def test_belady_reads_no_more_than_lru(setup):
+    files, routing, weights, tokens = setup
+    budget = 3 * files.expert_nbytes(0)
+    lru = replay(files, routing, weights, tokens, policy="cache", budget_bytes=budget, num_experts=8)
+    belady = replay(files, routing, weights, tokens, policy="cache", budget_bytes=budget, num_experts=8,
+                    eviction="belady")
+    assert belady.stats["bytes_read"] <= lru.stats["bytes_read"]
+    assert belady.stats["peak_bytes"] <= budget

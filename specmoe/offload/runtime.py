@@ -265,6 +265,11 @@ class OffloadRuntime:
                 "the offload runtime supports single-stack (decoder-only) models; "
                 f"{loaded.model_id} has stacks {list(loaded.stacks)}"
             )
+        meta = predictor.fitted_meta() if predictor is not None else {}
+        if meta and (meta.get("num_layers"), meta.get("num_experts")) != (len(loaded.layers), loaded.num_experts):
+            raise InputError(f"predictor {predictor.name} was fitted for {meta.get('num_layers')} MoE layers x "
+                             f"{meta.get('num_experts')} experts; {loaded.model_id} has {len(loaded.layers)} x "
+                             f"{loaded.num_experts}: train it on this model's traces")
         if predictor is not None and (predictor.needs_hidden or predictor.previous_tokens):
             raise InputError(
                 f"runtime prefetch uses routing-only predictors; {predictor.name} needs hidden states or earlier tokens"

@@ -76,3 +76,10 @@ def test_budget_below_one_expert_and_unsupported_family_are_clear_errors(tmp_pat
         OffloadRuntime(wrap_model("switch", tiny_model("switch_transformers")), tmp_path / "b", 10**6)
     with pytest.raises(InputError, match="not supported yet"):
         OffloadRuntime(wrap_model("jet", tiny_model("jetmoe")), tmp_path / "c", 10**6)
+
+
+def test_predictor_for_another_model_is_refused(tmp_path):
+    predictor = RandomPredictor(horizons=1)
+    predictor.fitted_meta = lambda: {"num_layers": 6, "num_experts": 128}
+    with pytest.raises(InputError, match="fitted for 6 MoE layers x 128 experts"):
+        OffloadRuntime(wrap_model("olmoe", tiny_model("olmoe")), tmp_path / "e", 10**6, predictor=predictor)

@@ -23,6 +23,14 @@ class MixturePredictor(ExpertPredictor):
         name, _, preset = spec.partition(":")
         return make_predictor(name, preset or None, horizons=self.horizons)
 
+    @property
+    def needs_hidden(self):  # type: ignore[override]
+        return next((m for m in (self.make_member(s).needs_hidden for s in self.members) if m), None)
+
+    @property
+    def previous_tokens(self) -> int:  # type: ignore[override]
+        return max(self.make_member(s).previous_tokens for s in self.members)
+
     def member_probs(self, context: Context) -> torch.Tensor:
         probs = [m.predict_proba(context) for m in self.members_]
         return torch.stack([p / p.sum(-1, keepdim=True).clamp_min(1e-12) for p in probs], dim=-2)  # (N, H, M, E)

@@ -70,7 +70,30 @@ class RouterLookaheadPredictor(ExpertPredictor):
             raise InputError(f"hidden must be residual_out or router_input, got {self.hidden!r}")
         self.routers_ = extract_routers(self.model or train.store.manifest.model.id, train.stack)
         self.num_layers_, self.num_experts_ = self.routers_["router"].shape[:2]
+        self.routers_["temperature"] = self._calibrate(train)
         return self
+
+    def _calibrate(self, train: TraceDataset, max_batches: int = 2) -> torch.Tensor:
+        """One softmax temperature per horizon, chosen on train data to maximise the likelihood
+        of the true experts. It leaves the ranking (and so every metric here) unchanged, but makes
+        the probabilities usable by mixtures such as ``combo``."""
+        grid = torch.tensor([0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
+        loglik = torch.zeros(self.horizons, len(grid))
+        for i, batch in enumerate(train.iter_batches(2048)):
+            if i >= max_batches:
+                break
+            for layer in range(train.num_layers - 1):
+                context = batch.context(layer)
+                for h in range(1, self.horizons + 1):
+                    if layer + h >= self.num_layers_:
+                        break
+                    logits = self.router_logits(context.hidden[:, -1], layer, layer + h)
+                    true = batch.expert_ids[:, layer + h]
+                    ok = true >= 0
+                    for j, t in enumerate(grid):
+                        logp = torch.log_softmax(logits / t, dim=-1).gather(1, true.clamp_min(0))
+                        loglik[h - 1, j] += (logp * ok).sum()
+        return grid[loglik.argmax(1)]
 
     def predict_proba(self, context: Context) -> torch.Tensor:
         if context.hidden is None:
@@ -80,7 +103,8 @@ class RouterLookaheadPredictor(ExpertPredictor):
         for h in range(1, self.horizons + 1):
             if context.layer + h >= self.num_layers_:
                 break
-            out[:, h - 1] = torch.softmax(self.router_logits(state, context.layer, context.layer + h), dim=-1)
+            logits = self.router_logits(state, context.layer, context.layer + h)
+            out[:, h - 1] = torch.softmax(logits / self.routers_["temperature"][h - 1], dim=-1)
         return out
 
     def router_logits(self, state: torch.Tensor, source: int, target: int) -> torch.Tensor:

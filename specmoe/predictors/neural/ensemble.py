@@ -41,14 +41,6 @@ class EnsemblePredictor(MixturePredictor):
         self.num_layers_, self.num_experts_ = train.num_layers, train.num_experts
         return self
 
-    @property
-    def needs_hidden(self):  # type: ignore[override]
-        return next((m for m in (self.make_member(s).needs_hidden for s in self.members) if m), None)
-
-    @property
-    def previous_tokens(self) -> int:  # type: ignore[override]
-        return max(self.make_member(s).previous_tokens for s in self.members)
-
     def fitted_meta(self):
         meta = super().fitted_meta()
         return {**meta, "member_scores": self.member_scores_.tolist()} if meta else meta

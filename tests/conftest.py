@@ -3,6 +3,7 @@ import json
 import pytest
 
 from tests.tiny_models import save_tiny_checkpoint
+from tests.tiny_runs import tiny_run_config, write_run_corpus
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +29,16 @@ def small_corpus(tmp_path):
 def _offline(monkeypatch):
     """Tests never reach the hub: a missing model must fail fast, not wait on the network."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # progress bars would bury a failure's output
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_checkpoints, tmp_path_factory):
+    """A complete ``specmoe run`` of the default config, shrunk onto the tiny OLMoE model."""
+    from specmoe.run.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("run")
+    corpus = write_run_corpus(root / "corpus.jsonl")
+    config = tiny_run_config(None, tiny_checkpoints["olmoe"], corpus)
+    run_pipeline(config, root / "out", command="specmoe run (test)")
+    return root / "out", config

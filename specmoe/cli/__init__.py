@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from specmoe.cli import bench, collect, corpus, evaluate, models, predictors, serve, simulate, traces, train
+from specmoe.cli import bench, collect, corpus, evaluate, models, predictors, run, serve, simulate, traces, train
 from specmoe.errors import SpecmoeError
 
 app = typer.Typer(
@@ -15,6 +15,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.command(name="run")(run.run_command)
+app.command(name="report")(run.report_command)
 app.command(name="collect")(collect.collect_command)
 app.command(name="train")(train.train_command)
 app.command(name="evaluate")(evaluate.evaluate_command)

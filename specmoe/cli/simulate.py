@@ -38,6 +38,7 @@ def simulate_command(
     from specmoe.offload.cost import measured_profile, preset
     from specmoe.offload.sweep import SweepConfig, run_sweep, write_sweep
     from specmoe.predictors.base import load_predictor
+    from specmoe.report.plots import png_bytes, simulated_speed
     from specmoe.traces.store import TraceStore
 
     store = TraceStore.open(traces)
@@ -65,6 +66,7 @@ def simulate_command(
     report = run_sweep(traces, profile, bytes_per_expert, predictors, cfg)
     report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     write_sweep(report, out)
+    (out / "speed_vs_memory.png").write_bytes(png_bytes(simulated_speed(report)))
     typer.echo(f"SIMULATION ({profile.name}, {bytes_per_expert / 2**20:.2f} MiB/expert) -> {out}/simulation.json")
     typer.echo(f"{'batch':>5} {'cache':>6} {'policy':<28} {'tok/s':>9} {'stall':>6} {'hit':>6} {'gap closed':>10}")
     for r in report["rows"]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from specmoe.errors import SpecmoeError
 from specmoe.evaluation.latency import model_time_per_token_us, predictor_latency_us
-from specmoe.evaluation.metrics import evaluate_predictor
+from specmoe.evaluation.metrics import CalibrationAccumulator, evaluate_predictor
 from specmoe.predictors.base import ExpertPredictor, load_predictor
 from specmoe.predictors.data import TraceDataset
 from specmoe.traces.store import TraceStore
@@ -30,7 +30,8 @@ def evaluate(
     model_time_us: float | None = None,
 ) -> dict:
     """Metrics rows plus cost. Every row names the trace set, split and seed."""
-    rows = evaluate_predictor(predictor, data, bootstrap=bootstrap, seed=seed)
+    calibration = CalibrationAccumulator()
+    rows = evaluate_predictor(predictor, data, bootstrap=bootstrap, seed=seed, calibration=calibration)
     latency = predictor_latency_us(predictor, data)
     calls_per_token = data.num_layers - 1  # one prediction after every MoE layer but the last
     if model_time_us is None:
@@ -48,7 +49,13 @@ def evaluate(
     }
     for row in rows:
         row.update(traces=str(data.store.directory), split=data.split, seed=data.seed, stack=data.stack)
-    return {"rows": rows, "cost": cost, "predictor": predictor.name, "params": predictor.get_params()}
+    return {
+        "rows": rows,
+        "calibration": calibration.rows(),
+        "cost": cost,
+        "predictor": predictor.name,
+        "params": predictor.get_params(),
+    }
 
 
 def evaluate_directory(

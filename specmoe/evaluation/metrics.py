@@ -87,9 +87,54 @@ class MetricAccumulator:
         return rows
 
 
-def evaluate_predictor(predictor, data, *, bootstrap: int = 1000, seed: int = 0, batch_size: int = 4096) -> list[dict]:
+class CalibrationAccumulator:
+    """Reliability of the confidence: the predicted probability of the best-scored expert
+    against how often it is the true top-1, in equal-width bins, per horizon."""
+
+    def __init__(self, bins: int = 10):
+        self.bins = bins
+        self.counts: dict[int, np.ndarray] = {}  # horizon -> (bins, 3): n, sum of confidence, sum correct
+
+    def add(self, horizon: int, scores: torch.Tensor, correct: torch.Tensor) -> None:
+        probs = scores.clamp_min(0)
+        confidence = (probs.max(-1).values / probs.sum(-1).clamp_min(1e-12)).numpy()  # (N,)
+        which = np.minimum((confidence * self.bins).astype(np.int64), self.bins - 1)
+        table = self.counts.setdefault(horizon, np.zeros((self.bins, 3)))
+        np.add.at(table, which, np.stack([np.ones_like(confidence), confidence, correct.numpy()], 1))
+
+    def rows(self) -> list[dict]:
+        out = []
+        for horizon, table in sorted(self.counts.items()):
+            n = table[:, 0]
+            total = max(n.sum(), 1)
+            filled = n > 0
+            confidence = np.divide(table[:, 1], n, out=np.zeros_like(n), where=filled)
+            accuracy = np.divide(table[:, 2], n, out=np.zeros_like(n), where=filled)
+            out.append(
+                {
+                    "horizon": horizon,
+                    "bin_edges": np.linspace(0, 1, self.bins + 1).round(4).tolist(),
+                    "n": n.astype(int).tolist(),
+                    "mean_confidence": confidence.round(5).tolist(),
+                    "accuracy": accuracy.round(5).tolist(),
+                    "ece": float((n / total * np.abs(confidence - accuracy)).sum()),
+                }
+            )
+        return out
+
+
+def evaluate_predictor(
+    predictor,
+    data,
+    *,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    batch_size: int = 4096,
+    calibration: CalibrationAccumulator | None = None,
+) -> list[dict]:
     """Score ``predictor`` on every token and layer of ``data``; rows per horizon and target
-    layer, plus ``layer="all"`` (pooled over layers) per horizon."""
+    layer, plus ``layer="all"`` (pooled over layers) per horizon. ``calibration``, if given,
+    collects the reliability of the top-1 confidence."""
     acc = MetricAccumulator()
     horizons = predictor.horizons
     with torch.no_grad():
@@ -103,6 +148,8 @@ def evaluate_predictor(predictor, data, *, bootstrap: int = 1000, seed: int = 0,
                     scored = true[:, 0] >= 0
                     values = token_metrics(scores[scored, h - 1].float(), true[scored], data.top_k)
                     acc.add(h, layer + h, batch.doc_ids[scored.numpy()], values)
+                    if calibration is not None:
+                        calibration.add(h, scores[scored, h - 1].float(), values["top1_acc"])
     chance = chance_levels(data.num_experts, data.top_k)
     rows = acc.rows(bootstrap, seed)
     for row in rows:

@@ -1,4 +1,4 @@
-"""``specmoe simulate``: every policy over fast-tier sizes and batch sizes, with a plot.
+"""``specmoe simulate``: every policy over fast-tier sizes and batch sizes.
 
 Everything here is a SIMULATION under a cost model; rows carry ``"simulated": true`` and
 the plot says so in its title.
@@ -113,51 +113,6 @@ def run_sweep(
     }
 
 
-def plot_speed_vs_memory(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    batch_sizes = sorted({r["batch_size"] for r in report["rows"]})
-    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(6 * len(batch_sizes), 4.2), squeeze=False)
-    for ax, batch_size in zip(axes[0], batch_sizes):
-        rows = [r for r in report["rows"] if r["batch_size"] == batch_size]
-        labels = sorted({_label(r) for r in rows}, key=lambda s: (s != "on-demand", s.startswith("oracle"), s))
-        for label in labels:
-            mine = sorted((r for r in rows if _label(r) == label), key=lambda r: r["cache_fraction"])
-            ax.plot(
-                [100 * r["cache_fraction"] for r in mine],
-                [r["tokens_per_s"] for r in mine],
-                marker="o",
-                label=label,
-                linestyle="--" if label in ("on-demand", "oracle") else "-",
-            )
-        ax.set_xlabel("fast tier (% of all experts)")
-        ax.set_ylabel("tokens/s (simulated)")
-        ax.set_title(f"batch {batch_size}")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    hw = report["hardware"]
-    fig.suptitle(
-        f"SIMULATION — {report['model']}: {hw['name']} link {hw['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
-        f"{report['expert_bytes'] / 2**20:.1f} MiB/expert, compute {hw['compute_s_per_layer'] * 1e3:.2f} ms/layer",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _label(row: dict) -> str:
-    if row["policy"] == "prefetch":
-        return f"prefetch:{row['predictor']}"
-    if row["policy"] == "cache":
-        return row["eviction"]
-    return row["policy"]
-
-
 def write_sweep(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "simulation.json").write_text(json.dumps(report, indent=2))
-    plot_speed_vs_memory(report, out / "speed_vs_memory.png")

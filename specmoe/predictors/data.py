@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from specmoe.errors import InputError
 from specmoe.traces.splits import assign_splits
 from specmoe.traces.store import TraceStore
 
@@ -132,6 +133,12 @@ class TraceDataset:
                 f"store {store.directory} has no {hidden} states (has: {store.manifest.collection.hidden})"
             )
         self.splits = splits if splits is not None or split == "all" else assign_splits(store, seed)
+        if split != "all" and split not in self.splits.values():
+            sizes = {name: list(self.splits.values()).count(name) for name in ("train", "val", "test")}
+            raise InputError(
+                f"the {split} split of {store.directory} (split seed {seed}) holds no document: its "
+                f"{len(self.splits)} documents split {sizes}; collect more documents"
+            )
 
     def with_split(self, split: str) -> TraceDataset:
         return TraceDataset(

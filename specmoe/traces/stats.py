@@ -72,7 +72,7 @@ def stack_statistics(store: TraceStore, stack: str) -> dict:
             row["next_layer_top1_acc"] = round(float(joint.max(1).sum() / total), 4)
             row["next_layer_popularity_acc"] = round(float(joint.sum(0).max() / total), 4)
         rows.append(row)
-    return {"num_layers": layers, "num_tokens": tokens, "layers": rows}
+    return {"num_layers": layers, "num_tokens": tokens, "layers": rows, "usage_counts": usage.tolist()}
 
 
 def store_summary(store: TraceStore, *, with_statistics: bool = True) -> dict:

@@ -1,0 +1,1 @@
+"""Plots, the HTML report and the Markdown summary of a run directory."""

@@ -1,0 +1,145 @@
+"""Read what a run directory's stages wrote, and condense it into ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from specmoe import __version__
+from specmoe.errors import InputError
+
+HEADLINE_FRACTION = 0.25
+"""The fast-tier size the issue's targets are stated at."""
+
+
+def _json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_run(run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    if not (run_dir / "stages.json").exists():
+        raise InputError(f"{run_dir} is not a specmoe run directory (no stages.json); create one with `specmoe run`")
+    metrics, skipped = {}, {}
+    for path in sorted((run_dir / "metrics").glob("*.json")):
+        result = _json(path)
+        (skipped if "reason" in result else metrics)[result["label"]] = result
+    return {
+        "dir": run_dir,
+        "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
+        "stages": _json(run_dir / "stages.json"),
+        "traces": _json(run_dir / "traces.json"),
+        "metrics": metrics,
+        "skipped": {label: r["reason"] for label, r in skipped.items()},
+        "simulation": _json(run_dir / "simulation" / "simulation.json"),
+        "offload": _json(run_dir / "offload" / "offload.json"),
+        "summary": _json(run_dir / "summary.json"),
+    }
+
+
+def _closest(rows: list[dict], fraction: float) -> list[dict]:
+    if not rows:
+        return []
+    best = min({r["cache_fraction"] for r in rows}, key=lambda f: abs(f - fraction))
+    return [r for r in rows if r["cache_fraction"] == best and r.get("batch_size", 1) == 1]
+
+
+def predictor_rows(metrics: dict[str, dict]) -> list[dict]:
+    out = []
+    for label, result in metrics.items():
+        pooled = sorted((r for r in result["rows"] if r["layer"] == "all"), key=lambda r: r["horizon"])
+        cost = result["cost"]
+        calibration = {c["horizon"]: c["ece"] for c in result.get("calibration", [])}
+        out.append(
+            {
+                "label": label,
+                "horizons": [
+                    {
+                        key: r.get(key)
+                        for key in (
+                            "horizon",
+                            "top1_acc",
+                            "top1_acc_ci",
+                            "recall_at_k",
+                            "recall_at_k_ci",
+                            "recall_at_2k",
+                            "n_tokens",
+                        )
+                    }
+                    for r in pooled
+                ],
+                "ece_h1": calibration.get(1),
+                "params": cost["params"],
+                "latency_us_per_token_layer": cost["latency_us_per_token_layer"],
+                "fraction_of_model_time": cost["fraction_of_model_time"],
+                "fit_seconds": result.get("fit_seconds"),
+            }
+        )
+    out.sort(key=lambda r: -r["horizons"][0]["recall_at_k"])
+    return out
+
+
+def summarize(run_dir: Path, records: dict, *, command: str, seconds: float) -> dict:
+    run = load_run(run_dir)
+    traces, metrics = run["traces"], run["metrics"]
+    first = next(iter(metrics.values()), None)
+    chance = {k[len("chance_") :]: v for k, v in first["rows"][0].items() if k.startswith("chance_")} if first else {}
+    summary = {
+        "specmoe_version": __version__,
+        "command": command,
+        "seconds_this_invocation": round(seconds, 1),
+        "stage_seconds": {name: r.get("seconds") for name, r in records.items()},
+        "model": {k: traces[k] for k in ("model", "model_type", "num_layers", "num_experts", "top_k")},
+        "traces": {k: traces[k] for k in ("path", "num_tokens", "num_documents", "seq_len", "texts")},
+        "split_seed": run["config"]["predictors"]["split_seed"],
+        "predictors": predictor_rows(metrics),
+        "predictors_skipped": run["skipped"],
+        "chance": chance,
+    }
+    if run["simulation"]:
+        summary["simulation"] = {
+            "simulated": True,
+            "hardware": run["simulation"]["hardware"],
+            "expert_bytes": run["simulation"]["expert_bytes"],
+            "rows": [
+                {
+                    k: r[k]
+                    for k in (
+                        "policy",
+                        "eviction",
+                        "predictor",
+                        "cache_fraction",
+                        "tokens_per_s",
+                        "hit_rate",
+                        "stall_fraction",
+                        "oracle_gap_closed",
+                    )
+                }
+                for r in _closest(run["simulation"]["rows"], HEADLINE_FRACTION)
+            ],
+        }
+    if run["offload"]:
+        summary["offload"] = {
+            "simulated": False,
+            "what": "measured replay: recorded routing, random experts of a real shape read from disk",
+            "expert_shape": run["offload"]["expert_shape"],
+            "rows": [
+                {
+                    k: r[k]
+                    for k in (
+                        "policy",
+                        "predictor",
+                        "cache_fraction",
+                        "tokens_per_s",
+                        "hit_rate",
+                        "stall_fraction",
+                        "speedup_vs_on_demand",
+                        "fraction_of_oracle",
+                    )
+                }
+                for r in _closest(run["offload"]["rows"], HEADLINE_FRACTION)
+            ],
+        }
+    return summary

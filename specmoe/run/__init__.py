@@ -1,0 +1,1 @@
+"""``specmoe run``: the whole pipeline in one resumable run directory."""

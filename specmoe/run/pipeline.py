@@ -1,0 +1,111 @@
+"""``specmoe run``: collect → train → evaluate → simulate → offload benchmark → report, in one
+run directory, resumable.
+
+A stage is done when ``stages.json`` records it with the fingerprint of the config sections
+it depends on. A rerun skips done stages, redoes a stage whose sections changed (and so every
+stage after it that reads them), and resumes an interrupted collection or training from what
+it left on disk. The report is rendered at the end of every run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+import yaml
+
+from specmoe.run import stages
+from specmoe.run.config import RunConfig
+
+
+@dataclass
+class Stage:
+    name: str
+    sections: tuple[str, ...]
+    """Config sections whose values decide the stage's output."""
+    action: Callable[[RunConfig, Path], dict]
+    output: str
+    """Path (in the run directory) the stage writes; removed when its config has changed."""
+
+
+def plan(config: RunConfig) -> list[Stage]:
+    upstream = ("model", "collect")
+    steps = [
+        Stage("collect", upstream, stages.collect, "traces"),
+        Stage("describe", upstream, stages.describe, "traces.json"),
+    ]
+    for spec in config.predictors.models:
+        sections = (*upstream, "predictors")
+        steps.append(Stage(f"train:{spec.label}", sections, stages.trainer(spec), f"predictors/{spec.label}"))
+        steps.append(Stage(f"evaluate:{spec.label}", sections, stages.evaluator(spec), f"metrics/{spec.label}.json"))
+    steps.append(Stage("simulate", (*upstream, "predictors", "simulate"), stages.simulate, "simulation"))
+    if config.offload.enabled:
+        steps.append(Stage("offload", (*upstream, "predictors", "offload"), stages.offload, "offload"))
+    return steps
+
+
+class RunLedger:
+    """``stages.json``: which stages finished, with which fingerprint, in how long."""
+
+    def __init__(self, out: Path):
+        self.path = out / "stages.json"
+        self.records: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def is_done(self, stage: Stage, fingerprint: str) -> bool:
+        record = self.records.get(stage.name, {})
+        return record.get("fingerprint") == fingerprint and record.get("status") == "done"
+
+    def is_stale(self, stage: Stage, fingerprint: str) -> bool:
+        """Started or finished under another config: its output cannot be resumed or reused."""
+        return stage.name in self.records and self.records[stage.name].get("fingerprint") != fingerprint
+
+    def start(self, stage: Stage, fingerprint: str) -> None:
+        self.records[stage.name] = {"fingerprint": fingerprint, "status": "running"}
+        self._write()
+
+    def finish(self, stage: Stage, fingerprint: str, seconds: float, info: dict) -> None:
+        self.records[stage.name] = {"fingerprint": fingerprint, "status": "done", "seconds": round(seconds, 2), **info}
+        self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.records, indent=2))
+        os.replace(tmp, self.path)
+
+
+def run_pipeline(config: RunConfig, out: Path, *, command: str = "") -> dict:
+    """Run every stage not yet done for ``config`` in ``out``; returns ``summary.json``'s content."""
+    from specmoe.report.build import write_report
+    from specmoe.report.results import summarize
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    ledger = RunLedger(out)
+    steps = plan(config)
+    started = time.perf_counter()
+    for index, stage in enumerate(steps, 1):
+        fingerprint = config.fingerprint(*stage.sections)
+        header = f"[{index}/{len(steps)}] {stage.name}"
+        if ledger.is_done(stage, fingerprint):
+            typer.echo(f"{header}: done earlier ({ledger.records[stage.name]['seconds']:.0f} s), reused", err=True)
+            continue
+        output = out / stage.output
+        if ledger.is_stale(stage, fingerprint) and output.exists():
+            typer.echo(f"{header}: config changed since its last run; redoing it", err=True)
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        typer.echo(f"{header} ...", err=True)
+        ledger.start(stage, fingerprint)
+        t0 = time.perf_counter()
+        info = stage.action(config, out) or {}
+        ledger.finish(stage, fingerprint, time.perf_counter() - t0, info)
+        typer.echo(f"{header}: {time.perf_counter() - t0:.0f} s", err=True)
+    summary = summarize(out, ledger.records, command=command, seconds=time.perf_counter() - started)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_report(out)
+    return summary

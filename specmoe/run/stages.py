@@ -1,0 +1,215 @@
+"""The stages of ``specmoe run``. Each reads the run directory, writes its own output there,
+and returns a small dict recorded in ``stages.json``.
+
+Run directory::
+
+    config.yaml  stages.json  summary.json  report.html  summary.md
+    traces/                      routing traces (Parquet + safetensors)
+    traces.json                  trace summary and per-layer usage
+    predictors/<label>/          fitted predictors (safetensors + JSON), train_info.json
+    metrics/<label>.json         test-split metrics with intervals, calibration, cost
+    simulation/                  SIMULATION: simulation.json, speed_vs_memory.png
+    offload/offload.json         measured replay: experts of a real shape read from disk
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+from specmoe.errors import InputError
+from specmoe.run.config import PredictorSpec, RunConfig
+
+SKIPPED = "skipped.json"
+
+
+def collect(config: RunConfig, out: Path) -> dict:
+    from specmoe.traces.collector import CollectConfig
+    from specmoe.traces.collector import collect as collect_traces
+
+    c = config.collect
+    if config.model.model_type is not None:
+        from specmoe.models.loading import load_config
+
+        found = load_config(config.model.id, trust_remote_code=config.model.trust_remote_code).model_type
+        if found != config.model.model_type:
+            raise InputError(
+                f"model.id {config.model.id} is a {found!r} checkpoint; this config is for {config.model.model_type!r}"
+            )
+    store = collect_traces(
+        CollectConfig(
+            model=config.model.id,
+            texts=c.texts,
+            out=out / "traces",
+            max_tokens=c.max_tokens,
+            seq_len=c.seq_len,
+            batch_size=c.batch_size,
+            save_router_inputs=c.save_router_inputs,
+            save_residuals=c.save_residuals,
+            dtype=config.model.dtype,
+            trust_remote_code=config.model.trust_remote_code,
+        )
+    )
+    return {"tokens": store.manifest.num_tokens}
+
+
+def describe(config: RunConfig, out: Path) -> dict:
+    from specmoe.traces.stats import store_summary
+    from specmoe.traces.store import TraceStore
+
+    summary = store_summary(TraceStore.open(out / "traces"))
+    (out / "traces.json").write_text(json.dumps(summary, indent=2))
+    return {}
+
+
+def trainer(spec: PredictorSpec):
+    def train(config: RunConfig, out: Path) -> dict:
+        from specmoe.predictors.registry import make_predictor
+        from specmoe.traces.store import TraceStore
+        from specmoe.training.fit import fit_and_save
+
+        target = out / "predictors" / spec.label
+        params = {"horizons": config.predictors.horizons, **spec.params}
+        probe = make_predictor(spec.name, spec.preset, **params)
+        have = TraceStore.open(out / "traces").manifest.collection.hidden
+        if probe.needs_hidden and probe.needs_hidden not in have:
+            reason = f"needs {probe.needs_hidden} states; collect with collect.save_residuals/save_router_inputs"
+            target.mkdir(parents=True, exist_ok=True)
+            (target / SKIPPED).write_text(json.dumps({"reason": reason}))
+            return {"skipped": reason}
+        command = (
+            f"specmoe train --predictor {spec.name} --traces {out / 'traces'} --out {target}"
+            + (f" --preset {spec.preset}" if spec.preset else "")
+            + "".join(f" --param {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in params.items())
+        )
+        _, info = fit_and_save(
+            spec.name,
+            out / "traces",
+            target,
+            preset=spec.preset,
+            split_seed=config.predictors.split_seed,
+            resume=True,  # a torch predictor interrupted mid-training continues from its checkpoint
+            command=command,
+            **params,
+        )
+        return {"fit_seconds": info["fit_seconds"], "val_recall_at_k": info["val_recall_at_k"]}
+
+    return train
+
+
+def evaluator(spec: PredictorSpec):
+    def evaluate(config: RunConfig, out: Path) -> dict:
+        from specmoe.evaluation.evaluate import evaluate_directory
+
+        source = out / "predictors" / spec.label
+        target = out / "metrics" / f"{spec.label}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (source / SKIPPED).exists():
+            target.write_text(json.dumps({"label": spec.label, **json.loads((source / SKIPPED).read_text())}))
+            return {"skipped": True}
+        p = config.predictors
+        result = evaluate_directory(source, out / "traces", seed=p.split_seed, bootstrap=p.bootstrap)
+        train_info = json.loads((source / "train_info.json").read_text())
+        result.update(label=spec.label, fit_seconds=train_info["fit_seconds"])
+        result["command"] = (
+            f"specmoe evaluate --predictor-dir {source} --traces {out / 'traces'} --split-seed {p.split_seed} "
+            f"--bootstrap {p.bootstrap} --json {target}"
+        )
+        target.write_text(json.dumps(result, indent=2))
+        h1 = next(r for r in result["rows"] if r["horizon"] == 1 and r["layer"] == "all")
+        return {"test_top1_acc_h1": round(h1["top1_acc"], 4)}
+
+    return evaluate
+
+
+def _usable_predictors(config: RunConfig, out: Path, labels: list[str] | None, *, routing_only: bool) -> dict:
+    from specmoe.predictors.base import load_predictor
+
+    chosen = {}
+    for spec in config.predictors.models:
+        directory = out / "predictors" / spec.label
+        if (labels is not None and spec.label not in labels) or (directory / SKIPPED).exists():
+            continue
+        predictor = load_predictor(directory)
+        if routing_only and predictor.needs_hidden:
+            continue  # the replay engine decodes from routing alone; it has no hidden states to give
+        chosen[spec.label] = (predictor, directory)
+    return chosen
+
+
+def expert_shape(config: RunConfig) -> tuple[int, int]:
+    """(hidden, ffn) of the SwiGLU experts the offload benchmark reads: the configured shape,
+    or one with the model's own expert byte size."""
+    if config.offload.expert_shape is not None:
+        return config.offload.expert_shape
+    from specmoe.models.loading import load_config
+    from specmoe.offload.cost import expert_bytes
+
+    model_config = load_config(config.model.id, trust_remote_code=config.model.trust_remote_code)
+    hidden = getattr(model_config, "hidden_size", None) or model_config.d_model
+    size = expert_bytes(config.model.id, "bfloat16", trust_remote_code=config.model.trust_remote_code)
+    return hidden, max(1, size // (3 * hidden * 2))
+
+
+def bytes_per_expert(config: RunConfig) -> int:
+    """Simulated expert size: ``simulate.expert_bytes``, else the offload benchmark's experts
+    (so simulation and measurement describe the same experts), else the model's own."""
+    if config.simulate.expert_bytes:
+        return config.simulate.expert_bytes
+    if config.offload.expert_shape is not None:
+        hidden, ffn = config.offload.expert_shape
+        return 3 * hidden * ffn * 2  # gate, up, down in bf16
+    from specmoe.offload.cost import expert_bytes
+
+    return expert_bytes(config.model.id, config.simulate.dtype, trust_remote_code=config.model.trust_remote_code)
+
+
+def simulate(config: RunConfig, out: Path) -> dict:
+    from specmoe.offload.cost import measured_profile, preset
+    from specmoe.offload.sweep import SweepConfig, run_sweep, write_sweep
+
+    s = config.simulate
+    compute_s = None if s.compute_ms_per_layer is None else s.compute_ms_per_layer / 1e3
+    if s.hardware == "measured":
+        profile = measured_profile(compute_s or 0.25e-3)
+    else:
+        profile = preset(s.hardware, compute_s_per_layer=compute_s)
+    predictors = {
+        label: p for label, (p, _) in _usable_predictors(config, out, s.prefetch_predictors, routing_only=False).items()
+    }
+    sweep = SweepConfig(
+        cache_fractions=tuple(s.cache_fractions),
+        batch_sizes=tuple(s.batch_sizes),
+        lookahead=s.lookahead,
+        max_windows=s.max_windows,
+        split_seed=config.predictors.split_seed,
+    )
+    report = run_sweep(out / "traces", profile, bytes_per_expert(config), predictors, sweep)
+    report["command"] = f"specmoe run (stage simulate), config {out / 'config.yaml'}"
+    write_sweep(report, out / "simulation")
+    return {"rows": len(report["rows"])}
+
+
+def offload(config: RunConfig, out: Path) -> dict:
+    from specmoe.bench.offload import benchmark_offload
+
+    o = config.offload
+    predictors = _usable_predictors(config, out, o.prefetch_predictors, routing_only=True)
+    hidden, ffn = expert_shape(config)
+    report = benchmark_offload(
+        out / "traces",
+        predictor_dirs=[directory for _, directory in predictors.values()],
+        hidden=hidden,
+        ffn=ffn,
+        tokens=o.tokens,
+        cache_fractions=tuple(o.cache_fractions),
+        lookahead=o.lookahead,
+        split_seed=config.predictors.split_seed,
+        repeats=o.repeats,
+        experts_dir=out,
+    )
+    report["command"] = f"specmoe run (stage offload), config {out / 'config.yaml'}"
+    (out / "offload").mkdir(exist_ok=True)
+    (out / "offload" / "offload.json").write_text(json.dumps(report, indent=2))
+    return {"rows": len(report["rows"])}

@@ -1,0 +1,110 @@
+import json
+
+import pytest
+
+from specmoe.errors import InputError
+from specmoe.run import stages
+from specmoe.run.config import load_run_config
+from specmoe.run.pipeline import run_pipeline
+from tests.run.test_config import REAL_MODEL_CONFIGS
+from tests.tiny_models import save_tiny_checkpoint
+from tests.tiny_runs import tiny_run_config, write_run_corpus
+
+
+def test_run_writes_every_stage_output(finished_run):
+    out, config = finished_run
+    for path in (
+        "traces/manifest.json",
+        "traces.json",
+        "simulation/simulation.json",
+        "offload/offload.json",
+        "report.html",
+        "summary.md",
+        "summary.json",
+        "config.yaml",
+    ):
+        assert (out / path).exists(), path
+    ledger = json.loads((out / "stages.json").read_text())
+    assert all(r["status"] == "done" for r in ledger.values())
+    summary = json.loads((out / "summary.json").read_text())
+    labels = {p["label"] for p in summary["predictors"]}
+    assert labels == {m.label for m in config.predictors.models}  # the tiny traces keep residuals: nothing skipped
+    for p in summary["predictors"]:
+        assert len(p["horizons"]) == min(config.predictors.horizons, summary["model"]["num_layers"] - 1)
+        assert all(0 <= h["recall_at_k"] <= 1 for h in p["horizons"])
+    assert summary["simulation"]["simulated"] is True and summary["offload"]["simulated"] is False
+    assert {r["policy"] for r in summary["offload"]["rows"]} >= {"on-demand", "lru", "prefetch", "oracle"}
+    metrics = json.loads((out / "metrics" / "token.json").read_text())
+    assert metrics["calibration"][0]["horizon"] == 1 and sum(metrics["calibration"][0]["n"]) > 0
+
+
+def test_rerun_reuses_finished_stages(finished_run, capsys):
+    out, config = finished_run
+    before = json.loads((out / "stages.json").read_text())
+    manifest_mtime = (out / "traces" / "manifest.json").stat().st_mtime_ns
+    run_pipeline(config, out, command="again")
+    after = json.loads((out / "stages.json").read_text())
+    assert after == before
+    assert (out / "traces" / "manifest.json").stat().st_mtime_ns == manifest_mtime
+    assert capsys.readouterr().err.count("reused") == len(before)
+
+
+def test_changed_section_redoes_only_what_reads_it(tiny_checkpoints, tmp_path):
+    corpus = write_run_corpus(tmp_path / "c.jsonl")
+    base = ("predictors.models=[{name: token}]", "offload.prefetch_predictors=[token]")
+    out = tmp_path / "out"
+    run_pipeline(tiny_run_config(None, tiny_checkpoints["olmoe"], corpus, offload=False, extra=base), out)
+    first = json.loads((out / "stages.json").read_text())
+    changed = (*base, "simulate.lookahead=2")
+    run_pipeline(tiny_run_config(None, tiny_checkpoints["olmoe"], corpus, offload=False, extra=changed), out)
+    second = json.loads((out / "stages.json").read_text())
+    unchanged = ("collect", "describe", "train:token", "evaluate:token")
+    assert all(first[name] == second[name] for name in unchanged)
+    assert first["simulate"]["fingerprint"] != second["simulate"]["fingerprint"]
+    assert json.loads((out / "simulation" / "simulation.json").read_text())["lookahead"] == 2
+
+
+def test_interrupted_run_resumes_without_redoing_work(tiny_checkpoints, tmp_path, monkeypatch):
+    corpus = write_run_corpus(tmp_path / "c.jsonl")
+    config = tiny_run_config(
+        None, tiny_checkpoints["olmoe"], corpus, offload=False, extra=("predictors.models=[{name: ngram}]", "offload.prefetch_predictors=[ngram]")
+    )
+    out = tmp_path / "out"
+
+    def crash(*_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "simulate", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(config, out)
+    monkeypatch.undo()
+    done = json.loads((out / "stages.json").read_text())
+    assert done["simulate"]["status"] == "running" and done["collect"]["status"] == "done"
+    run_pipeline(config, out)
+    resumed = json.loads((out / "stages.json").read_text())
+    assert resumed["collect"] == done["collect"] and resumed["train:ngram"] == done["train:ngram"]
+    assert resumed["simulate"]["status"] == "done" and (out / "report.html").exists()
+
+
+@pytest.mark.parametrize("path", REAL_MODEL_CONFIGS, ids=lambda p: p.stem)
+def test_real_model_config_runs_on_a_tiny_model_of_its_architecture(path, tmp_path):
+    """The config unchanged but for the checkpoint and the sizes: every stage it asks for runs."""
+    model_type = load_run_config(path).model.model_type
+    checkpoint = save_tiny_checkpoint(model_type, tmp_path / model_type)
+    corpus = write_run_corpus(tmp_path / "c.jsonl")
+    config = tiny_run_config(
+        path, checkpoint, corpus, extra=("predictors.bootstrap=0", "offload.cache_fractions=[0.25]")
+    )
+    summary = run_pipeline(config, tmp_path / "out")
+    assert summary["model"]["model_type"] == model_type
+    assert {p["label"] for p in summary["predictors"]} == {m.label for m in config.predictors.models}
+    assert summary["offload"]["rows"]
+
+
+def test_config_for_another_architecture_is_refused(tiny_checkpoints, tmp_path):
+    corpus = write_run_corpus(tmp_path / "c.jsonl")
+    config = tiny_run_config(
+        REAL_MODEL_CONFIGS[0], tiny_checkpoints["olmoe"], corpus, extra=("model.model_type=mixtral",)
+    )
+    with pytest.raises(InputError, match="is a 'olmoe' checkpoint; this config is for 'mixtral'"):
+        run_pipeline(config, tmp_path / "out")

@@ -66,9 +66,19 @@ def benchmark_offload(
                 fraction, label, predictor, eviction = configs[i]
                 budget_bytes = max(expert_bytes * model.top_k, int(fraction * total))
                 policy = label if label in ("on-demand", "prefetch", "oracle") else "cache"
-                result = replay(files, routing, gate_weights, token_ids, policy=policy, budget_bytes=budget_bytes,
-                                predictor=predictor, lookahead=lookahead, budget=2 * model.top_k,
-                                num_experts=model.num_experts, eviction=eviction)
+                result = replay(
+                    files,
+                    routing,
+                    gate_weights,
+                    token_ids,
+                    policy=policy,
+                    budget_bytes=budget_bytes,
+                    predictor=predictor,
+                    lookahead=lookahead,
+                    budget=2 * model.top_k,
+                    num_experts=model.num_experts,
+                    eviction=eviction,
+                )
                 result.policy = label
                 timings[int(i)].append(result)
         for i, (fraction, *_rest) in enumerate(configs):
@@ -93,7 +103,8 @@ def benchmark_offload(
         "num_layers": layers,
         "num_experts": model.num_experts,
         "top_k": model.top_k,
-        "tokens": len(routing), "repeats": repeats,
+        "tokens": len(routing),
+        "repeats": repeats,
         "slow_tier": "disk, O_DIRECT or page cache dropped",
         "fast_tier": "RAM",
         "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},

@@ -75,6 +75,7 @@ def bench_offload(
     lookahead: Annotated[int, typer.Option()] = 1,
     repeats: Annotated[int, typer.Option(help="Runs per configuration, in shuffled order; the median is kept.")] = 3,
     experts_dir: Annotated[Path | None, typer.Option(help="Where the expert files go (a real disk).")] = None,
+    split_seed: Annotated[int, typer.Option(help="Seed of the document split whose test part is replayed.")] = 0,
 ) -> None:
     """Measured tokens/s per policy: real recorded routing, experts of a real shape on disk."""
     from specmoe.bench.offload import benchmark_offload
@@ -90,6 +91,7 @@ def bench_offload(
         lookahead=lookahead,
         experts_dir=experts_dir,
         repeats=repeats,
+        split_seed=split_seed,
     )
     report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     json_out.parent.mkdir(parents=True, exist_ok=True)

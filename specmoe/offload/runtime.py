@@ -52,8 +52,13 @@ class FastTier:
     """Expert tensors in fast memory, never more than ``budget_bytes``; LRU eviction of
     experts not pinned by the running layer. Thread-safe."""
 
-    def __init__(self, budget_bytes: int, stats: RuntimeStats, eviction: str = "lru",
-                 future_uses: dict[Key, list[int]] | None = None):
+    def __init__(
+        self,
+        budget_bytes: int,
+        stats: RuntimeStats,
+        eviction: str = "lru",
+        future_uses: dict[Key, list[int]] | None = None,
+    ):
         self.budget = budget_bytes
         self.stats = stats
         self.entries: dict[Key, tuple[list[torch.Tensor], int]] = {}
@@ -267,9 +272,11 @@ class OffloadRuntime:
             )
         meta = predictor.fitted_meta() if predictor is not None else {}
         if meta and (meta.get("num_layers"), meta.get("num_experts")) != (len(loaded.layers), loaded.num_experts):
-            raise InputError(f"predictor {predictor.name} was fitted for {meta.get('num_layers')} MoE layers x "
-                             f"{meta.get('num_experts')} experts; {loaded.model_id} has {len(loaded.layers)} x "
-                             f"{loaded.num_experts}: train it on this model's traces")
+            raise InputError(
+                f"predictor {predictor.name} was fitted for {meta.get('num_layers')} MoE layers x "
+                f"{meta.get('num_experts')} experts; {loaded.model_id} has {len(loaded.layers)} x "
+                f"{loaded.num_experts}: train it on this model's traces"
+            )
         if predictor is not None and (predictor.needs_hidden or predictor.previous_tokens):
             raise InputError(
                 f"runtime prefetch uses routing-only predictors; {predictor.name} needs hidden states or earlier tokens"

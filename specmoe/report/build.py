@@ -59,11 +59,8 @@ def _offload_table(rows: list[dict], simulated: bool) -> Markup:
 
 
 def _stage_commands(run: dict) -> list[str]:
-    commands = []
-    for path in sorted((run["dir"] / "predictors").glob("*/train_info.json")):
-        commands.append(json.loads(path.read_text())["command"])
-    commands += [m["command"] for m in run["metrics"].values() if m.get("command")]
-    return commands
+    """The single commands that redo each stage, in pipeline order."""
+    return [record["command"] for record in run["stages"].values() if record.get("command")]
 
 
 def write_report(run_dir: str | Path) -> Path:

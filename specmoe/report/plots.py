@@ -148,6 +148,7 @@ def speed_vs_memory(rows: list[dict], title: str, ylabel: str) -> Figure:
     for ax, batch_size in zip(axes[0], batch_sizes):
         mine = [r for r in rows if r.get("batch_size", 1) == batch_size]
         labels = sorted({policy_label(r) for r in mine}, key=lambda s: (s != "on-demand", s.startswith("oracle"), s))
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors[: max(len(labels), 1)])  # distinct beyond 10 policies
         for label in labels:
             series = sorted((r for r in mine if policy_label(r) == label), key=lambda r: r["cache_fraction"])
             ax.plot(

@@ -9,6 +9,7 @@ import yaml
 
 from specmoe import __version__
 from specmoe.errors import InputError
+from specmoe.run.config import RunConfig
 
 HEADLINE_FRACTION = 0.25
 """The fast-tier size the issue's targets are stated at."""
@@ -22,13 +23,16 @@ def load_run(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     if not (run_dir / "stages.json").exists():
         raise InputError(f"{run_dir} is not a specmoe run directory (no stages.json); create one with `specmoe run`")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
     metrics, skipped = {}, {}
-    for path in sorted((run_dir / "metrics").glob("*.json")):
-        result = _json(path)
-        (skipped if "reason" in result else metrics)[result["label"]] = result
+    for spec in RunConfig.model_validate(config).predictors.models:  # not leftovers of an earlier config
+        label = spec.label
+        result = _json(run_dir / "metrics" / f"{label}.json")
+        if result is not None:
+            (skipped if "reason" in result else metrics)[label] = result
     return {
         "dir": run_dir,
-        "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
+        "config": config,
         "stages": _json(run_dir / "stages.json"),
         "traces": _json(run_dir / "traces.json"),
         "metrics": metrics,

@@ -7,7 +7,6 @@ holds the same values), sized to finish in about ten minutes on 2 CPU cores.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Literal
@@ -70,8 +69,8 @@ class PredictorsSection(_Section):
             PredictorSpec(name="lookahead"),
             PredictorSpec(
                 name="interlayer",
-                preset="baseline",
-                params={"epochs": 2, "max_steps_per_epoch": 100, "batch_size": 128},
+                preset="small",
+                params={"epochs": 2, "max_steps_per_epoch": 60, "batch_size": 128},
             ),
         ],
         min_length=1,
@@ -95,9 +94,10 @@ class SimulateSection(_Section):
     cache_fractions: list[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5], min_length=1)
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
     lookahead: int = Field(default=1, ge=1)
-    prefetch_predictors: list[str] | None = None
-    """Labels of ``predictors.models`` that drive prefetch (None: every routing-only one)."""
-    max_windows: int = Field(default=64, gt=0)
+    prefetch_predictors: list[str] | None = Field(default_factory=lambda: ["token", "ngram", "lookahead"])
+    """Labels of ``predictors.models`` that drive prefetch (None: all of them)."""
+    max_windows: int = Field(default=32, gt=0)
+    """Test-split sequences replayed."""
 
     @field_validator("cache_fractions")
     @classmethod
@@ -112,7 +112,7 @@ class OffloadSection(_Section):
     expert_shape: tuple[int, int] | None = (768, 2048)
     """hidden, ffn of the experts read from disk (random weights); None: the model's own shape."""
     tokens: int = Field(default=48, gt=0)
-    repeats: int = Field(default=3, ge=1)
+    repeats: int = Field(default=2, ge=1)
     cache_fractions: list[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5], min_length=1)
     prefetch_predictors: list[str] = Field(default_factory=lambda: ["token", "ngram"])
     """Labels of ``predictors.models`` that drive prefetch."""
@@ -139,11 +139,6 @@ class RunConfig(_Section):
                     f"{section}.prefetch_predictors names {unknown}, not in predictors.models {sorted(labels)}"
                 )
         return self
-
-    def fingerprint(self, *sections: str) -> str:
-        """A hash of the named sections, to tell whether a finished stage is still valid."""
-        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -9,6 +9,7 @@ it left on disk. The report is rendered at the end of every run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,26 +28,36 @@ from specmoe.run.config import RunConfig
 @dataclass
 class Stage:
     name: str
-    sections: tuple[str, ...]
-    """Config sections whose values decide the stage's output."""
+    depends_on: dict
+    """The config values that decide the stage's output; its fingerprint is their hash."""
     action: Callable[[RunConfig, Path], dict]
     output: str
     """Path (in the run directory) the stage writes; removed when its config has changed."""
 
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.depends_on, sort_keys=True).encode()).hexdigest()[:16]
+
 
 def plan(config: RunConfig) -> list[Stage]:
-    upstream = ("model", "collect")
+    def values(*sections: str, **extra) -> dict:
+        return {**{name: getattr(config, name).model_dump(mode="json") for name in sections}, **extra}
+
+    p = config.predictors
     steps = [
-        Stage("collect", upstream, stages.collect, "traces"),
-        Stage("describe", upstream, stages.describe, "traces.json"),
+        Stage("collect", values("model", "collect"), stages.collect, "traces"),
+        Stage("describe", values("model", "collect"), stages.describe, "traces.json"),
     ]
-    for spec in config.predictors.models:
-        sections = (*upstream, "predictors")
-        steps.append(Stage(f"train:{spec.label}", sections, stages.trainer(spec), f"predictors/{spec.label}"))
-        steps.append(Stage(f"evaluate:{spec.label}", sections, stages.evaluator(spec), f"metrics/{spec.label}.json"))
-    steps.append(Stage("simulate", (*upstream, "predictors", "simulate"), stages.simulate, "simulation"))
+    for spec in p.models:  # a predictor's stages depend on its own spec only: editing one retrains one
+        trained = values(
+            "model", "collect", spec=spec.model_dump(mode="json"), horizons=p.horizons, split_seed=p.split_seed
+        )
+        steps.append(Stage(f"train:{spec.label}", trained, stages.trainer(spec), f"predictors/{spec.label}"))
+        scored = {**trained, "bootstrap": p.bootstrap}
+        steps.append(Stage(f"evaluate:{spec.label}", scored, stages.evaluator(spec), f"metrics/{spec.label}.json"))
+    steps.append(Stage("simulate", values("model", "collect", "predictors", "simulate"), stages.simulate, "simulation"))
     if config.offload.enabled:
-        steps.append(Stage("offload", (*upstream, "predictors", "offload"), stages.offload, "offload"))
+        steps.append(Stage("offload", values("model", "collect", "predictors", "offload"), stages.offload, "offload"))
     return steps
 
 
@@ -90,7 +101,7 @@ def run_pipeline(config: RunConfig, out: Path, *, command: str = "") -> dict:
     steps = plan(config)
     started = time.perf_counter()
     for index, stage in enumerate(steps, 1):
-        fingerprint = config.fingerprint(*stage.sections)
+        fingerprint = stage.fingerprint
         header = f"[{index}/{len(steps)}] {stage.name}"
         if ledger.is_done(stage, fingerprint):
             typer.echo(f"{header}: done earlier ({ledger.records[stage.name]['seconds']:.0f} s), reused", err=True)

@@ -51,7 +51,18 @@ def collect(config: RunConfig, out: Path) -> dict:
             trust_remote_code=config.model.trust_remote_code,
         )
     )
-    return {"tokens": store.manifest.num_tokens}
+    flags = [
+        f"--model {config.model.id}",
+        *(f"--text {t}" for t in c.texts),
+        f"--out {out / 'traces'}",
+        f"--seq-len {c.seq_len}",
+        f"--batch-size {c.batch_size}",
+        f"--dtype {config.model.dtype}",
+    ]
+    flags += [f"--max-tokens {c.max_tokens}"] if c.max_tokens else []
+    flags += ["--save-router-inputs"] * c.save_router_inputs + ["--save-residuals"] * c.save_residuals
+    flags += ["--trust-remote-code"] * config.model.trust_remote_code
+    return {"tokens": store.manifest.num_tokens, "command": "specmoe collect " + " ".join(flags)}
 
 
 def describe(config: RunConfig, out: Path) -> dict:
@@ -93,7 +104,7 @@ def trainer(spec: PredictorSpec):
             command=command,
             **params,
         )
-        return {"fit_seconds": info["fit_seconds"], "val_recall_at_k": info["val_recall_at_k"]}
+        return {"fit_seconds": info["fit_seconds"], "val_recall_at_k": info["val_recall_at_k"], "command": command}
 
     return train
 
@@ -118,7 +129,7 @@ def evaluator(spec: PredictorSpec):
         )
         target.write_text(json.dumps(result, indent=2))
         h1 = next(r for r in result["rows"] if r["horizon"] == 1 and r["layer"] == "all")
-        return {"test_top1_acc_h1": round(h1["top1_acc"], 4)}
+        return {"test_top1_acc_h1": round(h1["top1_acc"], 4), "command": result["command"]}
 
     return evaluate
 
@@ -185,10 +196,21 @@ def simulate(config: RunConfig, out: Path) -> dict:
         max_windows=s.max_windows,
         split_seed=config.predictors.split_seed,
     )
-    report = run_sweep(out / "traces", profile, bytes_per_expert(config), predictors, sweep)
-    report["command"] = f"specmoe run (stage simulate), config {out / 'config.yaml'}"
+    size = bytes_per_expert(config)
+    report = run_sweep(out / "traces", profile, size, predictors, sweep)
+    report["command"] = (
+        f"specmoe simulate --traces {out / 'traces'} --out {out / 'simulation'} --hardware {s.hardware} "
+        + "".join(f"--predictor-dir {out / 'predictors' / label} " for label in predictors)
+        + f"--expert-bytes {size} --cache-fractions {_csv(s.cache_fractions)} --batch-sizes {_csv(s.batch_sizes)} "
+        f"--lookahead {s.lookahead} --max-windows {s.max_windows} --split-seed {config.predictors.split_seed}"
+        + (f" --compute-ms {s.compute_ms_per_layer}" if s.compute_ms_per_layer else "")
+    )
     write_sweep(report, out / "simulation")
-    return {"rows": len(report["rows"])}
+    return {"rows": len(report["rows"]), "command": report["command"]}
+
+
+def _csv(values) -> str:
+    return ",".join(str(v) for v in values)
 
 
 def offload(config: RunConfig, out: Path) -> dict:
@@ -209,7 +231,13 @@ def offload(config: RunConfig, out: Path) -> dict:
         repeats=o.repeats,
         experts_dir=out,
     )
-    report["command"] = f"specmoe run (stage offload), config {out / 'config.yaml'}"
+    report["command"] = (
+        f"specmoe bench offload --traces {out / 'traces'} --json {out / 'offload' / 'offload.json'} "
+        + "".join(f"--predictor-dir {directory} " for _, directory in predictors.values())
+        + f"--expert-shape {hidden},{ffn} --tokens {o.tokens} --repeats {o.repeats} "
+        f"--cache-fractions {_csv(o.cache_fractions)} --lookahead {o.lookahead} --experts-dir {out} "
+        f"--split-seed {config.predictors.split_seed}"
+    )
     (out / "offload").mkdir(exist_ok=True)
     (out / "offload" / "offload.json").write_text(json.dumps(report, indent=2))
-    return {"rows": len(report["rows"])}
+    return {"rows": len(report["rows"]), "command": report["command"]}

@@ -64,12 +64,6 @@ def test_overrides_use_yaml_values():
     assert config.model.id == "olmoe-64e"
 
 
-def test_fingerprint_follows_only_its_sections():
-    base, changed = RunConfig(), load_run_config(None, ["simulate.lookahead=2"])
-    assert base.fingerprint("model", "collect") == changed.fingerprint("model", "collect")
-    assert base.fingerprint("simulate") != changed.fingerprint("simulate")
-
-
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         load_run_config(tmp_path / "nope.yaml")

@@ -5,7 +5,7 @@ import pytest
 from specmoe.errors import InputError
 from specmoe.run import stages
 from specmoe.run.config import load_run_config
-from specmoe.run.pipeline import run_pipeline
+from specmoe.run.pipeline import plan, run_pipeline
 from tests.run.test_config import REAL_MODEL_CONFIGS
 from tests.tiny_models import save_tiny_checkpoint
 from tests.tiny_runs import tiny_run_config, write_run_corpus
@@ -51,7 +51,11 @@ def test_rerun_reuses_finished_stages(finished_run, capsys):
 
 def test_changed_section_redoes_only_what_reads_it(tiny_checkpoints, tmp_path):
     corpus = write_run_corpus(tmp_path / "c.jsonl")
-    base = ("predictors.models=[{name: token}]", "offload.prefetch_predictors=[token]")
+    base = (
+        "predictors.models=[{name: token}]",
+        "offload.prefetch_predictors=[token]",
+        "simulate.prefetch_predictors=[token]",
+    )
     out = tmp_path / "out"
     run_pipeline(tiny_run_config(None, tiny_checkpoints["olmoe"], corpus, offload=False, extra=base), out)
     first = json.loads((out / "stages.json").read_text())
@@ -64,10 +68,34 @@ def test_changed_section_redoes_only_what_reads_it(tiny_checkpoints, tmp_path):
     assert json.loads((out / "simulation" / "simulation.json").read_text())["lookahead"] == 2
 
 
+def test_fingerprints_follow_only_what_a_stage_reads():
+    base = {stage.name: stage.fingerprint for stage in plan(load_run_config())}
+    edited = load_run_config(
+        None,
+        [
+            "predictors.models=[{name: token}, {name: ngram, params: {context_layers: 2}}]",
+            "offload.prefetch_predictors=[token]",
+            "simulate.prefetch_predictors=[ngram]",
+        ],
+    )
+    after = {stage.name: stage.fingerprint for stage in plan(edited)}
+    assert after["collect"] == base["collect"] and after["train:token"] == base["train:token"]
+    assert after["train:ngram"] != base["train:ngram"] and after["simulate"] != base["simulate"]
+    assert "train:combo" not in after
+
+
 def test_interrupted_run_resumes_without_redoing_work(tiny_checkpoints, tmp_path, monkeypatch):
     corpus = write_run_corpus(tmp_path / "c.jsonl")
     config = tiny_run_config(
-        None, tiny_checkpoints["olmoe"], corpus, offload=False, extra=("predictors.models=[{name: ngram}]", "offload.prefetch_predictors=[ngram]")
+        None,
+        tiny_checkpoints["olmoe"],
+        corpus,
+        offload=False,
+        extra=(
+            "predictors.models=[{name: ngram}]",
+            "offload.prefetch_predictors=[ngram]",
+            "simulate.prefetch_predictors=[ngram]",
+        ),
     )
     out = tmp_path / "out"
 

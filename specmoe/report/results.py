@@ -43,11 +43,34 @@ def load_run(run_dir: str | Path) -> dict:
     }
 
 
-def _closest(rows: list[dict], fraction: float) -> list[dict]:
+SIMULATION_KEYS = (
+    "policy",
+    "eviction",
+    "predictor",
+    "cache_fraction",
+    "tokens_per_s",
+    "hit_rate",
+    "stall_fraction",
+    "oracle_gap_closed",
+)
+OFFLOAD_KEYS = (
+    "policy",
+    "predictor",
+    "cache_fraction",
+    "tokens_per_s",
+    "hit_rate",
+    "stall_fraction",
+    "speedup_vs_on_demand",
+    "fraction_of_oracle",
+)
+
+
+def _headline_rows(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """Batch-1 rows at the fast-tier size nearest the headline one, trimmed to ``keys``."""
     if not rows:
         return []
-    best = min({r["cache_fraction"] for r in rows}, key=lambda f: abs(f - fraction))
-    return [r for r in rows if r["cache_fraction"] == best and r.get("batch_size", 1) == 1]
+    best = min({r["cache_fraction"] for r in rows}, key=lambda f: abs(f - HEADLINE_FRACTION))
+    return [{k: r[k] for k in keys} for r in rows if r["cache_fraction"] == best and r.get("batch_size", 1) == 1]
 
 
 def predictor_rows(metrics: dict[str, dict]) -> list[dict]:
@@ -107,43 +130,13 @@ def summarize(run_dir: Path, records: dict, *, command: str, seconds: float) -> 
             "simulated": True,
             "hardware": run["simulation"]["hardware"],
             "expert_bytes": run["simulation"]["expert_bytes"],
-            "rows": [
-                {
-                    k: r[k]
-                    for k in (
-                        "policy",
-                        "eviction",
-                        "predictor",
-                        "cache_fraction",
-                        "tokens_per_s",
-                        "hit_rate",
-                        "stall_fraction",
-                        "oracle_gap_closed",
-                    )
-                }
-                for r in _closest(run["simulation"]["rows"], HEADLINE_FRACTION)
-            ],
+            "rows": _headline_rows(run["simulation"]["rows"], SIMULATION_KEYS),
         }
     if run["offload"]:
         summary["offload"] = {
             "simulated": False,
             "what": "measured replay: recorded routing, random experts of a real shape read from disk",
             "expert_shape": run["offload"]["expert_shape"],
-            "rows": [
-                {
-                    k: r[k]
-                    for k in (
-                        "policy",
-                        "predictor",
-                        "cache_fraction",
-                        "tokens_per_s",
-                        "hit_rate",
-                        "stall_fraction",
-                        "speedup_vs_on_demand",
-                        "fraction_of_oracle",
-                    )
-                }
-                for r in _closest(run["offload"]["rows"], HEADLINE_FRACTION)
-            ],
+            "rows": _headline_rows(run["offload"]["rows"], OFFLOAD_KEYS),
         }
     return summary

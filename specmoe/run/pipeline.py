@@ -21,6 +21,7 @@ from pathlib import Path
 import typer
 import yaml
 
+from specmoe.errors import InputError
 from specmoe.run import stages
 from specmoe.run.config import RunConfig
 
@@ -95,10 +96,16 @@ def run_pipeline(config: RunConfig, out: Path, *, command: str = "") -> dict:
     from specmoe.report.build import write_report
     from specmoe.report.results import summarize
 
+    if out.is_dir() and any(out.iterdir()) and not (out / "stages.json").exists():
+        raise InputError(
+            f"{out} already holds files that no `specmoe run` wrote (no stages.json); choose another --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     ledger = RunLedger(out)
     steps = plan(config)
+    for name in set(ledger.records) - {stage.name for stage in steps}:  # e.g. a predictor no longer configured
+        del ledger.records[name]
     started = time.perf_counter()
     for index, stage in enumerate(steps, 1):
         fingerprint = stage.fingerprint

@@ -136,3 +136,9 @@ def test_config_for_another_architecture_is_refused(tiny_checkpoints, tmp_path):
     )
     with pytest.raises(InputError, match="is a 'olmoe' checkpoint; this config is for 'mixtral'"):
         run_pipeline(config, tmp_path / "out")
+
+
+def test_a_directory_that_is_not_a_run_is_refused(tmp_path):
+    (tmp_path / "traces").mkdir()
+    with pytest.raises(InputError, match="no `specmoe run` wrote"):
+        run_pipeline(load_run_config(), tmp_path)

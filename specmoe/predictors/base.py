@@ -51,9 +51,15 @@ class ExpertPredictor:
 
     # --- introspection ----------------------------------------------------------------
     def get_params(self) -> dict:
-        return {
-            name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters if name != "self"
-        }
+        """Constructor arguments, from every ``__init__`` along the class hierarchy (a subclass
+        may pass some on to its base as ``**kwargs``)."""
+        names: dict[str, None] = {}
+        for cls in type(self).__mro__:
+            if "__init__" in vars(cls) and cls is not object:
+                for name, param in inspect.signature(cls.__init__).parameters.items():
+                    if name != "self" and param.kind is not inspect.Parameter.VAR_KEYWORD:
+                        names.setdefault(name)
+        return {name: getattr(self, name) for name in names}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Fitted state as named tensors (what ``save`` writes)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -53,8 +55,11 @@ class TorchPredictor(ExpertPredictor):
     """An :class:`ExpertPredictor` whose state is an ``nn.Module`` (``module_``).
 
     Subclasses implement :meth:`build_module`; training settings are constructor arguments
-    so they are saved with the predictor and a rerun reproduces it.
+    so they are saved with the predictor and a rerun reproduces it. A subclass takes them as
+    ``**training`` and states only the defaults it changes in ``training_defaults``.
     """
+
+    training_defaults: ClassVar[dict] = {}
 
     def __init__(
         self,

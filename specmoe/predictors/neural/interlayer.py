@@ -12,6 +12,8 @@ mask: a fully masked row is what made the seed's multi-scale model produce NaN.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from dataclasses import replace
 
 import torch
@@ -163,6 +165,7 @@ class InterLayerPredictor(TorchPredictor):
 
     name = "interlayer"
     context_windows: tuple[int, ...] = ()
+    training_defaults: ClassVar[dict] = {"lr": 5e-4, "batch_size": 512}
 
     def __init__(
         self,
@@ -182,29 +185,9 @@ class InterLayerPredictor(TorchPredictor):
         subsample: float = 1.0,
         mixup: float = 0.0,
         embedding_noise: float = 0.0,
-        epochs: int = 10,
-        lr: float = 5e-4,
-        weight_decay: float = 0.01,
-        batch_size: int = 512,
-        warmup_fraction: float = 0.05,
-        grad_clip: float = 1.0,
-        patience: int = 3,
-        max_steps_per_epoch: int | None = None,
-        seed: int = 0,
+        **training,
     ):
-        super().__init__(
-            horizons=horizons,
-            epochs=epochs,
-            lr=lr,
-            weight_decay=weight_decay,
-            batch_size=batch_size,
-            warmup_fraction=warmup_fraction,
-            grad_clip=grad_clip,
-            patience=patience,
-            max_steps_per_epoch=max_steps_per_epoch,
-            focal_gamma=focal_gamma,
-            seed=seed,
-        )
+        super().__init__(horizons=horizons, focal_gamma=focal_gamma, **(self.training_defaults | training))
         self.context_layers = context_layers
         self.d_model, self.heads, self.ff, self.depth = d_model, heads, ff, depth
         self.memory_slots, self.neighbour_tokens, self.dropout = memory_slots, neighbour_tokens, dropout

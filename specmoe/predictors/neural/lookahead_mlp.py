@@ -3,6 +3,8 @@ predicting layers l+1..l+H (the learned counterpart of :class:`RouterLookaheadPr
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import nn
 
 from specmoe.predictors.data import Context
@@ -51,6 +53,7 @@ class LookaheadModule(PredictorModule):
 
 class LookaheadMLPPredictor(TorchPredictor):
     name = "lookahead-mlp"
+    training_defaults: ClassVar[dict] = {"batch_size": 512}
 
     def __init__(
         self,
@@ -60,30 +63,9 @@ class LookaheadMLPPredictor(TorchPredictor):
         width: int = 256,
         context_layers: int = 2,
         dropout: float = 0.1,
-        epochs: int = 10,
-        lr: float = 1e-3,
-        weight_decay: float = 0.01,
-        batch_size: int = 512,
-        warmup_fraction: float = 0.05,
-        grad_clip: float = 1.0,
-        patience: int = 3,
-        max_steps_per_epoch: int | None = None,
-        focal_gamma: float = 0.0,
-        seed: int = 0,
+        **training,
     ):
-        super().__init__(
-            horizons=horizons,
-            epochs=epochs,
-            lr=lr,
-            weight_decay=weight_decay,
-            batch_size=batch_size,
-            warmup_fraction=warmup_fraction,
-            grad_clip=grad_clip,
-            patience=patience,
-            max_steps_per_epoch=max_steps_per_epoch,
-            focal_gamma=focal_gamma,
-            seed=seed,
-        )
+        super().__init__(horizons=horizons, **(self.training_defaults | training))
         self.hidden, self.width, self.context_layers, self.dropout = hidden, width, context_layers, dropout
 
     @property

@@ -6,6 +6,17 @@ from tests.tiny_models import save_tiny_checkpoint
 from tests.tiny_runs import tiny_run_config, write_run_corpus
 
 
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """Local checkpoint directories of tiny models, keyed by model_type."""

@@ -1,8 +1,10 @@
 """``specmoe bench offload``: measured decoding speed per policy and fast-tier size.
 
 Routing comes from a trace store's test split (recorded from a real model); experts have a
-real model's shape with random bf16 weights, on this machine's disk with the page cache
-bypassed (see :mod:`specmoe.offload.replay_engine`). The oracle reads the recorded future.
+real model's shape with random bf16 weights (see :mod:`specmoe.offload.replay_engine`). On
+``device="cpu"`` they sit on this machine's disk, read with the page cache bypassed, into a
+RAM cache; on ``cuda`` they sit in pinned host memory and the cache is on the GPU. The
+oracle prefetches the recorded future and evicts by it (Belady).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specmoe.offload.replay_engine import replay, write_random_experts
+from specmoe.errors import InputError
+from specmoe.offload.replay_engine import random_experts, replay
 from specmoe.predictors.base import load_predictor
 from specmoe.predictors.data import TraceDataset
 from specmoe.traces.store import TraceStore
@@ -44,15 +47,24 @@ def benchmark_offload(
     split_seed: int = 0,
     experts_dir: Path | None = None,
     repeats: int = 3,
+    warmup: int = 0,
+    device: str = "cpu",
 ) -> dict:
+    if device.split(":")[0] == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: this machine has no CUDA GPU")
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise InputError(f"--device must be cpu or cuda[:i], got {device!r}")
     store = TraceStore.open(traces)
     model = store.manifest.model
     layers = model.stacks[store.default_stack()].num_layers
-    routing, gate_weights, token_ids = _test_tokens(store, tokens, split_seed)
+    routing, gate_weights, token_ids = _test_tokens(store, warmup + tokens, split_seed)
+    if len(routing) <= warmup:
+        raise InputError(f"the test split has {len(routing)} tokens, not enough for --warmup {warmup} + tokens")
     predictors = [load_predictor(d) for d in predictor_dirs]
+    slow_tier = "disk" if device == "cpu" else "host"
     rows = []
     with tempfile.TemporaryDirectory(dir=experts_dir) as tmp:
-        files = write_random_experts(Path(tmp), layers, model.num_experts, hidden, ffn)
+        files = random_experts(slow_tier, layers, model.num_experts, hidden, ffn, directory=Path(tmp))
         expert_bytes = files.expert_nbytes(0)
         total = layers * model.num_experts * expert_bytes
         runs = [("on-demand", None, "lru"), ("lru", None, "lru"), ("lfu", None, "lfu")]
@@ -78,6 +90,8 @@ def benchmark_offload(
                     budget=2 * model.top_k,
                     num_experts=model.num_experts,
                     eviction=eviction,
+                    device=device,
+                    warmup=warmup,
                 )
                 result.policy = label
                 timings[int(i)].append(result)
@@ -103,10 +117,11 @@ def benchmark_offload(
         "num_layers": layers,
         "num_experts": model.num_experts,
         "top_k": model.top_k,
-        "tokens": len(routing),
+        "tokens": len(routing) - warmup,
+        "warmup_tokens": warmup,
         "repeats": repeats,
-        "slow_tier": "disk, O_DIRECT or page cache dropped",
-        "fast_tier": "RAM",
+        "slow_tier": "disk, O_DIRECT or page cache dropped" if slow_tier == "disk" else "pinned host memory",
+        "fast_tier": "RAM" if device == "cpu" else f"GPU memory ({torch.cuda.get_device_name(device)})",
         "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
         "rows": rows,
     }

@@ -76,8 +76,12 @@ def bench_offload(
     repeats: Annotated[int, typer.Option(help="Runs per configuration, in shuffled order; the median is kept.")] = 3,
     experts_dir: Annotated[Path | None, typer.Option(help="Where the expert files go (a real disk).")] = None,
     split_seed: Annotated[int, typer.Option(help="Seed of the document split whose test part is replayed.")] = 0,
+    warmup: Annotated[int, typer.Option(help="Decode steps before the clock starts (they fill the cache).")] = 0,
+    device: Annotated[
+        str, typer.Option(help="cpu: experts on disk, cache in RAM. cuda: experts in pinned RAM, cache on the GPU.")
+    ] = "cpu",
 ) -> None:
-    """Measured tokens/s per policy: real recorded routing, experts of a real shape on disk."""
+    """Measured tokens/s per policy: real recorded routing, experts of a real shape in a slow tier."""
     from specmoe.bench.offload import benchmark_offload
 
     hidden, ffn = (int(x) for x in expert_shape.split(","))
@@ -92,6 +96,8 @@ def bench_offload(
         experts_dir=experts_dir,
         repeats=repeats,
         split_seed=split_seed,
+        warmup=warmup,
+        device=device,
     )
     report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,10 +19,14 @@ def serve_command(
     predictor_dir: Annotated[Path | None, typer.Option(help="Routing predictor that drives prefetch.")] = None,
     lookahead: Annotated[int, typer.Option(help="Prefetch layers l+1..l+H.")] = 1,
     experts_dir: Annotated[Path | None, typer.Option(help="Where expert files go (default: a temp dir).")] = None,
+    device: Annotated[
+        str, typer.Option(help="cpu: experts on disk, cache in RAM. cuda: experts in pinned RAM, cache on the GPU.")
+    ] = "cpu",
     trust_remote_code: Annotated[bool, typer.Option()] = False,
 ) -> None:
-    """Greedy generation with routed experts in files on disk (read with the page cache
-    bypassed) and a byte-budgeted RAM cache; prints the text and the runtime's counters."""
+    """Greedy generation with routed experts offloaded to a slow tier (disk read with the page
+    cache bypassed, or pinned host memory for a GPU) and a byte-budgeted fast-tier cache;
+    prints the text and the runtime's counters."""
     import torch
 
     from specmoe.models.loading import load_model
@@ -34,13 +38,14 @@ def serve_command(
     with tempfile.TemporaryDirectory() as tmp:
         runtime = OffloadRuntime(
             loaded,
-            experts_dir or Path(tmp) / "experts",
             int(budget_mb * 2**20),
+            device=device,
+            experts_dir=experts_dir or Path(tmp) / "experts",
             predictor=predictor,
             lookahead=lookahead,
         )
         try:
-            ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
+            ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids.to(runtime.device)
             start = time.perf_counter()
             with torch.no_grad():
                 out = loaded.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)

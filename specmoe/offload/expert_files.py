@@ -9,7 +9,6 @@ every read, so a later read goes to the device again.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,9 @@ class ExpertLayout:
 
 class ExpertFiles:
     """Read access to experts written by :meth:`write`. Keys are ``(layer_idx, expert_idx)``."""
+
+    fresh_reads = True
+    """Every ``read`` returns newly read tensors, which the fast tier can keep as they are."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
@@ -91,26 +93,28 @@ class ExpertFiles:
         """Read one expert from disk (never from the page cache); returns new CPU tensors."""
         layout = self.layout[layer]
         fd, direct = self._fd(layer)
-        buffer = mmap.mmap(-1, layout.stride)  # page-aligned, as O_DIRECT requires
         offset = expert * layout.stride
+        # Straight into a 4 KiB-aligned slice of a fresh tensor: O_DIRECT needs the alignment,
+        # and reading in place (no bytes objects) keeps the GIL free while the disk works.
+        raw = torch.empty(layout.stride + ALIGN, dtype=torch.uint8)
+        start = (-raw.data_ptr()) % ALIGN
+        buffer = raw[start : start + layout.stride]
         try:
-            got = os.preadv(fd, [buffer], offset)
+            got = os.preadv(fd, [buffer.numpy()], offset)
         except OSError:  # O_DIRECT refused for this read: fall back to a cached read + drop
             os.close(fd)
             self._fds[layer] = fd = os.open(str(self.directory / f"layer-{layer:04d}.bin"), os.O_RDONLY)
-            got = os.preadv(fd, [buffer], offset)
+            got = os.preadv(fd, [buffer.numpy()], offset)
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, offset, layout.stride, os.POSIX_FADV_DONTNEED)
         if got < layout.nbytes:
             raise OSError(f"{self.directory}: short read of expert ({layer}, {expert}): {got} bytes")
-        dtype = getattr(torch, layout.dtype)
-        flat = torch.frombuffer(bytearray(buffer[: layout.nbytes]), dtype=dtype)
+        flat = buffer[: layout.nbytes].view(getattr(torch, layout.dtype))
         tensors, start = [], 0
         for shape in layout.shapes:
             count = int(torch.Size(shape).numel())
             tensors.append(flat[start : start + count].view(shape))
             start += count
-        buffer.close()
         return tensors
 
     def close(self) -> None:

@@ -2,10 +2,10 @@
 
 The built-in models' experts are kilobytes, too small for transfer cost to matter on a CPU
 machine. This engine replays routing recorded from a real model (the built-in one) while
-reading experts of a chosen real shape (random weights, bf16, on disk, page cache
-bypassed) and computing each expert's SwiGLU FFN on one token for real. Transfers,
-prefetching and compute are real; only the weights' values and the non-expert part of the
-model are not. Numbers from here say so.
+loading experts of a chosen real shape (random bf16 weights, on disk with the page cache
+bypassed, or in pinned host memory for a GPU) and computing each expert's SwiGLU FFN on one
+token for real. Transfers, prefetching and compute are real; only the weights' values and
+the non-expert part of the model are not. Numbers from here say so.
 """
 
 from __future__ import annotations
@@ -18,17 +18,19 @@ import numpy as np
 import torch
 
 from specmoe.offload.expert_files import ExpertFiles
-from specmoe.offload.runtime import FastTier, Prefetcher, RuntimeStats, fetch_expert
+from specmoe.offload.fast_tier import FastTier, Prefetcher, RuntimeStats, fetch_expert
+from specmoe.offload.tiers import HostExperts, SlowTier, Transfer
 from specmoe.predictors.data import IGNORE, Context
 
 
-def write_random_experts(
-    directory: Path, num_layers: int, num_experts: int, hidden: int, ffn: int, seed: int = 0
-) -> ExpertFiles:
-    """Random bf16 SwiGLU experts: gate_up (2F, D) and down (D, F) per expert. One random set
-    per layer is written for all its experts (drawing gigabytes of random numbers would take
-    longer than the benchmark); every expert still has its own place on disk and is read
-    separately, uncached."""
+def random_experts(
+    slow_tier: str, num_layers: int, num_experts: int, hidden: int, ffn: int, *, directory: Path | None, seed: int = 0
+) -> SlowTier:
+    """Random bf16 SwiGLU experts, gate_up (2F, D) and down (D, F) each, in a ``disk`` or
+    pinned ``host`` slow tier. One random set per layer serves all its experts (drawing
+    gigabytes of random numbers would take longer than the benchmark); on disk every expert
+    still has its own place and is read separately, uncached; in host memory every expert's
+    copy to the GPU is a full copy."""
     generator = torch.Generator().manual_seed(seed)
     layers = {}
     for layer in range(num_layers):
@@ -37,7 +39,9 @@ def write_random_experts(
             (torch.randn(hidden, ffn, generator=generator) * ffn**-0.5).bfloat16(),
         ]
         layers[layer] = [shared] * num_experts
-    return ExpertFiles.write(directory, layers)
+    if slow_tier == "disk":
+        return ExpertFiles.write(directory, layers)
+    return HostExperts(layers, pin=torch.cuda.is_available())
 
 
 @dataclass
@@ -70,7 +74,7 @@ class ReplayResult:
 
 
 def replay(
-    files: ExpertFiles,
+    slow: SlowTier,
     routing: np.ndarray,
     gate_weights: np.ndarray,
     token_ids: np.ndarray,
@@ -82,9 +86,14 @@ def replay(
     budget: int = 2,
     num_experts: int,
     eviction: str = "lru",
+    device: str = "cpu",
+    warmup: int = 0,
 ) -> ReplayResult:
-    """Decode ``routing`` (T tokens, L layers, k) one token at a time."""
+    """Decode ``routing`` (T tokens, L layers, k) one token at a time on ``device``. The first
+    ``warmup`` tokens fill the cache and are neither timed nor counted."""
     tokens, layers, top_k = routing.shape
+    if not 0 <= warmup < tokens:
+        raise ValueError(f"warmup must be in [0, {tokens}) for {tokens} tokens, got {warmup}")
     stats = RuntimeStats()
     future = None
     if eviction == "belady":
@@ -93,13 +102,18 @@ def replay(
             for layer in range(layers):
                 for e in {int(x) for x in routing[t, layer] if x >= 0}:
                     future.setdefault((layer, e), []).append(t * layers + layer)
+    transfer = Transfer(slow, device)
     tier = FastTier(budget_bytes, stats, eviction, future)
-    prefetcher = Prefetcher(files, tier, stats) if policy in ("prefetch", "oracle") else None
-    hidden = files.layout[0].shapes[0][1]
-    x = torch.randn(1, hidden)
+    prefetcher = Prefetcher(transfer, tier, stats) if policy in ("prefetch", "oracle") else None
+    hidden = slow.read(0, 0)[0].shape[1]
+    x = torch.randn(1, hidden, device=transfer.device)
     start = time.perf_counter()
     try:
         for t in range(tokens):
+            if t == warmup:
+                _synchronize(transfer.device)
+                stats.__init__()  # counters restart; the cache keeps what warm-up put there
+                start = time.perf_counter()
             for layer in range(layers):
                 needed = sorted({int(e) for e in routing[t, layer] if e >= 0})
                 tier.position = t * layers + layer
@@ -123,7 +137,7 @@ def replay(
                     tier.pinned = set(keys)
                 out = torch.zeros_like(x)
                 for key in keys:
-                    weights = fetch_expert(tier, prefetcher, files, stats, key)
+                    weights = fetch_expert(tier, prefetcher, transfer, stats, key)
                     gate_up, down = weights[0].float(), weights[1].float()
                     gate, up = (x @ gate_up.T).chunk(2, dim=-1)
                     out += (torch.nn.functional.silu(gate) * up) @ down.T
@@ -132,12 +146,18 @@ def replay(
                     tier.pinned = set()
                 if policy == "on-demand":
                     tier.clear()
+        _synchronize(transfer.device)
     finally:
         if prefetcher is not None:
             prefetcher.close()
     seconds = time.perf_counter() - start
-    result = stats.to_dict() | {"expert_bytes": files.expert_nbytes(0)}
-    return ReplayResult(policy, getattr(predictor, "name", None), budget_bytes, tokens, seconds, result)
+    result = stats.to_dict() | {"expert_bytes": slow.expert_nbytes(0)}
+    return ReplayResult(policy, getattr(predictor, "name", None), budget_bytes, tokens - warmup, seconds, result)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _wanted(routing, gate_weights, token_ids, t, layer, policy, predictor, lookahead, budget, num_experts):

@@ -11,9 +11,6 @@ costs a wasted read, never a wrong result.
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,185 +20,9 @@ from torch.func import functional_call
 
 from specmoe.errors import InputError
 from specmoe.models.loading import LoadedModel
-from specmoe.offload.cache import LFU, LRU, Belady
 from specmoe.offload.expert_files import ExpertFiles
-
-Key = tuple[int, int]
-
-
-@dataclass
-class RuntimeStats:
-    hits: int = 0
-    misses: int = 0
-    late: int = 0
-    """Needed while its prefetch was still reading."""
-    demand_reads: int = 0
-    prefetch_reads: int = 0
-    wasted_prefetches: int = 0
-    bytes_read: int = 0
-    stall_s: float = 0.0
-    peak_bytes: int = 0
-    prefetch_requests: int = 0
-
-    def to_dict(self) -> dict:
-        accesses = self.hits + self.misses + self.late
-        return {**self.__dict__, "hit_rate": self.hits / max(accesses, 1)}
-
-
-class FastTier:
-    """Expert tensors in fast memory, never more than ``budget_bytes``; LRU eviction of
-    experts not pinned by the running layer. Thread-safe."""
-
-    def __init__(
-        self,
-        budget_bytes: int,
-        stats: RuntimeStats,
-        eviction: str = "lru",
-        future_uses: dict[Key, list[int]] | None = None,
-    ):
-        self.budget = budget_bytes
-        self.stats = stats
-        self.entries: dict[Key, tuple[list[torch.Tensor], int]] = {}
-        self.used = 0
-        self.pinned: set[Key] = set()
-        self.unused_prefetch: set[Key] = set()
-        if eviction == "belady":
-            if future_uses is None:
-                raise ValueError("Belady eviction needs the future: pass future_uses")
-            self.policy = Belady(future_uses)
-        else:
-            self.policy = {"lru": LRU, "lfu": LFU}[eviction]()
-        self.position = 0
-        """Where decoding is (step * layers + layer); Belady measures next uses from here."""
-        self.clock = 0
-        self.lock = threading.RLock()
-
-    def get(self, key: Key):
-        with self.lock:
-            entry = self.entries.get(key)
-            if entry is not None:
-                self.clock += 1
-                self.policy.on_use(key, self.clock)
-                self.unused_prefetch.discard(key)
-            return None if entry is None else entry[0]
-
-    def get_nowait(self, key: Key):
-        """Like :meth:`get` but without counting a use (for the prefetcher's checks)."""
-        with self.lock:
-            entry = self.entries.get(key)
-            return None if entry is None else entry[0]
-
-    def clear(self) -> None:
-        """Drop everything not pinned (the on-demand floor keeps nothing between layers)."""
-        with self.lock:
-            for key in [k for k in self.entries if k not in self.pinned]:
-                self.used -= self.entries.pop(key)[1]
-
-    def put(self, key: Key, tensors: list[torch.Tensor], nbytes: int, *, prefetch: bool) -> bool:
-        with self.lock:
-            if key in self.entries:
-                return True
-            while self.used + nbytes > self.budget:
-                candidates = [k for k in self.entries if k not in self.pinned]
-                if not candidates:
-                    return False
-                now = self.position if isinstance(self.policy, Belady) else self.clock
-                victim = self.policy.victim(candidates, now)
-                self.used -= self.entries.pop(victim)[1]
-                if victim in self.unused_prefetch:
-                    self.unused_prefetch.discard(victim)
-                    self.stats.wasted_prefetches += 1
-            self.entries[key] = (tensors, nbytes)
-            self.used += nbytes
-            self.clock += 1
-            self.policy.on_use(key, self.clock)
-            if prefetch:
-                self.unused_prefetch.add(key)
-            self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
-            return True
-
-
-class Prefetcher:
-    """A background thread reading requested experts into the fast tier, in request order."""
-
-    def __init__(self, files: ExpertFiles, tier: FastTier, stats: RuntimeStats):
-        self.files, self.tier, self.stats = files, tier, stats
-        self.queue: deque[Key] = deque()
-        self.in_flight: dict[Key, threading.Event] = {}
-        self.cond = threading.Condition()
-        self.stopped = False
-        self.thread = threading.Thread(target=self._run, name="specmoe-prefetch", daemon=True)
-        self.thread.start()
-
-    def request(self, keys: list[Key]) -> None:
-        with self.cond:
-            for key in keys:
-                if key not in self.in_flight and self.tier.get_nowait(key) is None:
-                    self.in_flight[key] = threading.Event()
-                    self.queue.append(key)
-                    self.stats.prefetch_requests += 1
-            self.cond.notify()
-
-    def wait_for(self, key: Key) -> bool:
-        """Block until an in-flight prefetch of ``key`` finishes; False if none is in flight."""
-        with self.cond:
-            event = self.in_flight.get(key)
-            if event is not None and key in self.queue:  # not started yet: the caller reads it itself
-                self.queue.remove(key)
-                del self.in_flight[key]
-                event.set()
-                return False
-        if event is None:
-            return False
-        event.wait()
-        return True
-
-    def _run(self) -> None:
-        while True:
-            with self.cond:
-                while not self.queue and not self.stopped:
-                    self.cond.wait()
-                if self.stopped:
-                    return
-                key = self.queue.popleft()
-            tensors = self.files.read(*key)
-            nbytes = self.files.expert_nbytes(key[0])
-            if self.tier.put(key, tensors, nbytes, prefetch=True):
-                self.stats.prefetch_reads += 1
-                self.stats.bytes_read += nbytes
-            with self.cond:
-                self.in_flight.pop(key).set()
-
-    def close(self) -> None:
-        with self.cond:
-            self.stopped = True
-            self.cond.notify()
-        self.thread.join(timeout=5)
-
-
-def fetch_expert(
-    tier: FastTier, prefetcher: Prefetcher | None, files: ExpertFiles, stats: RuntimeStats, key: Key
-) -> list[torch.Tensor]:
-    """One expert's tensors: from the fast tier (hit), from a prefetch still reading (late),
-    or read now from the slow tier (miss). Waiting and reading count as stall time."""
-    tensors = tier.get(key)
-    if tensors is not None:
-        stats.hits += 1
-        return tensors
-    began = time.perf_counter()
-    if prefetcher is not None and prefetcher.wait_for(key):
-        tensors = tier.get(key)
-        if tensors is not None:
-            stats.late += 1
-            stats.stall_s += time.perf_counter() - began
-            return tensors
-    tensors = files.read(*key)
-    stats.stall_s += time.perf_counter() - began
-    stats.misses += 1
-    stats.demand_reads += 1
-    stats.bytes_read += files.expert_nbytes(key[0])
-    tier.put(key, tensors, files.expert_nbytes(key[0]), prefetch=False)
-    return tensors
+from specmoe.offload.fast_tier import EVICTIONS, FastTier, Prefetcher, RuntimeStats, fetch_expert
+from specmoe.offload.tiers import HostExperts, Key, Transfer
 
 
 @dataclass
@@ -229,8 +50,9 @@ class OffloadedExperts(nn.Module):
         tensors = runtime.fetch(binding.layer_idx, needed)
         # The experts run on a compact stack of just the needed experts; ids are remapped to it.
         params = {name: torch.stack([tensors[e][i] for e in needed]) for i, name in enumerate(binding.names)}
-        remap = torch.full((runtime.num_experts + 1,), runtime.num_experts, dtype=torch.long)
-        remap[torch.tensor(needed, dtype=torch.long)] = torch.arange(len(needed))
+        device = hidden_states.device
+        remap = torch.full((runtime.num_experts + 1,), runtime.num_experts, dtype=torch.long, device=device)
+        remap[torch.tensor(needed, dtype=torch.long, device=device)] = torch.arange(len(needed), device=device)
         if "top_k_index" in kwargs:
             kwargs = {**kwargs, "top_k_index": remap[kwargs["top_k_index"]]}
         else:
@@ -245,25 +67,32 @@ class OffloadRuntime:
 
     Args:
         loaded: a model from :func:`specmoe.models.loading.load_model` (or ``wrap_model``).
-        directory: where expert files are written (the slow tier).
         budget_bytes: fast-tier capacity; never exceeded.
+        device: where the model runs and the fast tier lives (``cpu`` or ``cuda[:i]``).
+        slow_tier: ``disk`` (expert files in ``experts_dir``, read with the page cache
+            bypassed) or ``host`` (host memory, pinned when ``device`` is a GPU). Default:
+            disk on CPU, host on a GPU.
         predictor: an :class:`ExpertPredictor` over routing (prefetch after each layer's routing).
         lookahead, budget, threshold: prefetch layers l+1..l+lookahead, at most ``budget``
             experts per layer, each with probability >= ``threshold``.
         oracle: recorded routing ``oracle[step][layer] -> list of experts`` to prefetch instead.
+        eviction: ``lru``, ``lfu`` or ``belady`` (needs ``oracle``: the future it evicts by).
     """
 
     def __init__(
         self,
         loaded: LoadedModel,
-        directory: str | Path,
         budget_bytes: int,
         *,
+        device: str | torch.device = "cpu",
+        slow_tier: str | None = None,
+        experts_dir: str | Path | None = None,
         predictor=None,
         lookahead: int = 1,
         budget: int | None = None,
         threshold: float = 0.0,
         oracle=None,
+        eviction: str = "lru",
     ):
         if len(loaded.stacks) != 1:
             raise InputError(
@@ -281,6 +110,16 @@ class OffloadRuntime:
             raise InputError(
                 f"runtime prefetch uses routing-only predictors; {predictor.name} needs hidden states or earlier tokens"
             )
+        if eviction not in EVICTIONS:
+            raise InputError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
+        if eviction == "belady" and oracle is None:
+            raise InputError("Belady eviction needs the future routing: pass oracle=")
+        self.device = _fast_device(device)
+        slow_tier = slow_tier or ("disk" if self.device.type == "cpu" else "host")
+        if slow_tier not in ("disk", "host"):
+            raise InputError(f"slow_tier must be disk or host, got {slow_tier!r}")
+        if slow_tier == "disk" and experts_dir is None:
+            raise InputError("the disk slow tier needs experts_dir: where to write the expert files")
         self.loaded = loaded
         self.layers = loaded.layers
         self.num_experts, self.top_k = loaded.num_experts, loaded.top_k
@@ -288,15 +127,25 @@ class OffloadRuntime:
         self.predictor, self.lookahead, self.threshold, self.oracle = predictor, lookahead, threshold, oracle
         self.budget = budget or 2 * loaded.top_k
         self._bindings = [self._binding(layer) for layer in self.layers]
-        self.files = self._write_experts(Path(directory))
-        largest = max(self.files.expert_nbytes(i) for i in range(len(self.layers)))
+        experts = self._expert_tensors()
+        if slow_tier == "disk":
+            slow = ExpertFiles.write(Path(experts_dir), experts)
+        else:
+            slow = HostExperts(experts, pin=self.device.type == "cuda")
+        self.transfer = Transfer(slow, self.device)
+        largest = max(slow.expert_nbytes(i) for i in range(len(self.layers)))
         if budget_bytes < largest:
             raise InputError(f"fast-tier budget {budget_bytes} B is smaller than one expert ({largest} B)")
-        self.tier = FastTier(budget_bytes, self.stats)
-        self.prefetcher = Prefetcher(self.files, self.tier, self.stats) if (predictor or oracle) else None
+        future = _future_uses(oracle, len(self.layers)) if eviction == "belady" else None
+        self.tier = FastTier(budget_bytes, self.stats, eviction, future)
+        self.prefetcher = Prefetcher(self.transfer, self.tier, self.stats) if (predictor or oracle) else None
         self.loaded.model.config._experts_implementation = "eager"
         self._swap_in()
+        self.loaded.model.to(self.device)  # everything but the routed experts is resident
         self.step = 0
+        self.routing_log: list[list[list[int]]] = []
+        """The experts each forward call needed, per layer: pass it as ``oracle`` to a later
+        runtime that decodes the same prompt."""
         self._history: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._token_ids = torch.zeros(0, dtype=torch.long)
         self._input_hook = loaded.model.register_forward_pre_hook(self._on_input, with_kwargs=True)
@@ -322,12 +171,12 @@ class OffloadRuntime:
             )
         return _LayerBinding(layer.layer_idx, names)
 
-    def _write_experts(self, directory: Path) -> ExpertFiles:
+    def _expert_tensors(self) -> dict[int, list[list[torch.Tensor]]]:
         per_layer = {}
         for layer, binding in zip(self.layers, self._bindings):
             params = dict(layer.block.experts.named_parameters(recurse=False))
             per_layer[layer.layer_idx] = [[params[n][e] for n in binding.names] for e in range(self.num_experts)]
-        return ExpertFiles.write(directory, per_layer)
+        return per_layer
 
     def _swap_in(self) -> None:
         for layer, binding in zip(self.layers, self._bindings):
@@ -339,11 +188,15 @@ class OffloadRuntime:
 
     # --- per call ---------------------------------------------------------------------
     def fetch(self, layer: int, experts: list[int]) -> dict[int, list[torch.Tensor]]:
+        if layer == 0:
+            self.routing_log.append([])
+        self.routing_log[-1].append(list(experts))
         keys = [(layer, e) for e in experts]
         with self.tier.lock:
-            fits = len(keys) * self.files.expert_nbytes(layer) <= self.tier.budget
+            fits = len(keys) * self.transfer.expert_nbytes(layer) <= self.tier.budget
             self.tier.pinned = set(keys) if fits else set()  # a layer wider than the tier streams through it
-        return {key[1]: fetch_expert(self.tier, self.prefetcher, self.files, self.stats, key) for key in keys}
+            self.tier.position = self.step * len(self.layers) + layer
+        return {key[1]: fetch_expert(self.tier, self.prefetcher, self.transfer, self.stats, key) for key in keys}
 
     def release(self, layer: int, experts: list[int]) -> None:
         with self.tier.lock:
@@ -355,7 +208,7 @@ class OffloadRuntime:
         """Layer ``layer``'s routing is known: queue prefetches for the next layers."""
         if layer == 0:
             self._history = []
-        self._history.append((ids, weights))
+        self._history.append((ids.cpu(), weights.cpu()))
         if self.prefetcher is None:
             return
         wanted: list[Key] = []
@@ -397,4 +250,23 @@ class OffloadRuntime:
         self._input_hook.remove()
         if self.prefetcher is not None:
             self.prefetcher.close()
-        self.files.close()
+        self.transfer.close()
+
+
+def _fast_device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device} was asked for, but this machine has no CUDA GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"the offload runtime runs on cpu or cuda, got {device}")
+    return device
+
+
+def _future_uses(oracle, num_layers: int) -> dict[Key, list[int]]:
+    """Positions (step * layers + layer) at which each expert is needed, from recorded routing."""
+    uses: dict[Key, list[int]] = {}
+    for step, layers in enumerate(oracle):
+        for layer, experts in enumerate(layers):
+            for e in sorted({int(x) for x in experts if x >= 0}):
+                uses.setdefault((layer, e), []).append(step * num_layers + layer)
+    return uses

@@ -230,13 +230,15 @@ def offload(config: RunConfig, out: Path) -> dict:
         split_seed=config.predictors.split_seed,
         repeats=o.repeats,
         experts_dir=out,
+        warmup=o.warmup,
+        device=o.device,
     )
     report["command"] = (
         f"specmoe bench offload --traces {out / 'traces'} --json {out / 'offload' / 'offload.json'} "
         + "".join(f"--predictor-dir {directory} " for _, directory in predictors.values())
-        + f"--expert-shape {hidden},{ffn} --tokens {o.tokens} --repeats {o.repeats} "
+        + f"--expert-shape {hidden},{ffn} --tokens {o.tokens} --warmup {o.warmup} --repeats {o.repeats} "
         f"--cache-fractions {_csv(o.cache_fractions)} --lookahead {o.lookahead} --experts-dir {out} "
-        f"--split-seed {config.predictors.split_seed}"
+        f"--split-seed {config.predictors.split_seed} --device {o.device}"
     )
     (out / "offload").mkdir(exist_ok=True)
     (out / "offload" / "offload.json").write_text(json.dumps(report, indent=2))

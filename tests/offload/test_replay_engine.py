@@ -5,18 +5,18 @@ import numpy as np
 import pytest
 import torch
 
-from specmoe.offload.replay_engine import replay, write_random_experts
+from specmoe.offload.replay_engine import random_experts, replay
 from specmoe.predictors.registry import make_predictor
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="module", params=["disk", "host"])
+def setup(request, tmp_path_factory):
     rng = np.random.default_rng(0)
     layers, experts, k, tokens = 3, 8, 2, 12
     routing = np.stack([rng.permutation(experts)[:k] for _ in range(tokens * layers)]).reshape(tokens, layers, k)
     weights = np.full(routing.shape, 0.5, dtype=np.float32)
-    files = write_random_experts(tmp_path_factory.mktemp("experts"), layers, experts, hidden=32, ffn=16)
-    return files, routing, weights, np.arange(tokens)
+    slow = random_experts(request.param, layers, experts, 32, 16, directory=tmp_path_factory.mktemp("experts"))
+    return slow, routing, weights, np.arange(tokens)
 
 
 @pytest.mark.parametrize("policy", ["on-demand", "cache", "prefetch", "oracle"])
@@ -55,3 +55,34 @@ def test_belady_reads_no_more_than_lru(setup):
                     eviction="belady")
     assert belady.stats["bytes_read"] <= lru.stats["bytes_read"]
     assert belady.stats["peak_bytes"] <= budget
+
+
+def test_warmup_is_neither_timed_nor_counted(setup):
+    """With room for every expert, the measured part misses exactly the experts that warm-up
+    never touched."""
+    files, routing, weights, tokens = setup
+    warmup = 6
+    result = replay(
+        files, routing, weights, tokens, policy="cache", budget_bytes=10**9, num_experts=8, warmup=warmup
+    )
+    seen = {(layer, int(e)) for t in range(warmup) for layer in range(3) for e in routing[t, layer]}
+    later = {(layer, int(e)) for t in range(warmup, 12) for layer in range(3) for e in routing[t, layer]}
+    assert result.tokens == 12 - warmup
+    assert result.stats["hits"] + result.stats["misses"] == routing[warmup:].size
+    assert result.stats["misses"] == len(later - seen)
+    with pytest.raises(ValueError, match="warmup must be in"):
+        replay(files, routing, weights, tokens, policy="cache", budget_bytes=10**9, num_experts=8, warmup=12)
+
+
+@pytest.mark.gpu
+def test_host_to_gpu_replay_stays_within_budget_and_counts_every_access():
+    rng = np.random.default_rng(0)
+    routing = np.stack([rng.permutation(8)[:2] for _ in range(36)]).reshape(12, 3, 2)
+    slow = random_experts("host", 3, 8, 256, 512, directory=None)
+    budget = 4 * slow.expert_nbytes(0)
+    result = replay(
+        slow, routing, np.full(routing.shape, 0.5, np.float32), np.arange(12),
+        policy="oracle", budget_bytes=budget, num_experts=8, device="cuda", eviction="belady",
+    )
+    assert 0 < result.stats["peak_bytes"] <= budget
+    assert result.stats["hits"] + result.stats["misses"] + result.stats["late"] == routing.size

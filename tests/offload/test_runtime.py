@@ -33,24 +33,38 @@ def _expert_bytes(model_type):
     return sum(p.numel() * p.element_size() for p in loaded.adapter.expert_parameters(loaded.layers[0], 0))
 
 
+TIERS = [
+    pytest.param("disk", "cpu", id="disk-cpu"),
+    pytest.param("host", "cpu", id="host-cpu"),
+    pytest.param("host", "cuda", id="host-cuda", marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize("slow_tier,device", TIERS)
 @pytest.mark.parametrize("model_type", FAMILIES)
 @pytest.mark.parametrize("slots", [1, 5, 64])
-def test_generation_matches_resident_model(model_type, slots, tmp_path):
+def test_generation_matches_resident_model(model_type, slots, slow_tier, device, tmp_path):
     prompt = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
-    resident = _resident(model_type)
+    resident = _resident(model_type).to(device)
     with torch.no_grad():
-        expected_logits = resident(prompt).logits
-        expected = resident.generate(prompt, max_new_tokens=6, do_sample=False)
+        expected_logits = resident(prompt.to(device)).logits
+        expected = resident.generate(prompt.to(device), max_new_tokens=6, do_sample=False)
     budget = slots * _expert_bytes(model_type)
     predictor = RandomPredictor(horizons=2) if slots == 5 else None
     runtime = OffloadRuntime(
-        wrap_model(model_type, tiny_model(model_type)), tmp_path / "experts", budget, predictor=predictor, lookahead=2
+        wrap_model(model_type, tiny_model(model_type)),
+        budget,
+        device=device,
+        slow_tier=slow_tier,
+        experts_dir=tmp_path / "experts",
+        predictor=predictor,
+        lookahead=2,
     )
     model = runtime.loaded.model
     try:
         with torch.no_grad():
-            torch.testing.assert_close(model(prompt).logits, expected_logits, rtol=1e-5, atol=1e-5)
-            assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), expected)
+            torch.testing.assert_close(model(prompt.to(device)).logits, expected_logits, rtol=1e-5, atol=1e-5)
+            assert torch.equal(model.generate(prompt.to(device), max_new_tokens=6, do_sample=False), expected)
     finally:
         runtime.close()
     assert 0 < runtime.stats.peak_bytes <= budget
@@ -59,10 +73,43 @@ def test_generation_matches_resident_model(model_type, slots, tmp_path):
         assert runtime.stats.prefetch_requests > 0
 
 
+@pytest.mark.parametrize("slow_tier,device", TIERS)
+def test_oracle_from_a_recorded_run_prefetches_exactly_what_is_needed(slow_tier, device, tmp_path):
+    """Routing logged by one run of a prompt, replayed as the oracle of a second run with
+    Belady eviction: same output; with room for every expert, each expert of layers >= 1 is
+    requested ahead of its first use, and each expert is read exactly once (by the prefetcher,
+    or on demand when the prefetcher had not started on it yet)."""
+    prompt = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1)).to(device)
+    runs = {}
+    for name in ("record", "oracle"):
+        oracle = runs["record"][1] if name == "oracle" else None
+        runtime = OffloadRuntime(
+            wrap_model("mixtral", tiny_model("mixtral")),
+            10**9,
+            device=device,
+            slow_tier=slow_tier,
+            experts_dir=tmp_path / name,
+            oracle=oracle,
+            eviction="belady" if oracle else "lru",
+        )
+        try:
+            with torch.no_grad():
+                out = runtime.loaded.model.generate(prompt, max_new_tokens=5, do_sample=False)
+        finally:
+            runtime.close()
+        runs[name] = (out, runtime.routing_log, runtime.stats)
+    (recorded, log, _), (replayed, log_again, stats) = runs["record"], runs["oracle"]
+    assert torch.equal(recorded, replayed) and log == log_again
+    needed = {(layer, e) for step in log for layer, experts in enumerate(step) for e in experts}
+    assert stats.prefetch_requests == len({key for key in needed if key[0] > 0})
+    assert stats.prefetch_reads + stats.demand_reads == len(needed)
+    assert stats.wasted_prefetches == 0
+
+
 def test_resident_expert_weights_are_freed(tmp_path):
     loaded = wrap_model("olmoe", tiny_model("olmoe"))
     before = sum(p.numel() for p in loaded.model.parameters())
-    runtime = OffloadRuntime(loaded, tmp_path / "e", 10 * _expert_bytes("olmoe"))
+    runtime = OffloadRuntime(loaded, 10 * _expert_bytes("olmoe"), experts_dir=tmp_path / "e")
     after = sum(p.numel() for p in loaded.model.parameters())
     runtime.close()
     # 2 MoE layers x 8 experts x (gate_up 2F x D + down D x F), F = 16, D = 32
@@ -70,16 +117,22 @@ def test_resident_expert_weights_are_freed(tmp_path):
 
 
 def test_budget_below_one_expert_and_unsupported_family_are_clear_errors(tmp_path):
+    with pytest.raises(InputError, match="needs experts_dir"):
+        OffloadRuntime(wrap_model("olmoe", tiny_model("olmoe")), 10**6)
+    with pytest.raises(InputError, match="Belady eviction needs the future"):
+        OffloadRuntime(wrap_model("olmoe", tiny_model("olmoe")), 10**6, experts_dir=tmp_path, eviction="belady")
     with pytest.raises(InputError, match="smaller than one expert"):
-        OffloadRuntime(wrap_model("olmoe", tiny_model("olmoe")), tmp_path / "a", 10)
+        OffloadRuntime(wrap_model("olmoe", tiny_model("olmoe")), 10, experts_dir=tmp_path / "a")
     with pytest.raises(InputError, match="single-stack"):
-        OffloadRuntime(wrap_model("switch", tiny_model("switch_transformers")), tmp_path / "b", 10**6)
+        OffloadRuntime(wrap_model("switch", tiny_model("switch_transformers")), 10**6, experts_dir=tmp_path)
     with pytest.raises(InputError, match="not supported yet"):
-        OffloadRuntime(wrap_model("jet", tiny_model("jetmoe")), tmp_path / "c", 10**6)
+        OffloadRuntime(wrap_model("jet", tiny_model("jetmoe")), 10**6, experts_dir=tmp_path)
 
 
 def test_predictor_for_another_model_is_refused(tmp_path):
     predictor = RandomPredictor(horizons=1)
     predictor.fitted_meta = lambda: {"num_layers": 6, "num_experts": 128}
     with pytest.raises(InputError, match="fitted for 6 MoE layers x 128 experts"):
-        OffloadRuntime(wrap_model("olmoe", tiny_model("olmoe")), tmp_path / "e", 10**6, predictor=predictor)
+        OffloadRuntime(
+            wrap_model("olmoe", tiny_model("olmoe")), 10**6, experts_dir=tmp_path, predictor=predictor
+        )

@@ -1,0 +1,202 @@
+"""The measured fast tier shared by the runtime and the replay benchmark: a byte-budgeted
+expert cache, a background prefetcher, and the demand path that falls back to the slow tier.
+
+Stall time is host time spent waiting for an expert: a demand read, or a prefetch still in
+flight (on a GPU, its copy event is waited on so the stall is seen, not hidden in the stream).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from specmoe.offload.cache import LFU, LRU, Belady
+from specmoe.offload.tiers import Key, Loaded, Transfer
+
+EVICTIONS = ("lru", "lfu", "belady")
+
+
+@dataclass
+class RuntimeStats:
+    hits: int = 0
+    misses: int = 0
+    late: int = 0
+    """Needed while its prefetch was still reading or copying."""
+    demand_reads: int = 0
+    prefetch_reads: int = 0
+    wasted_prefetches: int = 0
+    bytes_read: int = 0
+    stall_s: float = 0.0
+    peak_bytes: int = 0
+    prefetch_requests: int = 0
+
+    def to_dict(self) -> dict:
+        accesses = self.hits + self.misses + self.late
+        return {**self.__dict__, "hit_rate": self.hits / max(accesses, 1)}
+
+
+class FastTier:
+    """Expert tensors in fast memory, never more than ``budget_bytes``; experts pinned by the
+    running layer are never evicted. Thread-safe."""
+
+    def __init__(
+        self,
+        budget_bytes: int,
+        stats: RuntimeStats,
+        eviction: str = "lru",
+        future_uses: dict[Key, list[int]] | None = None,
+    ):
+        if eviction not in EVICTIONS:
+            raise ValueError(f"eviction must be one of {EVICTIONS}, got {eviction!r}")
+        self.budget = budget_bytes
+        self.stats = stats
+        self.entries: dict[Key, tuple[Loaded, int]] = {}
+        self.used = 0
+        self.pinned: set[Key] = set()
+        self.unused_prefetch: set[Key] = set()
+        if eviction == "belady":
+            if future_uses is None:
+                raise ValueError("Belady eviction needs the future: pass future_uses")
+            self.policy = Belady(future_uses)
+        else:
+            self.policy = {"lru": LRU, "lfu": LFU}[eviction]()
+        self.position = 0
+        """Where decoding is (step * layers + layer); Belady measures next uses from here."""
+        self.clock = 0
+        self.lock = threading.RLock()
+
+    def get(self, key: Key) -> Loaded | None:
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is not None:
+                self.clock += 1
+                self.policy.on_use(key, self.clock)
+                self.unused_prefetch.discard(key)
+            return None if entry is None else entry[0]
+
+    def __contains__(self, key: Key) -> bool:
+        """Presence without counting a use (for the prefetcher's checks)."""
+        with self.lock:
+            return key in self.entries
+
+    def clear(self) -> None:
+        """Drop everything not pinned (the on-demand floor keeps nothing between layers)."""
+        with self.lock:
+            for key in [k for k in self.entries if k not in self.pinned]:
+                self.used -= self.entries.pop(key)[1]
+
+    def put(self, key: Key, loaded: Loaded, nbytes: int, *, prefetch: bool) -> bool:
+        with self.lock:
+            if key in self.entries:
+                return True
+            while self.used + nbytes > self.budget:
+                candidates = [k for k in self.entries if k not in self.pinned]
+                if not candidates:
+                    return False
+                now = self.position if isinstance(self.policy, Belady) else self.clock
+                victim = self.policy.victim(candidates, now)
+                self.used -= self.entries.pop(victim)[1]
+                if victim in self.unused_prefetch:
+                    self.unused_prefetch.discard(victim)
+                    self.stats.wasted_prefetches += 1
+            self.entries[key] = (loaded, nbytes)
+            self.used += nbytes
+            self.clock += 1
+            self.policy.on_use(key, self.clock)
+            if prefetch:
+                self.unused_prefetch.add(key)
+            self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
+            return True
+
+
+class Prefetcher:
+    """A background thread loading requested experts into the fast tier, in request order."""
+
+    def __init__(self, transfer: Transfer, tier: FastTier, stats: RuntimeStats):
+        self.transfer, self.tier, self.stats = transfer, tier, stats
+        self.queue: deque[Key] = deque()
+        self.in_flight: dict[Key, threading.Event] = {}
+        self.cond = threading.Condition()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="specmoe-prefetch", daemon=True)
+        self.thread.start()
+
+    def request(self, keys: list[Key]) -> None:
+        with self.cond:
+            for key in keys:
+                if key not in self.in_flight and key not in self.tier:
+                    self.in_flight[key] = threading.Event()
+                    self.queue.append(key)
+                    self.stats.prefetch_requests += 1
+            self.cond.notify()
+
+    def wait_for(self, key: Key) -> bool:
+        """Block until an in-flight prefetch of ``key`` finishes; False if none is in flight."""
+        with self.cond:
+            event = self.in_flight.get(key)
+            if event is not None and key in self.queue:  # not started yet: the caller loads it itself
+                self.queue.remove(key)
+                del self.in_flight[key]
+                event.set()
+                return False
+        if event is None:
+            return False
+        event.wait()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queue and not self.stopped:
+                    self.cond.wait()
+                if self.stopped:
+                    return
+                key = self.queue.popleft()
+            loaded = self.transfer.load(key)
+            nbytes = self.transfer.expert_nbytes(key[0])
+            if self.tier.put(key, loaded, nbytes, prefetch=True):
+                self.stats.prefetch_reads += 1
+                self.stats.bytes_read += nbytes
+            with self.cond:
+                self.in_flight.pop(key).set()
+
+    def close(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify()
+        self.thread.join(timeout=5)
+
+
+def fetch_expert(
+    tier: FastTier, prefetcher: Prefetcher | None, transfer: Transfer, stats: RuntimeStats, key: Key
+) -> list:
+    """One expert's tensors, ready for the current stream: from the fast tier (hit), from a
+    prefetch still loading (late), or loaded now from the slow tier (miss)."""
+    began = time.perf_counter()
+    loaded = tier.get(key)
+    if loaded is None and prefetcher is not None and prefetcher.wait_for(key):
+        loaded = tier.get(key)
+        if loaded is not None:
+            stats.late += 1
+            loaded.wait_host()
+            stats.stall_s += time.perf_counter() - began
+            return loaded.for_compute()
+    if loaded is not None:
+        if loaded.in_flight():  # a GPU copy queued by the prefetcher has not landed yet
+            stats.late += 1
+            loaded.wait_host()
+            stats.stall_s += time.perf_counter() - began
+        else:
+            stats.hits += 1
+        return loaded.for_compute()
+    nbytes = transfer.expert_nbytes(key[0])
+    loaded = transfer.load(key)
+    loaded.wait_host()
+    stats.stall_s += time.perf_counter() - began
+    stats.misses += 1
+    stats.demand_reads += 1
+    stats.bytes_read += nbytes
+    tier.put(key, loaded, nbytes, prefetch=False)
+    return loaded.for_compute()

@@ -1,0 +1,115 @@
+"""Where offloaded experts live (the slow tier) and how they reach the device that runs them.
+
+Two configurations are supported:
+
+- **disk → RAM** (any machine): :class:`~specmoe.offload.expert_files.ExpertFiles`, read
+  with the page cache bypassed into fresh host tensors, which the fast tier keeps as they are.
+- **host → GPU**: :class:`HostExperts` in pinned host memory, copied to the GPU on a CUDA
+  stream of their own so that copies overlap the layers computing on the default stream.
+  The compute stream waits for a copy's event only when it needs that expert.
+
+``HostExperts`` with ``device="cpu"`` is the same code path with the copy done by
+``clone``: it exists so the logic is tested on machines without a GPU, not for speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+Key = tuple[int, int]
+
+
+class SlowTier(Protocol):
+    def read(self, layer: int, expert: int) -> list[torch.Tensor]: ...
+
+    def expert_nbytes(self, layer: int) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class HostExperts:
+    """Experts held in host memory, pinned when a GPU will copy from them (page-locked
+    memory is what lets a host-to-device copy run asynchronously)."""
+
+    fresh_reads = False
+    """``read`` hands out the stored tensors themselves, not copies."""
+
+    def __init__(self, layers: dict[int, list[list[torch.Tensor]]], *, pin: bool = False):
+        self.experts: dict[int, list[list[torch.Tensor]]] = {}
+        for layer, experts in layers.items():
+            stored, previous, copy = [], None, None
+            for tensors in experts:
+                if tensors is not previous:  # the same tensors repeated are stored once
+                    copy = [t.detach().to("cpu", copy=True).contiguous() for t in tensors]
+                    copy = [t.pin_memory() for t in copy] if pin else copy
+                    previous = tensors
+                stored.append(copy)
+            self.experts[layer] = stored
+
+    def read(self, layer: int, expert: int) -> list[torch.Tensor]:
+        return self.experts[layer][expert]
+
+    def expert_nbytes(self, layer: int) -> int:
+        return sum(t.numel() * t.element_size() for t in self.experts[layer][0])
+
+    def close(self) -> None:
+        self.experts.clear()
+
+
+@dataclass
+class Loaded:
+    """An expert's tensors on the fast device; ``ready`` is the CUDA event its copy records."""
+
+    tensors: list[torch.Tensor]
+    ready: torch.cuda.Event | None = None
+
+    def in_flight(self) -> bool:
+        return self.ready is not None and not self.ready.query()
+
+    def wait_host(self) -> None:
+        """Block this thread until the copy has landed."""
+        if self.ready is not None:
+            self.ready.synchronize()
+
+    def for_compute(self) -> list[torch.Tensor]:
+        """The tensors, safe to use on the current stream: it waits for the copy (on the GPU,
+        without blocking the host), and the allocator is told not to reuse their memory
+        before that stream is done with them, even if the cache evicts them meanwhile."""
+        if self.ready is not None:
+            stream = torch.cuda.current_stream(self.tensors[0].device)
+            stream.wait_event(self.ready)
+            for t in self.tensors:
+                t.record_stream(stream)
+        return self.tensors
+
+
+class Transfer:
+    """Copies experts from a slow tier to ``device``; on CUDA, on a dedicated stream."""
+
+    def __init__(self, slow: SlowTier, device: str | torch.device = "cpu"):
+        self.slow = slow
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"the fast tier must be on cpu or cuda, got {self.device}")
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def expert_nbytes(self, layer: int) -> int:
+        return self.slow.expert_nbytes(layer)
+
+    def load(self, key: Key) -> Loaded:
+        host = self.slow.read(*key)
+        if self.stream is None:
+            return Loaded(host if getattr(self.slow, "fresh_reads", True) else [t.clone() for t in host])
+        with torch.cuda.stream(self.stream):
+            tensors = [t.to(self.device, non_blocking=True) for t in host]
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        return Loaded(tensors, ready)
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
+        self.slow.close()

@@ -10,9 +10,9 @@ import json
 import time
 from pathlib import Path
 
+from specmoe.errors import SpecmoeError
 from specmoe.evaluation.evaluate import dataset_for, evaluate
 from specmoe.evaluation.latency import model_time_per_token_us
-from specmoe.errors import SpecmoeError
 from specmoe.predictors.neural.base import TorchPredictor
 from specmoe.predictors.registry import make_predictor
 from specmoe.traces.splits import assign_splits

@@ -1,6 +1,6 @@
 """DBRX: expert weights are stored flattened as (num_experts * ffn_hidden, hidden)."""
 
-from specmoe.models.base import MoELayer, MoEAdapter
+from specmoe.models.base import MoEAdapter, MoELayer
 
 
 class DbrxAdapter(MoEAdapter):

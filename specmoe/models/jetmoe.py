@@ -3,7 +3,7 @@ rebuilt from what it hands the experts. The mixture-of-attention experts are not
 
 import torch
 
-from specmoe.models.base import MoELayer, MoEAdapter, sort_by_weight
+from specmoe.models.base import MoEAdapter, MoELayer, sort_by_weight
 
 
 class JetMoeAdapter(MoEAdapter):

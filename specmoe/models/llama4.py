@@ -8,7 +8,7 @@ the scores the experts actually received.
 
 import torch
 
-from specmoe.models.base import MoELayer, MoEAdapter, sort_by_weight
+from specmoe.models.base import MoEAdapter, MoELayer, sort_by_weight
 
 
 class Llama4Adapter(MoEAdapter):

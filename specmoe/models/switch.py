@@ -6,7 +6,7 @@ such a dropped token is recorded as expert ``-1`` with weight 0 (it skips the Mo
 
 import torch
 
-from specmoe.models.base import MoELayer, MoEAdapter, Selection
+from specmoe.models.base import MoEAdapter, MoELayer, Selection
 
 
 class SwitchAdapter(MoEAdapter):

@@ -92,7 +92,7 @@ class ExpertFiles:
     def read(self, layer: int, expert: int) -> list[torch.Tensor]:
         """Read one expert from disk (never from the page cache); returns new CPU tensors."""
         layout = self.layout[layer]
-        fd, direct = self._fd(layer)
+        fd, _direct = self._fd(layer)
         offset = expert * layout.stride
         # Straight into a 4 KiB-aligned slice of a fresh tensor: O_DIRECT needs the alignment,
         # and reading in place (no bytes objects) keeps the GIL free while the disk works.

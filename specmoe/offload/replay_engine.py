@@ -91,7 +91,7 @@ def replay(
 ) -> ReplayResult:
     """Decode ``routing`` (T tokens, L layers, k) one token at a time on ``device``. The first
     ``warmup`` tokens fill the cache and are neither timed nor counted."""
-    tokens, layers, top_k = routing.shape
+    tokens, layers, _ = routing.shape
     if not 0 <= warmup < tokens:
         raise ValueError(f"warmup must be in [0, {tokens}) for {tokens} tokens, got {warmup}")
     stats = RuntimeStats()

@@ -51,8 +51,9 @@ def test_belady_reads_no_more_than_lru(setup):
     files, routing, weights, tokens = setup
     budget = 3 * files.expert_nbytes(0)
     lru = replay(files, routing, weights, tokens, policy="cache", budget_bytes=budget, num_experts=8)
-    belady = replay(files, routing, weights, tokens, policy="cache", budget_bytes=budget, num_experts=8,
-                    eviction="belady")
+    belady = replay(
+        files, routing, weights, tokens, policy="cache", budget_bytes=budget, num_experts=8, eviction="belady"
+    )
     assert belady.stats["bytes_read"] <= lru.stats["bytes_read"]
     assert belady.stats["peak_bytes"] <= budget
 
@@ -62,9 +63,7 @@ def test_warmup_is_neither_timed_nor_counted(setup):
     never touched."""
     files, routing, weights, tokens = setup
     warmup = 6
-    result = replay(
-        files, routing, weights, tokens, policy="cache", budget_bytes=10**9, num_experts=8, warmup=warmup
-    )
+    result = replay(files, routing, weights, tokens, policy="cache", budget_bytes=10**9, num_experts=8, warmup=warmup)
     seen = {(layer, int(e)) for t in range(warmup) for layer in range(3) for e in routing[t, layer]}
     later = {(layer, int(e)) for t in range(warmup, 12) for layer in range(3) for e in routing[t, layer]}
     assert result.tokens == 12 - warmup
@@ -81,8 +80,15 @@ def test_host_to_gpu_replay_stays_within_budget_and_counts_every_access():
     slow = random_experts("host", 3, 8, 256, 512, directory=None)
     budget = 4 * slow.expert_nbytes(0)
     result = replay(
-        slow, routing, np.full(routing.shape, 0.5, np.float32), np.arange(12),
-        policy="oracle", budget_bytes=budget, num_experts=8, device="cuda", eviction="belady",
+        slow,
+        routing,
+        np.full(routing.shape, 0.5, np.float32),
+        np.arange(12),
+        policy="oracle",
+        budget_bytes=budget,
+        num_experts=8,
+        device="cuda",
+        eviction="belady",
     )
     assert 0 < result.stats["peak_bytes"] <= budget
     assert result.stats["hits"] + result.stats["misses"] + result.stats["late"] == routing.size

@@ -133,6 +133,4 @@ def test_predictor_for_another_model_is_refused(tmp_path):
     predictor = RandomPredictor(horizons=1)
     predictor.fitted_meta = lambda: {"num_layers": 6, "num_experts": 128}
     with pytest.raises(InputError, match="fitted for 6 MoE layers x 128 experts"):
-        OffloadRuntime(
-            wrap_model("olmoe", tiny_model("olmoe")), 10**6, experts_dir=tmp_path, predictor=predictor
-        )
+        OffloadRuntime(wrap_model("olmoe", tiny_model("olmoe")), 10**6, experts_dir=tmp_path, predictor=predictor)

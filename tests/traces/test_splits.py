@@ -2,9 +2,8 @@
 
 import numpy as np
 
-from specmoe.traces.splits import near_duplicate_groups, split_of
+from specmoe.traces.splits import assign_splits, near_duplicate_groups, split_of
 from tests.predictors.synthetic import make_synthetic_store
-from specmoe.traces.splits import assign_splits
 
 
 def test_split_is_deterministic_seeded_and_proportional():

@@ -80,7 +80,8 @@ def test_traces_info_json(store_dir):
 
 
 def test_cli_reports_bad_store_in_one_line(tmp_path):
-    import subprocess, sys
+    import subprocess
+    import sys
 
     proc = subprocess.run(
         [sys.executable, "-m", "specmoe", "traces", "info", str(tmp_path)], capture_output=True, text=True

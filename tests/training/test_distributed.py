@@ -9,7 +9,6 @@ import pytest
 
 from tests.predictors.synthetic import make_synthetic_store
 
-
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 

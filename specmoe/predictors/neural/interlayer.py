@@ -12,9 +12,8 @@ mask: a fully masked row is what made the seed's multi-scale model produce NaN.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from dataclasses import replace
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -234,7 +233,7 @@ class InterLayerPredictor(TorchPredictor):
             )
         if self.permute_experts:  # one relabelling of expert ids, applied to inputs and targets alike
             perm = torch.randperm(batch.num_experts)
-            relabel = lambda ids: torch.where(ids >= 0, perm[ids.clamp_min(0)], ids)  # noqa: E731
+            relabel = lambda ids: torch.where(ids >= 0, perm[ids.clamp_min(0)], ids)
             batch = replace(batch, expert_ids=relabel(batch.expert_ids), prev_expert_ids=relabel(batch.prev_expert_ids))
         context, targets = batch.context(layer), batch.targets(layer, self.horizons)
         if self.mixup > 0:

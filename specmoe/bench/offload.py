@@ -49,6 +49,8 @@ def benchmark_offload(
     repeats: int = 3,
     warmup: int = 0,
     device: str = "cpu",
+    budget: int | None = None,
+    threshold: float = 0.0,
 ) -> dict:
     if device.split(":")[0] == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: this machine has no CUDA GPU")
@@ -87,7 +89,8 @@ def benchmark_offload(
                     budget_bytes=budget_bytes,
                     predictor=predictor,
                     lookahead=lookahead,
-                    budget=2 * model.top_k,
+                    budget=budget or 2 * model.top_k,
+                    threshold=threshold,
                     num_experts=model.num_experts,
                     eviction=eviction,
                     device=device,
@@ -119,6 +122,7 @@ def benchmark_offload(
         "top_k": model.top_k,
         "tokens": len(routing) - warmup,
         "warmup_tokens": warmup,
+        "prefetch": {"lookahead": lookahead, "budget": budget or 2 * model.top_k, "threshold": threshold},
         "repeats": repeats,
         "slow_tier": "disk, O_DIRECT or page cache dropped" if slow_tier == "disk" else "pinned host memory",
         "fast_tier": "RAM" if device == "cpu" else f"GPU memory ({torch.cuda.get_device_name(device)})",

@@ -72,7 +72,9 @@ def bench_offload(
     ] = "2048,1024",
     tokens: Annotated[int, typer.Option(help="Decode steps replayed.")] = 48,
     cache_fractions: Annotated[str, typer.Option()] = "0.1,0.25,0.5",
-    lookahead: Annotated[int, typer.Option()] = 1,
+    lookahead: Annotated[int, typer.Option(help="Prefetch layers l+1..l+H.")] = 1,
+    budget: Annotated[int | None, typer.Option(help="Experts per target layer to prefetch (default 2k).")] = None,
+    threshold: Annotated[float, typer.Option(help="Minimum predicted probability to prefetch.")] = 0.0,
     repeats: Annotated[int, typer.Option(help="Runs per configuration, in shuffled order; the median is kept.")] = 3,
     experts_dir: Annotated[Path | None, typer.Option(help="Where the expert files go (a real disk).")] = None,
     split_seed: Annotated[int, typer.Option(help="Seed of the document split whose test part is replayed.")] = 0,
@@ -98,17 +100,19 @@ def bench_offload(
         split_seed=split_seed,
         warmup=warmup,
         device=device,
+        budget=budget,
+        threshold=threshold,
     )
     report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(report, indent=2))
     typer.echo(
-        f"{'cache':>6} {'policy':<22} {'tok/s':>8} {'ms/tok':>8} {'stall':>6} {'hit':>6} {'MB read':>9} {'of oracle':>9}"
+        f"{'cache':>6} {'policy':<22} {'tok/s':>8} {'ms/tok':>8} {'stall':>6} {'hit':>6} {'MB read':>9} {'of oracle':>9} {'predict':>7}"
     )
     for r in report["rows"]:
         label = r["policy"] + (f":{r['predictor']}" if r["predictor"] else "")
         typer.echo(
             f"{r['cache_fraction']:>6.2f} {label:<22} {r['tokens_per_s']:>8.2f} {r['time_per_token_ms']:>8.1f} "
             f"{r['stall_fraction']:>6.3f} {r['hit_rate']:>6.3f} {r['bytes_read'] / 2**20:>9.1f} "
-            f"{r['fraction_of_oracle']:>9.3f}"
+            f"{r['fraction_of_oracle']:>9.3f} {r['predictor_fraction']:>7.2%}"
         )

@@ -65,6 +65,17 @@ class Belady(EvictionPolicy):
         return max(candidates, key=lambda k: self.next_use(k, position))
 
 
+def future_uses(routing, num_layers: int) -> dict[Key, list[int]]:
+    """Positions (step * layers + layer) at which each expert is needed, from recorded routing
+    ``routing[step][layer] -> experts`` (negative ids: no expert); what Belady evicts by."""
+    uses: dict[Key, list[int]] = {}
+    for step, layers in enumerate(routing):
+        for layer, experts in enumerate(layers):
+            for e in sorted({int(x) for x in experts if x >= 0}):
+                uses.setdefault((layer, e), []).append(step * num_layers + layer)
+    return uses
+
+
 class ExpertCache:
     """Slots for ``capacity`` experts. Entries carry the time their transfer completes, so an
     expert can be present but still in flight. Pinned entries (needed by the layer running

@@ -12,6 +12,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+import torch
+
 from specmoe.offload.cache import LFU, LRU, Belady
 from specmoe.offload.tiers import Key, Loaded, Transfer
 
@@ -167,6 +169,14 @@ class Prefetcher:
             self.stopped = True
             self.cond.notify()
         self.thread.join(timeout=5)
+
+
+def prefetch_choice(probs: torch.Tensor, budget: int, threshold: float = 0.0) -> list[int]:
+    """Experts worth prefetching for one future layer, from per-token probabilities (N, E):
+    the ``budget`` with the most expected uses across the batch, skipping any that no token
+    gives at least ``threshold``."""
+    pooled, best = probs.sum(0), probs.max(0).values
+    return [int(e) for e in pooled.argsort(descending=True)[:budget] if best[e] >= threshold]
 
 
 def fetch_expert(

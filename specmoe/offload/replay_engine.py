@@ -17,8 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from specmoe.offload.cache import future_uses
 from specmoe.offload.expert_files import ExpertFiles
-from specmoe.offload.fast_tier import FastTier, Prefetcher, RuntimeStats, fetch_expert
+from specmoe.offload.fast_tier import (
+    FastTier,
+    Prefetcher,
+    RuntimeStats,
+    fetch_expert,
+    prefetch_choice,
+)
 from specmoe.offload.tiers import HostExperts, SlowTier, Transfer
 from specmoe.predictors.data import IGNORE, Context
 
@@ -64,6 +71,7 @@ class ReplayResult:
             "tokens_per_s": self.tokens / self.seconds,
             "time_per_token_ms": 1e3 * self.seconds / self.tokens,
             "stall_fraction": self.stats["stall_s"] / self.seconds,
+            "predictor_fraction": self.stats["predict_s"] / self.seconds,
             "hit_rate": self.stats["hit_rate"],
             "bytes_read": self.stats["bytes_read"],
             "wasted_prefetch_bytes": self.stats["wasted_prefetches"] * self.stats.get("expert_bytes", 0),
@@ -84,6 +92,7 @@ def replay(
     predictor=None,
     lookahead: int = 1,
     budget: int = 2,
+    threshold: float = 0.0,
     num_experts: int,
     eviction: str = "lru",
     device: str = "cpu",
@@ -95,43 +104,37 @@ def replay(
     if not 0 <= warmup < tokens:
         raise ValueError(f"warmup must be in [0, {tokens}) for {tokens} tokens, got {warmup}")
     stats = RuntimeStats()
-    future = None
-    if eviction == "belady":
-        future = {}
-        for t in range(tokens):
-            for layer in range(layers):
-                for e in {int(x) for x in routing[t, layer] if x >= 0}:
-                    future.setdefault((layer, e), []).append(t * layers + layer)
+    future = future_uses(routing, layers) if eviction == "belady" else None
     transfer = Transfer(slow, device)
     tier = FastTier(budget_bytes, stats, eviction, future)
     prefetcher = Prefetcher(transfer, tier, stats) if policy in ("prefetch", "oracle") else None
     hidden = slow.read(0, 0)[0].shape[1]
+
+    def wanted(t: int, layer: int) -> list[tuple[int, int]]:
+        targets = range(layer + 1, min(layer + 1 + lookahead, layers))
+        if policy == "oracle":
+            return [(target, int(e)) for target in targets for e in routing[t, target] if e >= 0]
+        probs = predictor.predict_proba(_context(routing, gate_weights, token_ids, t, layer, num_experts))
+        return [
+            (target, e) for h, target in enumerate(targets) for e in prefetch_choice(probs[:, h], budget, threshold)
+        ]
+
     x = torch.randn(1, hidden, device=transfer.device)
-    start = time.perf_counter()
+    predict_s, start = 0.0, time.perf_counter()
     try:
         for t in range(tokens):
             if t == warmup:
                 _synchronize(transfer.device)
                 stats.__init__()  # counters restart; the cache keeps what warm-up put there
-                start = time.perf_counter()
+                predict_s, start = 0.0, time.perf_counter()
             for layer in range(layers):
                 needed = sorted({int(e) for e in routing[t, layer] if e >= 0})
                 tier.position = t * layers + layer
                 if prefetcher is not None:
-                    prefetcher.request(
-                        _wanted(
-                            routing,
-                            gate_weights,
-                            token_ids,
-                            t,
-                            layer,
-                            policy,
-                            predictor,
-                            lookahead,
-                            budget,
-                            num_experts,
-                        )
-                    )
+                    began = time.perf_counter()
+                    keys = wanted(t, layer)
+                    predict_s += (time.perf_counter() - began) if policy == "prefetch" else 0.0
+                    prefetcher.request(keys)
                 keys = [(layer, e) for e in needed]
                 with tier.lock:
                     tier.pinned = set(keys)
@@ -151,7 +154,7 @@ def replay(
         if prefetcher is not None:
             prefetcher.close()
     seconds = time.perf_counter() - start
-    result = stats.to_dict() | {"expert_bytes": slow.expert_nbytes(0)}
+    result = stats.to_dict() | {"expert_bytes": slow.expert_nbytes(0), "predict_s": predict_s}
     return ReplayResult(policy, getattr(predictor, "name", None), budget_bytes, tokens - warmup, seconds, result)
 
 
@@ -160,22 +163,16 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _wanted(routing, gate_weights, token_ids, t, layer, policy, predictor, lookahead, budget, num_experts):
-    layers = routing.shape[1]
-    targets = range(layer + 1, min(layer + 1 + lookahead, layers))
-    if policy == "oracle":
-        return [(target, int(e)) for target in targets for e in routing[t, target] if e >= 0]
-    ids = torch.from_numpy(routing[t : t + 1, : layer + 1].astype(np.int64))
-    weights = torch.from_numpy(gate_weights[t : t + 1, : layer + 1].astype(np.float32))
-    context = Context(
+def _context(routing, gate_weights, token_ids, t: int, layer: int, num_experts: int) -> Context:
+    """What a predictor sees after layer ``layer`` of token ``t``: that token's routing so far."""
+    layers, top_k = routing.shape[1:]
+    return Context(
         layer,
-        ids,
-        weights,
+        torch.from_numpy(routing[t : t + 1, : layer + 1].astype(np.int64)),
+        torch.from_numpy(gate_weights[t : t + 1, : layer + 1].astype(np.float32)),
         torch.tensor([int(token_ids[t])]),
-        torch.full((1, 0, layers, routing.shape[2]), IGNORE),
+        torch.full((1, 0, layers, top_k), IGNORE),
         None,
         layers,
         num_experts,
     )
-    probs = predictor.predict_proba(context)[0]  # (H, E)
-    return [(target, int(e)) for h, target in enumerate(targets) for e in probs[h].topk(budget).indices]

@@ -20,8 +20,16 @@ from torch.func import functional_call
 
 from specmoe.errors import InputError
 from specmoe.models.loading import LoadedModel
+from specmoe.offload.cache import future_uses
 from specmoe.offload.expert_files import ExpertFiles
-from specmoe.offload.fast_tier import EVICTIONS, FastTier, Prefetcher, RuntimeStats, fetch_expert
+from specmoe.offload.fast_tier import (
+    EVICTIONS,
+    FastTier,
+    Prefetcher,
+    RuntimeStats,
+    fetch_expert,
+    prefetch_choice,
+)
 from specmoe.offload.tiers import HostExperts, Key, Transfer
 
 
@@ -136,7 +144,7 @@ class OffloadRuntime:
         largest = max(slow.expert_nbytes(i) for i in range(len(self.layers)))
         if budget_bytes < largest:
             raise InputError(f"fast-tier budget {budget_bytes} B is smaller than one expert ({largest} B)")
-        future = _future_uses(oracle, len(self.layers)) if eviction == "belady" else None
+        future = future_uses(oracle, len(self.layers)) if eviction == "belady" else None
         self.tier = FastTier(budget_bytes, self.stats, eviction, future)
         self.prefetcher = Prefetcher(self.transfer, self.tier, self.stats) if (predictor or oracle) else None
         self.loaded.model.config._experts_implementation = "eager"
@@ -221,10 +229,8 @@ class OffloadRuntime:
                 if self.step < len(steps):
                     wanted += [(target, e) for e in steps[self.step][target]]
                 continue
-            probs = self._predict(layer)[:, h - 1]  # (N, E)
-            pooled, best = probs.sum(0), probs.max(0).values
-            ranked = [int(e) for e in pooled.argsort(descending=True)[: self.budget] if best[e] >= self.threshold]
-            wanted += [(target, e) for e in ranked]
+            chosen = prefetch_choice(self._predict(layer)[:, h - 1], self.budget, self.threshold)
+            wanted += [(target, e) for e in chosen]
         self.prefetcher.request(wanted)
 
     def _predict(self, layer: int) -> torch.Tensor:
@@ -260,13 +266,3 @@ def _fast_device(device) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise InputError(f"the offload runtime runs on cpu or cuda, got {device}")
     return device
-
-
-def _future_uses(oracle, num_layers: int) -> dict[Key, list[int]]:
-    """Positions (step * layers + layer) at which each expert is needed, from recorded routing."""
-    uses: dict[Key, list[int]] = {}
-    for step, layers in enumerate(oracle):
-        for layer, experts in enumerate(layers):
-            for e in sorted({int(x) for x in experts if x >= 0}):
-                uses.setdefault((layer, e), []).append(step * num_layers + layer)
-    return uses

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from specmoe.offload.cache import LFU, LRU, Belady, ExpertCache, Key
+from specmoe.offload.cache import LFU, LRU, Belady, ExpertCache, Key, future_uses
 from specmoe.offload.cost import HardwareProfile
 
 POLICIES = ("on-demand", "cache", "prefetch", "oracle")
@@ -88,14 +88,9 @@ class SimulationResult:
 
 
 def _uses(routing: np.ndarray) -> dict[Key, list[int]]:
-    steps, _, layers, _ = routing.shape
-    uses: dict[Key, list[int]] = defaultdict(list)
-    for s in range(steps):
-        for layer in range(layers):
-            for e in np.unique(routing[s, :, layer]):
-                if e >= 0:
-                    uses[(layer, int(e))].append(s * layers + layer)
-    return uses
+    steps, batch, layers, k = routing.shape
+    per_layer = routing.transpose(0, 2, 1, 3).reshape(steps, layers, batch * k)  # a batch's union per layer
+    return future_uses(per_layer, layers)
 
 
 def simulate(
@@ -112,7 +107,7 @@ def simulate(
     predictor's top-m experts for layers l+1..l+H of each sequence. Ignored unless
     ``config.policy == "prefetch"``.
     """
-    steps, batch, layers, _ = routing.shape
+    steps, _, layers, _ = routing.shape
     uses = _uses(routing)
     policy = {"lru": LRU, "lfu": LFU}.get(config.eviction)
     cache = ExpertCache(config.capacity, policy() if policy else Belady(uses))

@@ -66,7 +66,7 @@ def run_sweep(
         runs += [("prefetch", cfg.prefetch_eviction, name, cfg.prefetch_eviction) for name in predictors]
         runs += [("oracle", "belady", None, "belady")]
         for fraction in tqdm(cfg.cache_fractions, desc=f"simulate batch {batch_size}", disable=not progress):
-            capacity = max(1, int(round(fraction * layers * experts)))
+            capacity = max(1, round(fraction * layers * experts))
             group = []
             for policy, eviction_label, predictor_name, eviction in runs:
                 sim = SimulationConfig(

@@ -34,6 +34,7 @@ def test_policies_stay_within_budget(setup, policy):
         files, routing, weights, tokens, policy=policy, budget_bytes=budget, predictor=predictor, num_experts=8
     )
     assert result.tokens == 12 and 0 < result.stats["peak_bytes"] <= budget
+    assert (result.stats["predict_s"] > 0) == (policy == "prefetch")
     accesses = result.stats["hits"] + result.stats["misses"] + result.stats["late"]
     assert accesses == routing.size
 

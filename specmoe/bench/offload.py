@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from specmoe.errors import InputError
 from specmoe.offload.replay_engine import random_experts, replay
@@ -75,29 +76,30 @@ def benchmark_offload(
         configs = [(fraction, *run) for fraction in cache_fractions for run in runs]
         timings: dict[int, list] = {i: [] for i in range(len(configs))}
         rng = np.random.default_rng(0)
-        for _ in range(repeats):  # rounds in shuffled order, so drift in disk speed hits every policy alike
-            for i in rng.permutation(len(configs)):
-                fraction, label, predictor, eviction = configs[i]
-                budget_bytes = max(expert_bytes * model.top_k, int(fraction * total))
-                policy = label if label in ("on-demand", "prefetch", "oracle") else "cache"
-                result = replay(
-                    files,
-                    routing,
-                    gate_weights,
-                    token_ids,
-                    policy=policy,
-                    budget_bytes=budget_bytes,
-                    predictor=predictor,
-                    lookahead=lookahead,
-                    budget=budget or 2 * model.top_k,
-                    threshold=threshold,
-                    num_experts=model.num_experts,
-                    eviction=eviction,
-                    device=device,
-                    warmup=warmup,
-                )
-                result.policy = label
-                timings[int(i)].append(result)
+        order = [int(i) for _ in range(repeats) for i in rng.permutation(len(configs))]
+        # rounds in shuffled order, so drift in disk speed hits every policy alike
+        for i in tqdm(order, desc="offload replay", unit="run"):
+            fraction, label, predictor, eviction = configs[i]
+            budget_bytes = max(expert_bytes * model.top_k, int(fraction * total))
+            policy = label if label in ("on-demand", "prefetch", "oracle") else "cache"
+            result = replay(
+                files,
+                routing,
+                gate_weights,
+                token_ids,
+                policy=policy,
+                budget_bytes=budget_bytes,
+                predictor=predictor,
+                lookahead=lookahead,
+                budget=budget or 2 * model.top_k,
+                threshold=threshold,
+                num_experts=model.num_experts,
+                eviction=eviction,
+                device=device,
+                warmup=warmup,
+            )
+            result.policy = label
+            timings[int(i)].append(result)
         for i, (fraction, *_rest) in enumerate(configs):
             results = sorted(timings[i], key=lambda r: r.seconds)
             row = results[len(results) // 2].row(fraction)  # the median run

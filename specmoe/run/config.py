@@ -112,7 +112,7 @@ class OffloadSection(_Section):
     expert_shape: tuple[int, int] | None = (768, 2048)
     """hidden, ffn of the experts read from disk (random weights); None: the model's own shape."""
     tokens: int = Field(default=48, gt=0)
-    warmup: int = Field(default=0, ge=0)
+    warmup: int = Field(default=16, ge=0)
     """Decode steps before the clock starts; they fill the cache and are not counted."""
     repeats: int = Field(default=2, ge=1)
     cache_fractions: list[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5], min_length=1)

@@ -192,6 +192,7 @@ class OffloadRuntime:
             for name in binding.names:  # free the resident copies: the weights now live in the slow tier
                 dtype = getattr(original, name).dtype
                 setattr(original, name, nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False))
+            original.to(self.device)  # not a submodule of the wrapper, so model.to() would miss what it keeps
             layer.block.experts = OffloadedExperts(original, binding, self)
 
     # --- per call ---------------------------------------------------------------------

@@ -85,15 +85,16 @@ def bench_offload(
 ) -> None:
     """Measured tokens/s per policy: real recorded routing, experts of a real shape in a slow tier."""
     from specmoe.bench.offload import benchmark_offload
+    from specmoe.cli.params import parse_list
 
-    hidden, ffn = (int(x) for x in expert_shape.split(","))
+    hidden, ffn = parse_list(expert_shape, int, "--expert-shape", length=2)
     report = benchmark_offload(
         traces,
         predictor_dirs=predictor_dir or [],
         hidden=hidden,
         ffn=ffn,
         tokens=tokens,
-        cache_fractions=tuple(float(x) for x in cache_fractions.split(",")),
+        cache_fractions=parse_list(cache_fractions, float, "--cache-fractions"),
         lookahead=lookahead,
         experts_dir=experts_dir,
         repeats=repeats,

@@ -10,10 +10,6 @@ from typing import Annotated
 import typer
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(","))
-
-
 def simulate_command(
     traces: Annotated[Path, typer.Option(help="Trace store directory (its test split is replayed).")],
     out: Annotated[Path, typer.Option(help="Output directory: simulation.json and speed_vs_memory.png.")],
@@ -34,6 +30,7 @@ def simulate_command(
     split_seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """SIMULATION: replay recorded routing through fast-tier caches and prefetch policies."""
+    from specmoe.cli.params import parse_list
     from specmoe.offload.cost import expert_bytes as expert_size
     from specmoe.offload.cost import measured_profile, preset
     from specmoe.offload.sweep import SweepConfig, run_sweep, write_sweep
@@ -54,8 +51,8 @@ def simulate_command(
         )
     predictors = {Path(d).name: load_predictor(d) for d in predictor_dir or []}
     cfg = SweepConfig(
-        cache_fractions=_floats(cache_fractions),
-        batch_sizes=tuple(int(b) for b in batch_sizes.split(",")),
+        cache_fractions=parse_list(cache_fractions, float, "--cache-fractions"),
+        batch_sizes=parse_list(batch_sizes, int, "--batch-sizes"),
         lookahead=lookahead,
         budget=budget,
         threshold=threshold,

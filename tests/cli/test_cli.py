@@ -64,3 +64,14 @@ def test_collect_cli_end_to_end(tiny_checkpoints, small_corpus, tmp_path):
     assert "from 6 documents" in result.output
     verify = runner.invoke(app, ["traces", "verify", str(out)])
     assert verify.exit_code == 0 and verify.output.startswith("ok:")
+
+
+def test_malformed_list_options_are_clear_errors(tmp_path):
+    for option, value, expected in (
+        ("--expert-shape", "768", "--expert-shape expects 2 comma-separated values, got '768'"),
+        ("--cache-fractions", "0.1,abc", "--cache-fractions expects comma-separated floats, got '0.1,abc'"),
+    ):
+        args = ["bench", "offload", "--traces", str(tmp_path), "--json", str(tmp_path / "o.json"), option, value]
+        result = runner.invoke(app, args)
+        assert isinstance(result.exception, InputError), result.output
+        assert str(result.exception) == expected

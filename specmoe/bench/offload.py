@@ -64,6 +64,7 @@ def benchmark_offload(
     if len(routing) <= warmup:
         raise InputError(f"the test split has {len(routing)} tokens, not enough for --warmup {warmup} + tokens")
     predictors = [load_predictor(d) for d in predictor_dirs]
+    budget = budget or 2 * model.top_k
     slow_tier = "disk" if device == "cpu" else "host"
     rows = []
     with tempfile.TemporaryDirectory(dir=experts_dir) as tmp:
@@ -91,7 +92,7 @@ def benchmark_offload(
                 budget_bytes=budget_bytes,
                 predictor=predictor,
                 lookahead=lookahead,
-                budget=budget or 2 * model.top_k,
+                budget=budget,
                 threshold=threshold,
                 num_experts=model.num_experts,
                 eviction=eviction,
@@ -124,7 +125,7 @@ def benchmark_offload(
         "top_k": model.top_k,
         "tokens": len(routing) - warmup,
         "warmup_tokens": warmup,
-        "prefetch": {"lookahead": lookahead, "budget": budget or 2 * model.top_k, "threshold": threshold},
+        "prefetch": {"lookahead": lookahead, "budget": budget, "threshold": threshold},
         "repeats": repeats,
         "slow_tier": "disk, O_DIRECT or page cache dropped" if slow_tier == "disk" else "pinned host memory",
         "fast_tier": "RAM" if device == "cpu" else f"GPU memory ({torch.cuda.get_device_name(device)})",

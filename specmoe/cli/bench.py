@@ -78,7 +78,7 @@ def bench_offload(
     repeats: Annotated[int, typer.Option(help="Runs per configuration, in shuffled order; the median is kept.")] = 3,
     experts_dir: Annotated[Path | None, typer.Option(help="Where the expert files go (a real disk).")] = None,
     split_seed: Annotated[int, typer.Option(help="Seed of the document split whose test part is replayed.")] = 0,
-    warmup: Annotated[int, typer.Option(help="Decode steps before the clock starts (they fill the cache).")] = 0,
+    warmup: Annotated[int, typer.Option(min=0, help="Decode steps before the clock starts (they fill the cache).")] = 0,
     device: Annotated[
         str, typer.Option(help="cpu: experts on disk, cache in RAM. cuda: experts in pinned RAM, cache on the GPU.")
     ] = "cpu",

@@ -23,6 +23,9 @@ Key = tuple[int, int]
 
 
 class SlowTier(Protocol):
+    fresh_reads: bool
+    """Whether ``read`` returns new tensors (True) or the stored ones, which must be copied."""
+
     def read(self, layer: int, expert: int) -> list[torch.Tensor]: ...
 
     def expert_nbytes(self, layer: int) -> int: ...
@@ -102,7 +105,7 @@ class Transfer:
     def load(self, key: Key) -> Loaded:
         host = self.slow.read(*key)
         if self.stream is None:
-            return Loaded(host if getattr(self.slow, "fresh_reads", True) else [t.clone() for t in host])
+            return Loaded(host if self.slow.fresh_reads else [t.clone() for t in host])
         with torch.cuda.stream(self.stream):
             tensors = [t.to(self.device, non_blocking=True) for t in host]
             ready = torch.cuda.Event()

@@ -17,6 +17,10 @@ def serve_command(
     budget_mb: Annotated[float, typer.Option(help="Fast-tier budget for routed experts, MiB.")],
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate greedily.")] = 32,
     predictor_dir: Annotated[Path | None, typer.Option(help="Routing predictor that drives prefetch.")] = None,
+    predictor_stack: Annotated[
+        str | None,
+        typer.Option(help="Stack the predictor was fitted on (encoder-decoder models); default: the first."),
+    ] = None,
     lookahead: Annotated[int, typer.Option(help="Prefetch layers l+1..l+H.")] = 1,
     experts_dir: Annotated[Path | None, typer.Option(help="Where expert files go (default: a temp dir).")] = None,
     device: Annotated[
@@ -42,6 +46,7 @@ def serve_command(
             device=device,
             experts_dir=experts_dir or Path(tmp) / "experts",
             predictor=predictor,
+            predictor_stack=predictor_stack,
             lookahead=lookahead,
         )
         try:
@@ -52,7 +57,9 @@ def serve_command(
             seconds = time.perf_counter() - start
         finally:
             runtime.close()
-    new = out[0, ids.shape[1] :]
+    # A decoder-only model returns prompt + continuation; an encoder-decoder's decoder starts
+    # from its own start token.
+    new = out[0, 1:] if loaded.model.config.is_encoder_decoder else out[0, ids.shape[1] :]
     typer.echo(loaded.tokenizer.decode(new, skip_special_tokens=True))
     stats = runtime.stats.to_dict() | {
         "tokens": len(new),

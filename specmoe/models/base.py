@@ -59,6 +59,8 @@ class MoEAdapter:
     num_experts_keys: tuple[str, ...] = ("num_local_experts", "num_experts")
     top_k_keys: tuple[str, ...] = ("num_experts_per_tok",)
     experts_attr: str = "experts"
+    offload_unsupported: str | None = None
+    """Why the offload runtime cannot run this family's experts, if it cannot."""
 
     # --- config -----------------------------------------------------------------------
     def text_config(self, config):

@@ -10,6 +10,10 @@ class JetMoeAdapter(MoEAdapter):
     family = "jetmoe"
     model_types = ("jetmoe",)
     block_classes = ("JetMoeMoE",)
+    offload_unsupported = (
+        "its experts are split over two ParallelExperts modules (input_linear, output_linear) "
+        "that each loop over every expert, not one experts module called with the selection"
+    )
 
     def capture_hook(self, layer: MoELayer, sink):
         router = layer.block.router

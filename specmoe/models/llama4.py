@@ -15,6 +15,10 @@ class Llama4Adapter(MoEAdapter):
     family = "llama4"
     model_types = ("llama4_text", "llama4")
     block_classes = ("Llama4TextMoe",)
+    offload_unsupported = (
+        "every expert runs on every token (dense dispatch; unselected experts are scaled by 0), "
+        "so every call needs all of them"
+    )
 
     def capture_hook(self, layer: MoELayer, sink):
         router = layer.block.router

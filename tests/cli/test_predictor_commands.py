@@ -3,6 +3,7 @@ synthetic store with planted structure."""
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from specmoe.cli import app
@@ -96,13 +97,14 @@ def test_bench_predictors_writes_json_and_markdown(tmp_path):
     assert "| transition |" in table and "*chance*" in table
 
 
-def test_serve_generates_with_offloaded_experts(tiny_checkpoints):
+@pytest.mark.parametrize("model_type", ["olmoe", "switch_transformers"])
+def test_serve_generates_with_offloaded_experts(tiny_checkpoints, model_type):
     result = runner.invoke(
         app,
         [
             "serve",
             "--model",
-            str(tiny_checkpoints["olmoe"]),
+            str(tiny_checkpoints[model_type]),
             "--prompt",
             "The quick brown",
             "--budget-mb",

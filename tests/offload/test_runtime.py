@@ -6,11 +6,12 @@ import torch
 
 from specmoe.errors import InputError
 from specmoe.models.loading import wrap_model
-from specmoe.offload.runtime import OffloadRuntime
+from specmoe.offload.runtime import OffloadRuntime, _stack_ranges
 from specmoe.predictors.base import ExpertPredictor
 from tests.tiny_models import VOCAB, tiny_model
 
-FAMILIES = ["olmoe", "mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"]
+# One family per expert layout (stacked, row-flattened, per-expert modules) and router quirk.
+FAMILIES = ["olmoe", "mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "dbrx", "switch_transformers"]
 
 
 class RandomPredictor(ExpertPredictor):
@@ -26,6 +27,10 @@ def _resident(model_type):
     model = tiny_model(model_type)
     model.config._experts_implementation = "eager"
     return model
+
+
+def _logits(loaded, prompt):
+    return loaded.adapter.forward(loaded.model, prompt, torch.ones_like(prompt)).logits
 
 
 def _expert_bytes(model_type):
@@ -45,9 +50,10 @@ TIERS = [
 @pytest.mark.parametrize("slots", [1, 5, 64])
 def test_generation_matches_resident_model(model_type, slots, slow_tier, device, tmp_path):
     prompt = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
-    resident = _resident(model_type).to(device)
+    resident = wrap_model(model_type, _resident(model_type).to(device))
     with torch.no_grad():
-        expected_logits = resident(prompt.to(device)).logits
+        expected_logits = _logits(resident, prompt.to(device))
+        resident = resident.model
         expected = resident.generate(prompt.to(device), max_new_tokens=6, do_sample=False)
     budget = slots * _expert_bytes(model_type)
     predictor = RandomPredictor(horizons=2) if slots == 5 else None
@@ -63,7 +69,8 @@ def test_generation_matches_resident_model(model_type, slots, slow_tier, device,
     model = runtime.loaded.model
     try:
         with torch.no_grad():
-            torch.testing.assert_close(model(prompt.to(device)).logits, expected_logits, rtol=1e-5, atol=1e-5)
+            actual_logits = _logits(runtime.loaded, prompt.to(device))
+            torch.testing.assert_close(actual_logits, expected_logits, rtol=1e-5, atol=1e-5)
             assert torch.equal(model.generate(prompt.to(device), max_new_tokens=6, do_sample=False), expected)
     finally:
         runtime.close()
@@ -74,17 +81,18 @@ def test_generation_matches_resident_model(model_type, slots, slow_tier, device,
 
 
 @pytest.mark.parametrize("slow_tier,device", TIERS)
-def test_oracle_from_a_recorded_run_prefetches_exactly_what_is_needed(slow_tier, device, tmp_path):
+@pytest.mark.parametrize("model_type", ["mixtral", "switch_transformers"])
+def test_oracle_from_a_recorded_run_prefetches_exactly_what_is_needed(model_type, slow_tier, device, tmp_path):
     """Routing logged by one run of a prompt, replayed as the oracle of a second run with
-    Belady eviction: same output; with room for every expert, each expert of layers >= 1 is
-    requested ahead of its first use, and each expert is read exactly once (by the prefetcher,
+    Belady eviction: same output; with room for every expert, each expert of a layer that is
+    not its stack's first is requested ahead of its first use, and each expert is read exactly once (by the prefetcher,
     or on demand when the prefetcher had not started on it yet)."""
     prompt = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1)).to(device)
     runs = {}
     for name in ("record", "oracle"):
         oracle = runs["record"][1] if name == "oracle" else None
         runtime = OffloadRuntime(
-            wrap_model("mixtral", tiny_model("mixtral")),
+            wrap_model(model_type, tiny_model(model_type)),
             10**9,
             device=device,
             slow_tier=slow_tier,
@@ -101,7 +109,8 @@ def test_oracle_from_a_recorded_run_prefetches_exactly_what_is_needed(slow_tier,
     (recorded, log, _), (replayed, log_again, stats) = runs["record"], runs["oracle"]
     assert torch.equal(recorded, replayed) and log == log_again
     needed = {(layer, e) for step in log for layer, experts in enumerate(step) for e in experts}
-    assert stats.prefetch_requests == len({key for key in needed if key[0] > 0})
+    firsts = {first for first, _ in _stack_ranges(runtime.layers)}
+    assert stats.prefetch_requests == len({key for key in needed if key[0] not in firsts})
     assert stats.prefetch_reads + stats.demand_reads == len(needed)
     assert stats.wasted_prefetches == 0
 
@@ -123,10 +132,10 @@ def test_budget_below_one_expert_and_unsupported_family_are_clear_errors(tmp_pat
         OffloadRuntime(wrap_model("olmoe", tiny_model("olmoe")), 10**6, experts_dir=tmp_path, eviction="belady")
     with pytest.raises(InputError, match="smaller than one expert"):
         OffloadRuntime(wrap_model("olmoe", tiny_model("olmoe")), 10, experts_dir=tmp_path / "a")
-    with pytest.raises(InputError, match="single-stack"):
-        OffloadRuntime(wrap_model("switch", tiny_model("switch_transformers")), 10**6, experts_dir=tmp_path)
-    with pytest.raises(InputError, match="not supported yet"):
+    with pytest.raises(InputError, match="cannot run jetmoe experts: its experts are split"):
         OffloadRuntime(wrap_model("jet", tiny_model("jetmoe")), 10**6, experts_dir=tmp_path)
+    with pytest.raises(InputError, match="predictor_stack must be one of"):
+        OffloadRuntime(wrap_model("olmoe", tiny_model("olmoe")), 10**6, experts_dir=tmp_path, predictor_stack="encoder")
 
 
 def test_predictor_for_another_model_is_refused(tmp_path):

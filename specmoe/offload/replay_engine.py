@@ -3,9 +3,11 @@
 The built-in models' experts are kilobytes, too small for transfer cost to matter on a CPU
 machine. This engine replays routing recorded from a real model (the built-in one) while
 loading experts of a chosen real shape (random bf16 weights, on disk with the page cache
-bypassed, or in pinned host memory for a GPU) and computing each expert's SwiGLU FFN on one
-token for real. Transfers, prefetching and compute are real; only the weights' values and
-the non-expert part of the model are not. Numbers from here say so.
+bypassed, or in pinned host memory for a GPU) and computing, in bf16, each expert's SwiGLU
+FFN on one token, plus per layer a dense matmul the size of an attention block's four
+projections standing in for the non-expert compute (attention over a KV cache is not
+modelled). Transfers, prefetching and compute are real; the weights' values and the
+non-expert part of the model are not. Numbers from here say so.
 """
 
 from __future__ import annotations
@@ -109,9 +111,13 @@ def replay(
     tier = FastTier(budget_bytes, stats, eviction, future)
     prefetcher = Prefetcher(transfer, tier, stats) if policy in ("prefetch", "oracle") else None
     hidden = slow.read(0, 0)[0].shape[1]
+    generator = torch.Generator().manual_seed(1)
+    dense = (torch.randn(4 * hidden, hidden, generator=generator) * hidden**-0.5).bfloat16().to(transfer.device)
 
     def wanted(t: int, layer: int) -> list[tuple[int, int]]:
         targets = range(layer + 1, min(layer + 1 + lookahead, layers))
+        if not targets:
+            return []
         if policy == "oracle":
             return [(target, int(e)) for target in targets for e in routing[t, target] if e >= 0]
         probs = predictor.predict_proba(_context(routing, gate_weights, token_ids, t, layer, num_experts))
@@ -119,7 +125,7 @@ def replay(
             (target, e) for h, target in enumerate(targets) for e in prefetch_choice(probs[:, h], budget, threshold)
         ]
 
-    x = torch.randn(1, hidden, device=transfer.device)
+    x = torch.randn(1, hidden, device=transfer.device).bfloat16()
     predict_s, start = 0.0, time.perf_counter()
     try:
         for t in range(tokens):
@@ -138,13 +144,13 @@ def replay(
                 keys = [(layer, e) for e in needed]
                 with tier.lock:
                     tier.pinned = set(keys)
+                x = x + torch.nn.functional.linear(x, dense).view(4, 1, hidden).sum(0)  # non-expert stand-in
                 out = torch.zeros_like(x)
                 for key in keys:
-                    weights = fetch_expert(tier, prefetcher, transfer, stats, key)
-                    gate_up, down = weights[0].float(), weights[1].float()
-                    gate, up = (x @ gate_up.T).chunk(2, dim=-1)
-                    out += (torch.nn.functional.silu(gate) * up) @ down.T
-                x = torch.nn.functional.normalize(x + out, dim=-1) * hidden**0.5
+                    gate_up, down = fetch_expert(tier, prefetcher, transfer, stats, key)
+                    gate, up = torch.nn.functional.linear(x, gate_up).chunk(2, dim=-1)
+                    out += torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down)
+                x = torch.nn.functional.normalize((x + out).float(), dim=-1).bfloat16() * hidden**0.5
                 with tier.lock:
                     tier.pinned = set()
                 if policy == "on-demand":

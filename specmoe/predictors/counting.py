@@ -28,6 +28,15 @@ class _CountingPredictor(ExpertPredictor):
     def _start(self, train: TraceDataset) -> None:
         self.num_layers_, self.num_experts_, self.top_k_ = train.num_layers, train.num_experts, train.top_k
         self.popularity_ = torch.zeros(self.num_layers_, self.num_experts_)
+        self._memo = {}
+
+    def _derived(self, name: str, layer: int, build):
+        """A table derived from the fitted counts, built on first use: decoding asks for the
+        same layers every token, and rebuilding them each time cost more than the lookup."""
+        memo = self.__dict__.setdefault("_memo", {})
+        if (name, layer) not in memo:
+            memo[name, layer] = build(layer)
+        return memo[name, layer]
 
     def _accumulate(self, batch, layer: int, context: Context, targets: torch.Tensor) -> None:
         """Count one (layer, batch): ``targets`` is (N, H, k), IGNORE where undefined."""
@@ -52,6 +61,7 @@ class _CountingPredictor(ExpertPredictor):
             for layer in range(self.num_layers_ - 1):
                 self._accumulate(batch, layer, batch.context(layer), batch.targets(layer, self.horizons))
         self._finish()
+        self._memo = {}
         return self
 
     def _finish(self) -> None:
@@ -59,6 +69,9 @@ class _CountingPredictor(ExpertPredictor):
 
     def _prior(self, layer: int) -> torch.Tensor:
         """(H, E) popularity of layers layer+1..layer+H (uniform past the last layer)."""
+        return self._derived("prior", layer, self._build_prior)
+
+    def _build_prior(self, layer: int) -> torch.Tensor:
         rows = [
             _normalise(self.popularity_[layer + h] + 1e-3)
             if layer + h < self.num_layers_
@@ -78,6 +91,7 @@ class _CountingPredictor(ExpertPredictor):
     def load_state_tensors(self, tensors, meta) -> None:
         self.num_layers_, self.num_experts_, self.top_k_ = meta["num_layers"], meta["num_experts"], meta["top_k"]
         self.popularity_ = tensors["popularity"]
+        self._memo = {}
 
 
 class PopularityPredictor(_CountingPredictor):
@@ -116,10 +130,14 @@ class TransitionPredictor(_CountingPredictor):
                 torch.bincount(pairs_src[ok] * e + pairs_dst[ok], weights=mass[ok], minlength=e * e).view(e, e).float()
             )
 
+    def _conditional(self, layer: int) -> torch.Tensor:
+        """(H, E, E): P(expert at layer+h | expert at layer), smoothed towards the prior."""
+        prior, table = self._prior(layer), self.transitions_[layer]
+        return (table + self.smoothing * prior[:, None, :]) / (table.sum(-1, keepdim=True) + self.smoothing)
+
     def predict_proba(self, context: Context) -> torch.Tensor:
         prior = self._prior(context.layer)  # (H, E)
-        table = self.transitions_[context.layer]  # (H, E, E)
-        conditional = (table + self.smoothing * prior[:, None, :]) / (table.sum(-1, keepdim=True) + self.smoothing)
+        conditional = self._derived("conditional", context.layer, self._conditional)
         src = context.expert_ids[:, -1]  # (N, k)
         weights = torch.where(src >= 0, context.gate_weights[:, -1].float(), 0.0)
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
@@ -173,15 +191,14 @@ class NGramPredictor(_CountingPredictor):
 
     def _finish(self):
         self.backoff_.popularity_ = self.popularity_
+        self.backoff_._memo = {}
         self.table_.freeze()
 
     def predict_proba(self, context: Context) -> torch.Tensor:
         backoff = self.backoff_.predict_proba(context)  # (N, H, E)
-        out = torch.empty_like(backoff)
-        for h in range(self.horizons):
-            counts = self.table_.lookup(self._keys(context, h))
-            out[:, h] = (counts + self.smoothing * backoff[:, h]) / (counts.sum(-1, keepdim=True) + self.smoothing)
-        return out
+        keys = np.concatenate([self._keys(context, h) for h in range(self.horizons)])  # one lookup for all h
+        counts = self.table_.lookup(keys).view(self.horizons, len(context), -1).transpose(0, 1)
+        return (counts + self.smoothing * backoff) / (counts.sum(-1, keepdim=True) + self.smoothing)
 
     def state_tensors(self):
         return {**super().state_tensors(), "transitions": self.backoff_.transitions_, **self.table_.state("ngram")}
@@ -218,17 +235,27 @@ class TokenTablePredictor(_CountingPredictor):
 
     def _finish(self):
         self.table_.freeze()
+        self._last_rows = None
+
+    def _rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """(N, L, E): every layer's smoothed distribution for these tokens. It does not depend
+        on the layer asking, so one lookup serves all the layers of a token (or a batch)."""
+        last = getattr(self, "_last_rows", None)
+        if last is not None and torch.equal(last[0], token_ids):
+            return last[1]
+        layers = self.num_layers_
+        keys = (token_ids.numpy()[:, None] * layers + np.arange(layers)).reshape(-1)
+        counts = self.table_.lookup(keys).view(len(token_ids), layers, -1)
+        prior = _normalise(self.popularity_ + 1e-3)
+        rows = (counts + self.smoothing * prior) / (counts.sum(-1, keepdim=True) + self.smoothing)
+        self._last_rows = (token_ids.clone(), rows)
+        return rows
 
     def predict_proba(self, context: Context) -> torch.Tensor:
-        prior = self._prior(context.layer)
-        out = prior.expand(len(context), -1, -1).clone()
-        tokens = context.token_ids.numpy() * self.num_layers_
-        for h in range(1, self.horizons + 1):
-            if context.layer + h < self.num_layers_:
-                counts = self.table_.lookup(tokens + context.layer + h)
-                out[:, h - 1] = (counts + self.smoothing * prior[h - 1]) / (
-                    counts.sum(-1, keepdim=True) + self.smoothing
-                )
+        out = self._prior(context.layer).expand(len(context), -1, -1).clone()
+        targets = range(context.layer + 1, min(context.layer + self.horizons, self.num_layers_ - 1) + 1)
+        if targets:
+            out[:, : len(targets)] = self._rows(context.token_ids)[:, targets.start : targets.stop]
         return out
 
     def state_tensors(self):
@@ -237,3 +264,4 @@ class TokenTablePredictor(_CountingPredictor):
     def load_state_tensors(self, tensors, meta):
         super().load_state_tensors(tensors, meta)
         self.table_ = SparseCounts.from_state(tensors, "token", self.num_experts_)
+        self._last_rows = None

@@ -4,6 +4,7 @@ import torch
 
 from specmoe.evaluation.metrics import evaluate_predictor
 from specmoe.predictors.base import load_predictor
+from specmoe.predictors.data import TraceDataset
 from specmoe.predictors.registry import make_predictor
 
 
@@ -45,3 +46,22 @@ def test_probabilities_are_distributions(synthetic_splits):
         probs = make_predictor(name).fit(train).predict_proba(batch.context(1))
         assert probs.shape == (len(batch), 3, test.num_experts)
         torch.testing.assert_close(probs.sum(-1), torch.ones(len(batch), 3))
+
+
+def test_refitting_drops_the_tables_derived_from_the_old_fit(synthetic_splits, tmp_path):
+    """The per-layer tables a predictor derives on first use (and the token predictor's
+    last-token rows) belong to one fit: refitting on other data predicts as a fresh fit does."""
+    from tests.predictors.synthetic import make_synthetic_store
+
+    train, val, test = synthetic_splits
+    other = TraceDataset(make_synthetic_store(tmp_path / "other", noise=0.5, seed=3), "all")
+    batch = next(test.iter_batches(64))
+    for name in ("popularity", "transition", "ngram", "token"):
+        predictor = make_predictor(name).fit(train, val)
+        for layer in range(test.num_layers - 1):
+            predictor.predict_proba(batch.context(layer))
+        predictor.fit(other)
+        fresh = make_predictor(name).fit(other)
+        for layer in range(test.num_layers - 1):
+            expected = fresh.predict_proba(batch.context(layer))
+            torch.testing.assert_close(predictor.predict_proba(batch.context(layer)), expected)

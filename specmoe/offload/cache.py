@@ -9,9 +9,20 @@ Key = tuple[int, int]  # (layer_idx, expert_idx)
 
 
 class EvictionPolicy:
+    """Ranks residents for eviction. A prefetched expert is ``on_insert``-ed: recent, so it
+    survives until its layer runs, but not yet used (LFU does not count it); if that layer
+    runs without it, it is ``demote``-d to first victim, since the prediction it came from
+    has expired."""
+
     name = ""
 
+    def on_insert(self, key: Key, position: int) -> None:
+        pass
+
     def on_use(self, key: Key, position: int) -> None:
+        pass
+
+    def demote(self, key: Key) -> None:
         pass
 
     def victim(self, candidates: list[Key], position: int) -> Key:
@@ -24,8 +35,14 @@ class LRU(EvictionPolicy):
     def __init__(self):
         self.last: dict[Key, int] = {}
 
+    def on_insert(self, key, position):
+        self.last[key] = position
+
     def on_use(self, key, position):
         self.last[key] = position
+
+    def demote(self, key):
+        self.last[key] = -1
 
     def victim(self, candidates, position):
         return min(candidates, key=lambda k: self.last.get(k, -1))
@@ -40,9 +57,15 @@ class LFU(EvictionPolicy):
         self.count: dict[Key, int] = defaultdict(int)
         self.last: dict[Key, int] = {}
 
+    def on_insert(self, key, position):
+        self.last[key] = position
+
     def on_use(self, key, position):
         self.count[key] += 1
         self.last[key] = position
+
+    def demote(self, key):
+        self.count[key], self.last[key] = 0, -1
 
     def victim(self, candidates, position):
         return min(candidates, key=lambda k: (self.count.get(k, 0), self.last.get(k, -1)))
@@ -110,6 +133,7 @@ class ExpertCache:
                 self.unused_prefetch.discard(victim)
                 self.wasted_prefetches += 1
         self.ready_at[key] = ready_at
+        self.policy.on_insert(key, position)
         if prefetch:
             self.unused_prefetch.add(key)
         self.peak = max(self.peak, len(self.ready_at))
@@ -118,3 +142,13 @@ class ExpertCache:
     def use(self, key: Key, position: int) -> None:
         self.unused_prefetch.discard(key)
         self.policy.on_use(key, position)
+
+    def expire(self, layer: int) -> None:
+        """``layer`` has run: its unused prefetches go first when room is needed."""
+        expire_prefetches(self.policy, self.unused_prefetch, layer)
+
+
+def expire_prefetches(policy: EvictionPolicy, unused_prefetch: set[Key], layer: int) -> None:
+    for key in unused_prefetch:
+        if key[0] == layer:
+            policy.demote(key)

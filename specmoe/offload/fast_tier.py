@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specmoe.offload.cache import LFU, LRU, Belady
+from specmoe.offload.cache import LFU, LRU, Belady, expire_prefetches
 from specmoe.offload.tiers import Key, Loaded, Transfer
 
 EVICTIONS = ("lru", "lfu", "belady")
@@ -89,6 +89,11 @@ class FastTier:
             for key in [k for k in self.entries if k not in self.pinned]:
                 self.used -= self.entries.pop(key)[1]
 
+    def expire(self, layer: int) -> None:
+        """``layer`` has run: its unused prefetches go first when room is needed."""
+        with self.lock:
+            expire_prefetches(self.policy, self.unused_prefetch, layer)
+
     def put(self, key: Key, loaded: Loaded, nbytes: int, *, prefetch: bool) -> bool:
         with self.lock:
             if key in self.entries:
@@ -106,9 +111,11 @@ class FastTier:
             self.entries[key] = (loaded, nbytes)
             self.used += nbytes
             self.clock += 1
-            self.policy.on_use(key, self.clock)
             if prefetch:
+                self.policy.on_insert(key, self.clock)
                 self.unused_prefetch.add(key)
+            else:
+                self.policy.on_use(key, self.clock)
             self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
             return True
 
@@ -133,6 +140,13 @@ class Prefetcher:
                     self.queue.append(key)
                     self.stats.prefetch_requests += 1
             self.cond.notify()
+
+    def drop_stale(self, layer: int) -> None:
+        """``layer`` has run: requests for it not yet started would only waste reads."""
+        with self.cond:
+            for key in [k for k in self.queue if k[0] == layer]:
+                self.queue.remove(key)
+                self.in_flight.pop(key).set()
 
     def wait_for(self, key: Key) -> bool:
         """Block until an in-flight prefetch of ``key`` finishes; False if none is in flight."""
@@ -177,6 +191,16 @@ def prefetch_choice(probs: torch.Tensor, budget: int, threshold: float = 0.0) ->
     gives at least ``threshold``."""
     pooled, best = probs.sum(0), probs.max(0).values
     return [int(e) for e in pooled.argsort(descending=True)[:budget] if best[e] >= threshold]
+
+
+def finish_layer(tier: FastTier, prefetcher: Prefetcher | None, layer: int) -> None:
+    """``layer`` has computed: unpin its experts; its unused prefetches become the first
+    victims and its prefetches not yet started are dropped."""
+    with tier.lock:
+        tier.pinned = set()
+        tier.expire(layer)
+    if prefetcher is not None:
+        prefetcher.drop_stale(layer)
 
 
 def fetch_expert(

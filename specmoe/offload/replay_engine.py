@@ -26,6 +26,7 @@ from specmoe.offload.fast_tier import (
     Prefetcher,
     RuntimeStats,
     fetch_expert,
+    finish_layer,
     prefetch_choice,
 )
 from specmoe.offload.tiers import HostExperts, SlowTier, Transfer
@@ -151,8 +152,7 @@ def replay(
                     gate, up = torch.nn.functional.linear(x, gate_up).chunk(2, dim=-1)
                     out += torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down)
                 x = torch.nn.functional.normalize((x + out).float(), dim=-1).bfloat16() * hidden**0.5
-                with tier.lock:
-                    tier.pinned = set()
+                finish_layer(tier, prefetcher, layer)
                 if policy == "on-demand":
                     tier.clear()
         _synchronize(transfer.device)

@@ -28,6 +28,7 @@ from specmoe.offload.fast_tier import (
     Prefetcher,
     RuntimeStats,
     fetch_expert,
+    finish_layer,
     prefetch_choice,
 )
 from specmoe.offload.tiers import HostExperts, Key, Transfer
@@ -56,7 +57,7 @@ class OffloadedExperts(nn.Module):
             else:
                 args = (remap[args[0]],) + tuple(args[1:])
         out = functional_call(original, params, (hidden_states, *args), kwargs, strict=False)
-        runtime.release()
+        runtime.release(self.layer)
         return out
 
 
@@ -176,9 +177,8 @@ class OffloadRuntime:
             self.tier.position = self.step * len(self.layers) + layer
         return {key[1]: fetch_expert(self.tier, self.prefetcher, self.transfer, self.stats, key) for key in keys}
 
-    def release(self) -> None:
-        with self.tier.lock:
-            self.tier.pinned = set()
+    def release(self, layer: int) -> None:
+        finish_layer(self.tier, self.prefetcher, layer)
 
     def on_routing(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
         """Layer ``layer``'s routing is known: queue prefetches for the next layers of its stack."""

@@ -169,6 +169,7 @@ def simulate(
                             queued.add(key)
             now = ready + profile.compute_s_per_layer
             cache.pinned = set()
+            cache.expire(layer)
     start_prefetches(now, steps * layers)
     return SimulationResult(
         config=asdict(config),

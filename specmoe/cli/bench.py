@@ -108,12 +108,12 @@ def bench_offload(
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(report, indent=2))
     typer.echo(
-        f"{'cache':>6} {'policy':<22} {'tok/s':>8} {'ms/tok':>8} {'stall':>6} {'hit':>6} {'MB read':>9} {'of oracle':>9} {'predict':>7}"
+        f"{'cache':>6} {'policy':<22} {'tok/s':>8} {'ms/tok':>8} {'stall':>6} {'hit':>6} {'MB read':>9} {'of oracle':>9} {'predict':>7} {'pr. CPU':>7}"
     )
     for r in report["rows"]:
         label = r["policy"] + (f":{r['predictor']}" if r["predictor"] else "")
         typer.echo(
             f"{r['cache_fraction']:>6.2f} {label:<22} {r['tokens_per_s']:>8.2f} {r['time_per_token_ms']:>8.1f} "
             f"{r['stall_fraction']:>6.3f} {r['hit_rate']:>6.3f} {r['bytes_read'] / 2**20:>9.1f} "
-            f"{r['fraction_of_oracle']:>9.3f} {r['predictor_fraction']:>7.2%}"
+            f"{r['fraction_of_oracle']:>9.3f} {r['predictor_fraction']:>7.2%} {r['predictor_cpu_fraction']:>7.2%}"
         )

@@ -35,6 +35,8 @@ def test_policies_stay_within_budget(setup, policy):
     )
     assert result.tokens == 12 and 0 < result.stats["peak_bytes"] <= budget
     assert (result.stats["predict_s"] > 0) == (policy == "prefetch")
+    row = result.row(0.5)
+    assert 0 <= row["predictor_cpu_fraction"] <= row["predictor_fraction"] + 1e-3
     accesses = result.stats["hits"] + result.stats["misses"] + result.stats["late"]
     assert accesses == routing.size
 

@@ -4,32 +4,51 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
-from specmoe.predictors.data import TraceDataset
+from specmoe.predictors.data import Context, TraceDataset
 
 
 def predictor_latency_us(predictor, data: TraceDataset, *, batch_size: int = 1, repeats: int = 200) -> float:
-    """Median microseconds per token per layer for ``predict_proba`` on ``batch_size``
-    tokens (batch 1 is single-sequence decoding), one CPU thread as in a serving loop."""
+    """Median microseconds per token per layer for ``predict_proba``, timed as decoding calls
+    it: for each of ``repeats`` groups of ``batch_size`` new tokens (batch 1 is
+    single-sequence decoding), once after every layer that has a next one. New tokens each
+    time, so nothing a predictor reuses across the layers of one token is reused across
+    tokens. One CPU thread, as in a serving loop."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        batch = next(data.iter_batches(max(batch_size, 1)))
-        layer = max(0, min(data.num_layers - 2, data.num_layers // 2))
-        context = batch.context(layer)
+        batch = next(data.iter_batches(max(batch_size, 1) * (repeats + 5)))
+        layers = range(max(data.num_layers - 1, 1))
+        contexts = [batch.context(layer) for layer in layers]
+        groups = [slice(i, i + batch_size) for i in range(0, len(batch) - batch_size + 1, batch_size)]
         with torch.no_grad():
-            for _ in range(5):
-                predictor.predict_proba(context)
+            for group in groups[:5]:
+                for context in contexts:
+                    predictor.predict_proba(_rows(context, group))
             times = []
-            for _ in range(repeats):
+            for group in groups[5:] or groups:
+                calls = [_rows(context, group) for context in contexts]
                 start = time.perf_counter()
-                predictor.predict_proba(context)
-                times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e6 / len(context)
+                for context in calls:
+                    predictor.predict_proba(context)
+                times.append((time.perf_counter() - start) / len(calls))
+        return statistics.median(times) * 1e6 / batch_size
     finally:
         torch.set_num_threads(threads)
+
+
+def _rows(context: Context, rows: slice) -> Context:
+    return replace(
+        context,
+        expert_ids=context.expert_ids[rows],
+        gate_weights=context.gate_weights[rows],
+        token_ids=context.token_ids[rows],
+        prev_expert_ids=context.prev_expert_ids[rows],
+        hidden=None if context.hidden is None else context.hidden[rows],
+    )
 
 
 def model_time_per_token_us(model_id: str, *, repeats: int = 30) -> float:

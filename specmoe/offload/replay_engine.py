@@ -30,7 +30,7 @@ from specmoe.offload.fast_tier import (
     prefetch_choice,
 )
 from specmoe.offload.tiers import HostExperts, SlowTier, Transfer
-from specmoe.predictors.data import IGNORE, Context
+from specmoe.predictors.data import Context
 
 
 def random_experts(
@@ -182,14 +182,11 @@ def _synchronize(device: torch.device) -> None:
 
 def _context(routing, gate_weights, token_ids, t: int, layer: int, num_experts: int) -> Context:
     """What a predictor sees after layer ``layer`` of token ``t``: that token's routing so far."""
-    layers, top_k = routing.shape[1:]
-    return Context(
+    return Context.from_routing(
         layer,
         torch.from_numpy(routing[t : t + 1, : layer + 1].astype(np.int64)),
         torch.from_numpy(gate_weights[t : t + 1, : layer + 1].astype(np.float32)),
         torch.tensor([int(token_ids[t])]),
-        torch.full((1, 0, layers, top_k), IGNORE),
-        None,
-        layers,
+        routing.shape[1],
         num_experts,
     )

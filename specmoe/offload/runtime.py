@@ -207,23 +207,14 @@ class OffloadRuntime:
     def _predict(self, layer: int) -> torch.Tensor:
         """Probabilities (N, H, E) for the next layers of the predictor's stack; ``layer``
         counts within that stack."""
-        from specmoe.predictors.data import IGNORE, Context
+        from specmoe.predictors.data import Context
 
         ids = torch.stack([h[0] for h in self._history], 1)  # (N, l+1, k)
         weights = torch.stack([h[1] for h in self._history], 1)
         n = ids.shape[0]
         tokens = self._token_ids if len(self._token_ids) == n else torch.zeros(n, dtype=torch.long)
         num_layers = self.loaded.stacks[self.predictor_stack]
-        context = Context(
-            layer,
-            ids,
-            weights,
-            tokens,
-            torch.full((n, 0, num_layers, self.top_k), IGNORE),
-            None,
-            num_layers,
-            self.num_experts,
-        )
+        context = Context.from_routing(layer, ids, weights, tokens, num_layers, self.num_experts)
         return self.predictor.predict_proba(context)
 
     def close(self) -> None:

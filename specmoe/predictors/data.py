@@ -39,6 +39,22 @@ class Context:
     def __len__(self) -> int:
         return self.expert_ids.shape[0]
 
+    @classmethod
+    def from_routing(
+        cls,
+        layer: int,
+        expert_ids: torch.Tensor,
+        gate_weights: torch.Tensor,
+        token_ids: torch.Tensor,
+        num_layers: int,
+        num_experts: int,
+    ) -> Context:
+        """What a decoding loop knows: these tokens' routing so far, no earlier tokens and no
+        hidden states (the context of routing-only predictors)."""
+        n, _, top_k = expert_ids.shape
+        empty = torch.full((n, 0, num_layers, top_k), IGNORE)
+        return cls(layer, expert_ids, gate_weights, token_ids, empty, None, num_layers, num_experts)
+
 
 @dataclass(frozen=True)
 class RoutingBatch:

@@ -118,7 +118,7 @@ class OffloadRuntime:
         self.loaded = loaded
         self.layers = loaded.layers
         self.num_experts, self.top_k = loaded.num_experts, loaded.top_k
-        self._stack_range = _stack_ranges(self.layers)
+        self._stack_range = _stack_ranges(loaded.stacks)
         self.stats = RuntimeStats()
         self.predictor, self.lookahead, self.threshold, self.oracle = predictor, lookahead, threshold, oracle
         self.budget = budget or 2 * loaded.top_k
@@ -225,17 +225,13 @@ class OffloadRuntime:
         self.transfer.close()
 
 
-def _stack_ranges(layers) -> list[tuple[int, int]]:
-    """Per global layer: the [first, end) global range of its stack."""
+def _stack_ranges(stacks: dict[str, int]) -> list[tuple[int, int]]:
+    """Per global layer: the [first, end) global range of its stack (layers run stack by stack)."""
     ranges, first = [], 0
-    for g, layer in enumerate(layers):
-        if g and layer.stack != layers[g - 1].stack:
-            first = g
-        ranges.append(first)
-    ends = {}
-    for g, first in enumerate(ranges):
-        ends[first] = g + 1
-    return [(first, ends[first]) for first in ranges]
+    for count in stacks.values():
+        ranges += [(first, first + count)] * count
+        first += count
+    return ranges
 
 
 def _check_predictor(predictor, loaded: LoadedModel, stack: str) -> None:

@@ -109,7 +109,7 @@ def test_oracle_from_a_recorded_run_prefetches_exactly_what_is_needed(model_type
     (recorded, log, _), (replayed, log_again, stats) = runs["record"], runs["oracle"]
     assert torch.equal(recorded, replayed) and log == log_again
     needed = {(layer, e) for step in log for layer, experts in enumerate(step) for e in experts}
-    firsts = {first for first, _ in _stack_ranges(runtime.layers)}
+    firsts = {first for first, _ in _stack_ranges(runtime.loaded.stacks)}
     assert stats.prefetch_requests == len({key for key in needed if key[0] not in firsts})
     assert stats.prefetch_reads + stats.demand_reads == len(needed)
     assert stats.wasted_prefetches == 0

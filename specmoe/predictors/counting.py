@@ -71,9 +71,14 @@ class _CountingPredictor(ExpertPredictor):
         """(H, E) popularity of layers layer+1..layer+H (uniform past the last layer)."""
         return self._derived("prior", layer, self._build_prior)
 
+    def _layer_popularity(self) -> torch.Tensor:
+        """(L, E): each layer's smoothed expert popularity."""
+        return self._derived("popularity", None, lambda _: _normalise(self.popularity_ + 1e-3))
+
     def _build_prior(self, layer: int) -> torch.Tensor:
+        popularity = self._layer_popularity()
         rows = [
-            _normalise(self.popularity_[layer + h] + 1e-3)
+            popularity[layer + h]
             if layer + h < self.num_layers_
             else torch.full((self.num_experts_,), 1 / self.num_experts_)
             for h in range(1, self.horizons + 1)
@@ -246,7 +251,7 @@ class TokenTablePredictor(_CountingPredictor):
         layers = self.num_layers_
         keys = (token_ids.numpy()[:, None] * layers + np.arange(layers)).reshape(-1)
         counts = self.table_.lookup(keys).view(len(token_ids), layers, -1)
-        prior = _normalise(self.popularity_ + 1e-3)
+        prior = self._layer_popularity()
         rows = (counts + self.smoothing * prior) / (counts.sum(-1, keepdim=True) + self.smoothing)
         self._last_rows = (token_ids.clone(), rows)
         return rows

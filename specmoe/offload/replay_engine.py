@@ -27,7 +27,7 @@ from specmoe.offload.fast_tier import (
     RuntimeStats,
     fetch_expert,
     finish_layer,
-    prefetch_choice,
+    prefetch_keys,
 )
 from specmoe.offload.tiers import HostExperts, SlowTier, Transfer
 from specmoe.predictors.data import Context
@@ -116,16 +116,28 @@ def replay(
     generator = torch.Generator().manual_seed(1)
     dense = (torch.randn(4 * hidden, hidden, generator=generator) * hidden**-0.5).bfloat16().to(transfer.device)
 
+    # Converted once: a predictor sees token t's routing up to the current layer.
+    expert_ids = torch.from_numpy(routing.astype(np.int64))
+    weights = torch.from_numpy(gate_weights.astype(np.float32))
+    token_tensor = torch.from_numpy(token_ids.astype(np.int64))
+
     def wanted(t: int, layer: int) -> list[tuple[int, int]]:
         targets = range(layer + 1, min(layer + 1 + lookahead, layers))
         if not targets:
             return []
         if policy == "oracle":
             return [(target, int(e)) for target in targets for e in routing[t, target] if e >= 0]
-        probs = predictor.predict_proba(_context(routing, gate_weights, token_ids, t, layer, num_experts))
-        return [
-            (target, e) for h, target in enumerate(targets) for e in prefetch_choice(probs[:, h], budget, threshold)
-        ]
+        probs = predictor.predict_proba(
+            Context.from_routing(
+                layer,
+                expert_ids[t : t + 1, : layer + 1],
+                weights[t : t + 1, : layer + 1],
+                token_tensor[t : t + 1],
+                layers,
+                num_experts,
+            )
+        )
+        return prefetch_keys(probs, targets, budget, threshold)
 
     x = torch.randn(1, hidden, device=transfer.device).bfloat16()
     # Wall time in predictor calls includes waiting for a core or the GIL while the prefetch
@@ -178,15 +190,3 @@ def replay(
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _context(routing, gate_weights, token_ids, t: int, layer: int, num_experts: int) -> Context:
-    """What a predictor sees after layer ``layer`` of token ``t``: that token's routing so far."""
-    return Context.from_routing(
-        layer,
-        torch.from_numpy(routing[t : t + 1, : layer + 1].astype(np.int64)),
-        torch.from_numpy(gate_weights[t : t + 1, : layer + 1].astype(np.float32)),
-        torch.tensor([int(token_ids[t])]),
-        routing.shape[1],
-        num_experts,
-    )

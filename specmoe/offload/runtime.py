@@ -29,7 +29,7 @@ from specmoe.offload.fast_tier import (
     RuntimeStats,
     fetch_expert,
     finish_layer,
-    prefetch_choice,
+    prefetch_keys,
 )
 from specmoe.offload.tiers import HostExperts, Key, Transfer
 
@@ -199,9 +199,7 @@ class OffloadRuntime:
             if self.step < len(self.oracle):
                 wanted = [(t, e) for t in targets for e in self.oracle[self.step][t]]
         elif targets:
-            probs = self._predict(layer - first)
-            for h, target in enumerate(targets):
-                wanted += [(target, e) for e in prefetch_choice(probs[:, h], self.budget, self.threshold)]
+            wanted = prefetch_keys(self._predict(layer - first), targets, self.budget, self.threshold)
         self.prefetcher.request(wanted)
 
     def _predict(self, layer: int) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Counting baselines: fit in one pass over the traces, no epochs.
 
 All return normalised distributions over experts, smoothed towards the target layer's
-popularity so an unseen context still gets a sensible guess.
+popularity so an unseen context still gets a sensible guess. Fitting counts with torch;
+predicting is done in numpy on tables derived once, because decoding asks for one token at
+a time and numpy's per-operation overhead is a fraction of torch's.
 """
 
 from __future__ import annotations
@@ -67,23 +69,24 @@ class _CountingPredictor(ExpertPredictor):
     def _finish(self) -> None:
         pass
 
-    def _prior(self, layer: int) -> torch.Tensor:
+    def _prior(self, layer: int) -> np.ndarray:
         """(H, E) popularity of layers layer+1..layer+H (uniform past the last layer)."""
         return self._derived("prior", layer, self._build_prior)
 
-    def _layer_popularity(self) -> torch.Tensor:
+    def _layer_popularity(self) -> np.ndarray:
         """(L, E): each layer's smoothed expert popularity."""
-        return self._derived("popularity", None, lambda _: _normalise(self.popularity_ + 1e-3))
+        return self._derived("popularity", None, lambda _: _normalise(self.popularity_ + 1e-3).numpy())
 
-    def _build_prior(self, layer: int) -> torch.Tensor:
+    def _build_prior(self, layer: int) -> np.ndarray:
         popularity = self._layer_popularity()
-        rows = [
-            popularity[layer + h]
-            if layer + h < self.num_layers_
-            else torch.full((self.num_experts_,), 1 / self.num_experts_)
-            for h in range(1, self.horizons + 1)
-        ]
-        return torch.stack(rows)
+        uniform = np.full(self.num_experts_, 1 / self.num_experts_, dtype=np.float32)
+        rows = [popularity[layer + h] if layer + h < self.num_layers_ else uniform for h in range(1, self.horizons + 1)]
+        return np.stack(rows)
+
+    def _prior_for(self, context: Context) -> np.ndarray:
+        """(N, H, E) the prior for every token of ``context`` (a copy, free to overwrite)."""
+        prior = self._prior(context.layer)
+        return np.broadcast_to(prior, (len(context), *prior.shape)).copy()
 
     def fitted_meta(self) -> dict:
         if not hasattr(self, "num_layers_"):
@@ -105,7 +108,7 @@ class PopularityPredictor(_CountingPredictor):
     name = "popularity"
 
     def predict_proba(self, context: Context) -> torch.Tensor:
-        return self._prior(context.layer).expand(len(context), -1, -1).clone()
+        return torch.from_numpy(self._prior_for(context))
 
 
 class TransitionPredictor(_CountingPredictor):
@@ -135,21 +138,27 @@ class TransitionPredictor(_CountingPredictor):
                 torch.bincount(pairs_src[ok] * e + pairs_dst[ok], weights=mass[ok], minlength=e * e).view(e, e).float()
             )
 
-    def _conditional(self, layer: int) -> torch.Tensor:
+    def _conditional(self, layer: int) -> np.ndarray:
         """(H, E, E): P(expert at layer+h | expert at layer), smoothed towards the prior."""
-        prior, table = self._prior(layer), self.transitions_[layer]
-        return (table + self.smoothing * prior[:, None, :]) / (table.sum(-1, keepdim=True) + self.smoothing)
+        prior, table = self._prior(layer), self.transitions_[layer].numpy()
+        return (table + self.smoothing * prior[:, None, :]) / (table.sum(-1, keepdims=True) + self.smoothing)
+
+    def _mixed(self, context: Context) -> np.ndarray:
+        """(N, H, E): the conditionals of the current layer's experts, mixed by gate weight."""
+        conditional = self._derived("conditional", context.layer, self._conditional)  # (H, E, E)
+        src = context.expert_ids[:, -1].numpy()  # (N, k)
+        if src.shape[1] == 1 and src.min() >= 0:  # top-1: every normalised gate weight is 1
+            return conditional[:, src[:, 0]].transpose(1, 0, 2)
+        weights = context.gate_weights[:, -1].float().numpy() * (src >= 0)
+        total = weights.sum(-1, keepdims=True)
+        gathered = conditional[:, np.maximum(src, 0)]  # (H, N, k, E)
+        mixed = np.einsum("nk,hnke->nhe", weights / np.maximum(total, 1e-12), gathered)
+        if total.min() > 0:  # decoding's usual case: no token without a routed expert
+            return mixed
+        return np.where((total == 0)[:, :, None], self._prior(context.layer), mixed)
 
     def predict_proba(self, context: Context) -> torch.Tensor:
-        prior = self._prior(context.layer)  # (H, E)
-        conditional = self._derived("conditional", context.layer, self._conditional)
-        src = context.expert_ids[:, -1]  # (N, k)
-        weights = torch.where(src >= 0, context.gate_weights[:, -1].float(), 0.0)
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
-        gathered = conditional[:, src.clamp_min(0)]  # (H, N, k, E)
-        mixed = (gathered * weights[None, :, :, None]).sum(2).transpose(0, 1)  # (N, H, E)
-        no_source = (weights.sum(-1) == 0)[:, None, None]
-        return torch.where(no_source, prior.expand_as(mixed), mixed)
+        return torch.from_numpy(self._mixed(context))
 
     def state_tensors(self):
         return {**super().state_tensors(), "transitions": self.transitions_}
@@ -176,23 +185,26 @@ class NGramPredictor(_CountingPredictor):
         self.backoff_ = TransitionPredictor(horizons=self.horizons)
         self.backoff_._start(train)
 
-    def _keys(self, context: Context, h: int) -> np.ndarray:
-        base = self.num_experts_ + 1  # experts, plus one "none" (dropped / before layer 0)
-        key = np.full(len(context), context.layer * self.horizons + h, dtype=np.int64)
+    def _keys(self, context: Context) -> np.ndarray:
+        """(H, N) table keys: the horizon, the layer, then the top-1 experts of the last
+        ``context_layers`` layers, as digits in base E+1 (E stands for none / before layer 0)."""
+        base = self.num_experts_ + 1
         top1 = context.expert_ids[:, :, 0].numpy()
+        code = np.zeros(len(context), dtype=np.int64)
         for back in range(self.context_layers - 1, -1, -1):
             layer = context.layer - back
-            column = top1[:, layer] if layer >= 0 else np.full(len(context), -1)
-            key = key * base + np.where(column >= 0, column, self.num_experts_)
-        return key
+            column = top1[:, layer] if layer >= 0 else -1
+            code = code * base + np.where(column >= 0, column, self.num_experts_)
+        horizon = context.layer * self.horizons + np.arange(self.horizons, dtype=np.int64)
+        return horizon[:, None] * base**self.context_layers + code
 
     def _accumulate(self, batch, layer, context, targets):
         self.backoff_._accumulate(batch, layer, context, targets)
         weights = self._target_weights(batch, layer, targets.shape[1]).numpy()
+        keys = self._keys(context)
         for h in range(targets.shape[1]):
-            keys = self._keys(context, h)
             for slot in range(targets.shape[2]):
-                self.table_.add(keys, targets[:, h, slot].numpy(), weights[:, h, slot])
+                self.table_.add(keys[h], targets[:, h, slot].numpy(), weights[:, h, slot])
 
     def _finish(self):
         self.backoff_.popularity_ = self.popularity_
@@ -200,10 +212,10 @@ class NGramPredictor(_CountingPredictor):
         self.table_.freeze()
 
     def predict_proba(self, context: Context) -> torch.Tensor:
-        backoff = self.backoff_.predict_proba(context)  # (N, H, E)
-        keys = np.concatenate([self._keys(context, h) for h in range(self.horizons)])  # one lookup for all h
-        counts = self.table_.lookup(keys).view(self.horizons, len(context), -1).transpose(0, 1)
-        return (counts + self.smoothing * backoff) / (counts.sum(-1, keepdim=True) + self.smoothing)
+        backoff = self.backoff_._mixed(context)  # (N, H, E)
+        keys = self._keys(context).reshape(-1)  # one lookup for all horizons
+        counts = self.table_.lookup(keys).reshape(self.horizons, len(context), -1).transpose(1, 0, 2)
+        return torch.from_numpy((counts + self.smoothing * backoff) / (counts.sum(-1, keepdims=True) + self.smoothing))
 
     def state_tensors(self):
         return {**super().state_tensors(), "transitions": self.backoff_.transitions_, **self.table_.state("ngram")}
@@ -242,26 +254,26 @@ class TokenTablePredictor(_CountingPredictor):
         self.table_.freeze()
         self._last_rows = None
 
-    def _rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def _rows(self, token_ids: np.ndarray) -> np.ndarray:
         """(N, L, E): every layer's smoothed distribution for these tokens. It does not depend
         on the layer asking, so one lookup serves all the layers of a token (or a batch)."""
         last = getattr(self, "_last_rows", None)
-        if last is not None and torch.equal(last[0], token_ids):
+        if last is not None and np.array_equal(last[0], token_ids):
             return last[1]
         layers = self.num_layers_
-        keys = (token_ids.numpy()[:, None] * layers + np.arange(layers)).reshape(-1)
-        counts = self.table_.lookup(keys).view(len(token_ids), layers, -1)
+        keys = (token_ids[:, None] * layers + np.arange(layers)).reshape(-1)
+        counts = self.table_.lookup(keys).reshape(len(token_ids), layers, -1)
         prior = self._layer_popularity()
-        rows = (counts + self.smoothing * prior) / (counts.sum(-1, keepdim=True) + self.smoothing)
-        self._last_rows = (token_ids.clone(), rows)
+        rows = (counts + self.smoothing * prior) / (counts.sum(-1, keepdims=True) + self.smoothing)
+        self._last_rows = (token_ids.copy(), rows)
         return rows
 
     def predict_proba(self, context: Context) -> torch.Tensor:
-        out = self._prior(context.layer).expand(len(context), -1, -1).clone()
+        out = self._prior_for(context)
         targets = range(context.layer + 1, min(context.layer + self.horizons, self.num_layers_ - 1) + 1)
         if targets:
-            out[:, : len(targets)] = self._rows(context.token_ids)[:, targets.start : targets.stop]
-        return out
+            out[:, : len(targets)] = self._rows(context.token_ids.numpy())[:, targets.start : targets.stop]
+        return torch.from_numpy(out)
 
     def state_tensors(self):
         return {**super().state_tensors(), **self.table_.state("token")}

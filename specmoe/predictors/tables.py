@@ -37,11 +37,11 @@ class SparseCounts:
         self._parts = []
         return self
 
-    def lookup(self, keys: np.ndarray) -> torch.Tensor:
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Dense (N, E) counts for ``keys`` (zeros for unseen keys)."""
         out = np.zeros((len(keys), self.num_experts), dtype=np.float32)
         if self.keys is None or len(self.keys) == 0:
-            return torch.from_numpy(out)
+            return out
         pos = np.searchsorted(self.keys, keys)
         pos_clip = np.minimum(pos, len(self.keys) - 1)
         found = self.keys[pos_clip] == keys
@@ -51,7 +51,7 @@ class SparseCounts:
         row_of_entry = np.repeat(rows, lengths)
         entry = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
         out[row_of_entry, self.experts[entry]] = self.counts[entry]
-        return torch.from_numpy(out)
+        return out
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {

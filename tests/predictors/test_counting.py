@@ -4,7 +4,7 @@ import torch
 
 from specmoe.evaluation.metrics import evaluate_predictor
 from specmoe.predictors.base import load_predictor
-from specmoe.predictors.data import TraceDataset
+from specmoe.predictors.data import Context, TraceDataset
 from specmoe.predictors.registry import make_predictor
 
 
@@ -65,3 +65,24 @@ def test_refitting_drops_the_tables_derived_from_the_old_fit(synthetic_splits, t
         for layer in range(test.num_layers - 1):
             expected = fresh.predict_proba(batch.context(layer))
             torch.testing.assert_close(predictor.predict_proba(batch.context(layer)), expected)
+
+
+def test_transition_top1_shortcut_matches_the_gate_weighted_mix(synthetic_splits):
+    """Top-1 routing takes a shortcut past the gate-weight mixing; padding each token with a
+    dropped second expert forces the general path, which must give the same distribution."""
+    train, _, _ = synthetic_splits
+    predictor = make_predictor("transition").fit(train)
+    ids = torch.tensor([[[3], [0]], [[1], [7]]])
+    weights = torch.tensor([[[0.4], [0.9]], [[0.2], [0.6]]])
+    padded_ids = torch.cat([ids, torch.full_like(ids, -1)], -1)
+    padded_weights = torch.cat([weights, torch.full_like(weights, 0.5)], -1)
+    tokens = torch.tensor([5, 6])
+    top1 = Context.from_routing(1, ids, weights, tokens, train.num_layers, train.num_experts)
+    padded = Context.from_routing(1, padded_ids, padded_weights, tokens, train.num_layers, train.num_experts)
+    torch.testing.assert_close(predictor.predict_proba(top1), predictor.predict_proba(padded))
+    dropped = Context.from_routing(
+        1, torch.full_like(padded_ids, -1), padded_weights, tokens, train.num_layers, train.num_experts
+    )
+    torch.testing.assert_close(
+        predictor.predict_proba(dropped), make_predictor("popularity").fit(train).predict_proba(dropped)
+    )

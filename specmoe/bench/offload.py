@@ -4,7 +4,9 @@ Routing comes from a trace store's test split (recorded from a real model); expe
 real model's shape with random bf16 weights (see :mod:`specmoe.offload.replay_engine`). On
 ``device="cpu"`` they sit on this machine's disk, read with the page cache bypassed, into a
 RAM cache; on ``cuda`` they sit in pinned host memory and the cache is on the GPU. The
-oracle prefetches the recorded future and evicts by it (Belady).
+oracle prefetches the recorded future and evicts by it (Belady); it reads ahead in decode
+order, by default L-1 layers, into the next token (see :func:`replay`), so that it is a
+ceiling even where one read outlasts a token's compute.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def benchmark_offload(
     device: str = "cpu",
     budget: int | None = None,
     threshold: float = 0.0,
+    oracle_lookahead: int | None = None,
 ) -> dict:
     if device.split(":")[0] == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: this machine has no CUDA GPU")
@@ -63,6 +66,11 @@ def benchmark_offload(
     routing, gate_weights, token_ids = _test_tokens(store, warmup + tokens, split_seed)
     if len(routing) <= warmup:
         raise InputError(f"the test split has {len(routing)} tokens, not enough for --warmup {warmup} + tokens")
+    oracle_lookahead = oracle_lookahead or max(layers - 1, 1)
+    if not 1 <= oracle_lookahead <= max(layers - 1, 1):
+        raise InputError(
+            f"--oracle-lookahead must be in [1, {max(layers - 1, 1)}] for {layers} MoE layers, got {oracle_lookahead}"
+        )
     predictors = [load_predictor(d) for d in predictor_dirs]
     budget = budget or 2 * model.top_k
     slow_tier = "disk" if device == "cpu" else "host"
@@ -98,6 +106,7 @@ def benchmark_offload(
                 eviction=eviction,
                 device=device,
                 warmup=warmup,
+                oracle_lookahead=oracle_lookahead,
             )
             result.policy = label
             timings[int(i)].append(result)
@@ -126,6 +135,7 @@ def benchmark_offload(
         "tokens": len(routing) - warmup,
         "warmup_tokens": warmup,
         "prefetch": {"lookahead": lookahead, "budget": budget, "threshold": threshold},
+        "oracle_lookahead": oracle_lookahead,
         "repeats": repeats,
         "slow_tier": "disk, O_DIRECT or page cache dropped" if slow_tier == "disk" else "pinned host memory",
         "fast_tier": "RAM" if device == "cpu" else f"GPU memory ({torch.cuda.get_device_name(device)})",

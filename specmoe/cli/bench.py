@@ -82,6 +82,10 @@ def bench_offload(
     device: Annotated[
         str, typer.Option(help="cpu: experts on disk, cache in RAM. cuda: experts in pinned RAM, cache on the GPU.")
     ] = "cpu",
+    oracle_lookahead: Annotated[
+        int | None,
+        typer.Option(help="Layers the oracle reads ahead in decode order, into the next token (default: L-1)."),
+    ] = None,
 ) -> None:
     """Measured tokens/s per policy: real recorded routing, experts of a real shape in a slow tier."""
     from specmoe.bench.offload import benchmark_offload
@@ -103,6 +107,7 @@ def bench_offload(
         device=device,
         budget=budget,
         threshold=threshold,
+        oracle_lookahead=oracle_lookahead,
     )
     report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -101,12 +101,25 @@ def replay(
     eviction: str = "lru",
     device: str = "cpu",
     warmup: int = 0,
+    oracle_lookahead: int | None = None,
 ) -> ReplayResult:
     """Decode ``routing`` (T tokens, L layers, k) one token at a time on ``device``. The first
-    ``warmup`` tokens fill the cache and are neither timed nor counted."""
+    ``warmup`` tokens fill the cache and are neither timed nor counted.
+
+    A predictor prefetches layers l+1..l+``lookahead`` of the token it has seen routed (what
+    a predictor predicts). The oracle reads the recorded future ``oracle_lookahead`` layers
+    ahead in decode order (default: ``lookahead``), past the token's last layer into the next
+    token's, up to L-1 layers: on a slow disk one read outlasts a token's compute, and only
+    that reach makes the oracle a ceiling. L-1 is the limit because a prefetch is keyed by
+    layer and expires when its layer next runs, which is then its own token."""
     tokens, layers, _ = routing.shape
     if not 0 <= warmup < tokens:
         raise ValueError(f"warmup must be in [0, {tokens}) for {tokens} tokens, got {warmup}")
+    oracle_lookahead = oracle_lookahead or lookahead
+    if not 1 <= oracle_lookahead <= max(layers - 1, 1):
+        raise ValueError(
+            f"oracle_lookahead must be in [1, {max(layers - 1, 1)}] for {layers} layers, got {oracle_lookahead}"
+        )
     stats = RuntimeStats()
     future = future_uses(routing, layers) if eviction == "belady" else None
     transfer = Transfer(slow, device)
@@ -122,11 +135,13 @@ def replay(
     token_tensor = torch.from_numpy(token_ids.astype(np.int64))
 
     def wanted(t: int, layer: int) -> list[tuple[int, int]]:
+        if policy == "oracle":
+            now = t * layers + layer  # position in decode order
+            ahead = range(now + 1, min(now + 1 + oracle_lookahead, tokens * layers))
+            return [(p % layers, int(e)) for p in ahead for e in routing[p // layers, p % layers] if e >= 0]
         targets = range(layer + 1, min(layer + 1 + lookahead, layers))
         if not targets:
             return []
-        if policy == "oracle":
-            return [(target, int(e)) for target in targets for e in routing[t, target] if e >= 0]
         probs = predictor.predict_proba(
             Context.from_routing(
                 layer,

@@ -95,3 +95,18 @@ def test_host_to_gpu_replay_stays_within_budget_and_counts_every_access():
     )
     assert 0 < result.stats["peak_bytes"] <= budget
     assert result.stats["hits"] + result.stats["misses"] + result.stats["late"] == routing.size
+
+
+def test_oracle_looking_into_the_next_token_reads_only_what_is_used(setup):
+    """With room for everything, an oracle reaching into the next token's layers reads each
+    used (layer, expert) once and nothing else; it cannot reach a whole token ahead."""
+    files, routing, weights, tokens = setup
+    used = {(layer, int(e)) for t in range(len(routing)) for layer in range(3) for e in routing[t, layer]}
+    budget = 24 * files.expert_nbytes(0)
+    oracle = replay(
+        files, routing, weights, tokens, policy="oracle", budget_bytes=budget, num_experts=8, oracle_lookahead=2
+    )
+    assert oracle.stats["bytes_read"] == len(used) * files.expert_nbytes(0)
+    assert oracle.stats["prefetch_reads"] > 0
+    with pytest.raises(ValueError, match="oracle_lookahead"):
+        replay(files, routing, weights, tokens, policy="oracle", budget_bytes=budget, num_experts=8, oracle_lookahead=3)

@@ -5,8 +5,8 @@ real model's shape with random bf16 weights (see :mod:`specmoe.offload.replay_en
 ``device="cpu"`` they sit on this machine's disk, read with the page cache bypassed, into a
 RAM cache; on ``cuda`` they sit in pinned host memory and the cache is on the GPU. The
 oracle prefetches the recorded future and evicts by it (Belady); it reads ahead in decode
-order, by default L-1 layers, into the next token (see :func:`replay`), so that it is a
-ceiling even where one read outlasts a token's compute.
+order, by default L-1 layers, into the next token (see :func:`replay`): as far as a
+layer-keyed fast tier allows. Where one read outlasts even that, it is not a ceiling.
 """
 
 from __future__ import annotations

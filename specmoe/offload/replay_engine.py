@@ -109,9 +109,9 @@ def replay(
     A predictor prefetches layers l+1..l+``lookahead`` of the token it has seen routed (what
     a predictor predicts). The oracle reads the recorded future ``oracle_lookahead`` layers
     ahead in decode order (default: ``lookahead``), past the token's last layer into the next
-    token's, up to L-1 layers: on a slow disk one read outlasts a token's compute, and only
-    that reach makes the oracle a ceiling. L-1 is the limit because a prefetch is keyed by
-    layer and expires when its layer next runs, which is then its own token."""
+    token's, up to L-1 layers, since on a slow disk one read outlasts several layers'
+    compute. L-1 is the limit because a prefetch is keyed by layer and expires when its
+    layer next runs, which is then its own token."""
     tokens, layers, _ = routing.shape
     if not 0 <= warmup < tokens:
         raise ValueError(f"warmup must be in [0, {tokens}) for {tokens} tokens, got {warmup}")

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from specmoe.errors import InputError
-from specmoe.offload.replay_engine import random_experts, replay
+from specmoe.offload.replay_engine import oracle_reach, random_experts, replay
 from specmoe.predictors.base import load_predictor
 from specmoe.predictors.data import TraceDataset
 from specmoe.traces.store import TraceStore
@@ -66,11 +66,12 @@ def benchmark_offload(
     routing, gate_weights, token_ids = _test_tokens(store, warmup + tokens, split_seed)
     if len(routing) <= warmup:
         raise InputError(f"the test split has {len(routing)} tokens, not enough for --warmup {warmup} + tokens")
-    oracle_lookahead = oracle_lookahead or max(layers - 1, 1)
-    if not 1 <= oracle_lookahead <= max(layers - 1, 1):
-        raise InputError(
-            f"--oracle-lookahead must be in [1, {max(layers - 1, 1)}] for {layers} MoE layers, got {oracle_lookahead}"
+    try:  # checked here, before gigabytes of experts are written for the replay
+        oracle_lookahead = oracle_reach(
+            layers, max(layers - 1, 1) if oracle_lookahead is None else oracle_lookahead, "--oracle-lookahead"
         )
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     predictors = [load_predictor(d) for d in predictor_dirs]
     budget = budget or 2 * model.top_k
     slow_tier = "disk" if device == "cpu" else "host"

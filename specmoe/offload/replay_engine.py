@@ -85,6 +85,14 @@ class ReplayResult:
         }
 
 
+def oracle_reach(layers: int, requested: int, option: str = "oracle_lookahead") -> int:
+    """The layers the oracle may read ahead in decode order: ``requested``, which must be in
+    [1, L-1]; with a single MoE layer there is no such reach, and it reads none."""
+    if not 1 <= requested <= max(layers - 1, 1):
+        raise ValueError(f"{option} must be in [1, {max(layers - 1, 1)}] for {layers} MoE layers, got {requested}")
+    return min(requested, layers - 1)
+
+
 def replay(
     slow: SlowTier,
     routing: np.ndarray,
@@ -115,11 +123,9 @@ def replay(
     tokens, layers, _ = routing.shape
     if not 0 <= warmup < tokens:
         raise ValueError(f"warmup must be in [0, {tokens}) for {tokens} tokens, got {warmup}")
-    oracle_lookahead = oracle_lookahead or lookahead
-    if not 1 <= oracle_lookahead <= max(layers - 1, 1):
-        raise ValueError(
-            f"oracle_lookahead must be in [1, {max(layers - 1, 1)}] for {layers} layers, got {oracle_lookahead}"
-        )
+    if policy == "oracle":
+        default = min(lookahead, max(layers - 1, 1))  # a predictor's lookahead stops at the token's end
+        oracle_lookahead = oracle_reach(layers, default if oracle_lookahead is None else oracle_lookahead)
     stats = RuntimeStats()
     future = future_uses(routing, layers) if eviction == "belady" else None
     transfer = Transfer(slow, device)

@@ -19,7 +19,8 @@ def test_the_oracle_reaches_to_the_layer_before_its_own_in_the_next_token(finish
 def test_an_oracle_lookahead_of_a_whole_token_is_refused(finished_run, tmp_path):
     out, _ = finished_run
     layers = json.loads((out / "offload" / "offload.json").read_text())["num_layers"]
-    with pytest.raises(InputError, match=f"--oracle-lookahead must be in \\[1, {layers - 1}\\]"):
-        benchmark_offload(
-            out / "traces", predictor_dirs=[], hidden=8, ffn=8, oracle_lookahead=layers, experts_dir=tmp_path
-        )
+    for bad in (layers, 0):  # a whole token ahead; and 0, which is no default
+        with pytest.raises(InputError, match=f"--oracle-lookahead must be in \\[1, {layers - 1}\\]"):
+            benchmark_offload(
+                out / "traces", predictor_dirs=[], hidden=8, ffn=8, oracle_lookahead=bad, experts_dir=tmp_path
+            )

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from specmoe.errors import InputError
-from specmoe.offload.replay_engine import oracle_reach, random_experts, replay
+from specmoe.offload.replay_engine import interference, oracle_reach, random_experts, replay
 from specmoe.predictors.base import load_predictor
 from specmoe.predictors.data import TraceDataset
 from specmoe.traces.store import TraceStore
@@ -79,6 +79,7 @@ def benchmark_offload(
     with tempfile.TemporaryDirectory(dir=experts_dir) as tmp:
         files = random_experts(slow_tier, layers, model.num_experts, hidden, ffn, directory=Path(tmp))
         expert_bytes = files.expert_nbytes(0)
+        machine_interference = interference(files, layers, model.num_experts, device)
         total = layers * model.num_experts * expert_bytes
         runs = [("on-demand", None, "lru"), ("lru", None, "lru"), ("lfu", None, "lfu")]
         runs += [("belady", None, "belady")]
@@ -140,6 +141,10 @@ def benchmark_offload(
         "repeats": repeats,
         "slow_tier": "disk, O_DIRECT or page cache dropped" if slow_tier == "disk" else "pinned host memory",
         "fast_tier": "RAM" if device == "cpu" else f"GPU memory ({torch.cuda.get_device_name(device)})",
-        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+        "machine": {
+            "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads(),
+            "interference": machine_interference,
+        },
         "rows": rows,
     }

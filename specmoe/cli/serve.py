@@ -61,9 +61,13 @@ def serve_command(
     # from its own start token.
     new = out[0, 1:] if loaded.model.config.is_encoder_decoder else out[0, ids.shape[1] :]
     typer.echo(loaded.tokenizer.decode(new, skip_special_tokens=True))
-    stats = runtime.stats.to_dict() | {
-        "tokens": len(new),
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round(len(new) / seconds, 2),
-    }
+    stats = (
+        runtime.stats.to_dict()
+        | (runtime.planner.stats() if runtime.planner else {})
+        | {
+            "tokens": len(new),
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(len(new) / seconds, 2),
+        }
+    )
     typer.echo(json.dumps(stats), err=True)

@@ -12,8 +12,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-import torch
-
 from specmoe.offload.cache import LFU, LRU, Belady, expire_prefetches
 from specmoe.offload.tiers import Key, Loaded, Transfer
 
@@ -183,21 +181,6 @@ class Prefetcher:
             self.stopped = True
             self.cond.notify()
         self.thread.join(timeout=5)
-
-
-def prefetch_keys(probs: torch.Tensor, targets: range, budget: int, threshold: float = 0.0) -> list[Key]:
-    """The (layer, expert) pairs worth prefetching, from per-token probabilities (N, H, E)
-    whose horizon h predicts layer ``targets[h]``: per layer, the ``budget`` experts with the
-    most expected uses across the batch, skipping any that no token gives at least
-    ``threshold``. One top-k over all horizons, as decoding asks at every layer."""
-    horizons = len(targets)
-    pooled = probs[0, :horizons] if len(probs) == 1 else probs[:, :horizons].sum(0)  # (H, E) expected uses
-    top = pooled.topk(min(budget, pooled.shape[-1]), dim=-1).indices  # (H, budget)
-    chosen = top.tolist()
-    if threshold > 0:
-        best = (pooled if len(probs) == 1 else probs[:, :horizons].amax(0)).gather(1, top) >= threshold
-        chosen = [[e for e, ok in zip(row, oks) if ok] for row, oks in zip(chosen, best.tolist())]
-    return [(target, e) for target, row in zip(targets, chosen) for e in row]
 
 
 def finish_layer(tier: FastTier, prefetcher: Prefetcher | None, layer: int) -> None:

@@ -12,6 +12,7 @@ non-expert part of the model are not. Numbers from here say so.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,9 @@ from specmoe.offload.fast_tier import (
     RuntimeStats,
     fetch_expert,
     finish_layer,
-    prefetch_keys,
 )
+from specmoe.offload.planner import PrefetchPlanner
 from specmoe.offload.tiers import HostExperts, SlowTier, Transfer
-from specmoe.predictors.data import Context
 
 
 def random_experts(
@@ -76,6 +76,7 @@ class ReplayResult:
             "stall_fraction": self.stats["stall_s"] / self.seconds,
             "predictor_fraction": self.stats["predict_s"] / self.seconds,
             "predictor_cpu_fraction": self.stats["predict_cpu_s"] / self.seconds,
+            "plan_memo_hit_rate": self.stats.get("plan_memo_hit_rate"),
             "hit_rate": self.stats["hit_rate"],
             "bytes_read": self.stats["bytes_read"],
             "wasted_prefetch_bytes": self.stats["wasted_prefetches"] * self.stats.get("expert_bytes", 0),
@@ -132,33 +133,25 @@ def replay(
     tier = FastTier(budget_bytes, stats, eviction, future)
     prefetcher = Prefetcher(transfer, tier, stats) if policy in ("prefetch", "oracle") else None
     hidden = slow.read(0, 0)[0].shape[1]
-    generator = torch.Generator().manual_seed(1)
-    dense = (torch.randn(4 * hidden, hidden, generator=generator) * hidden**-0.5).bfloat16().to(transfer.device)
+    dense = _dense_stand_in(hidden, transfer.device)
 
+    planner = (
+        PrefetchPlanner(predictor, layers, num_experts, lookahead, budget, threshold) if policy == "prefetch" else None
+    )
     # Converted once: a predictor sees token t's routing up to the current layer.
-    expert_ids = torch.from_numpy(routing.astype(np.int64))
-    weights = torch.from_numpy(gate_weights.astype(np.float32))
-    token_tensor = torch.from_numpy(token_ids.astype(np.int64))
+    expert_ids, weights = routing.astype(np.int64), gate_weights.astype(np.float32)
+    token_ids = token_ids.astype(np.int64)
 
     def wanted(t: int, layer: int) -> list[tuple[int, int]]:
         if policy == "oracle":
             now = t * layers + layer  # position in decode order
             ahead = range(now + 1, min(now + 1 + oracle_lookahead, tokens * layers))
             return [(p % layers, int(e)) for p in ahead for e in routing[p // layers, p % layers] if e >= 0]
-        targets = range(layer + 1, min(layer + 1 + lookahead, layers))
-        if not targets:
+        if layer == layers - 1:
             return []
-        probs = predictor.predict_proba(
-            Context.from_routing(
-                layer,
-                expert_ids[t : t + 1, : layer + 1],
-                weights[t : t + 1, : layer + 1],
-                token_tensor[t : t + 1],
-                layers,
-                num_experts,
-            )
+        return planner.plan(
+            layer, expert_ids[t : t + 1, : layer + 1], weights[t : t + 1, : layer + 1], token_ids[t : t + 1]
         )
-        return prefetch_keys(probs, targets, budget, threshold)
 
     x = torch.randn(1, hidden, device=transfer.device).bfloat16()
     # Wall time in predictor calls includes waiting for a core or the GIL while the prefetch
@@ -171,6 +164,8 @@ def replay(
                 _synchronize(transfer.device)
                 stats.__init__()  # counters restart; the cache keeps what warm-up put there
                 predict_s = predict_cpu_s = 0.0
+                if planner is not None:  # like the cache, the memo keeps what warm-up put there
+                    planner.hits = planner.misses = 0
                 start = time.perf_counter()
             for layer in range(layers):
                 needed = sorted({int(e) for e in routing[t, layer] if e >= 0})
@@ -185,13 +180,7 @@ def replay(
                 keys = [(layer, e) for e in needed]
                 with tier.lock:
                     tier.pinned = set(keys)
-                x = x + torch.nn.functional.linear(x, dense).view(4, 1, hidden).sum(0)  # non-expert stand-in
-                out = torch.zeros_like(x)
-                for key in keys:
-                    gate_up, down = fetch_expert(tier, prefetcher, transfer, stats, key)
-                    gate, up = torch.nn.functional.linear(x, gate_up).chunk(2, dim=-1)
-                    out += torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down)
-                x = torch.nn.functional.normalize((x + out).float(), dim=-1).bfloat16() * hidden**0.5
+                x = _layer(x, dense, (fetch_expert(tier, prefetcher, transfer, stats, key) for key in keys))
                 finish_layer(tier, prefetcher, layer)
                 if policy == "on-demand":
                     tier.clear()
@@ -204,8 +193,80 @@ def replay(
         "expert_bytes": slow.expert_nbytes(0),
         "predict_s": predict_s,
         "predict_cpu_s": predict_cpu_s,
+        **(planner.stats() if planner is not None else {}),
     }
     return ReplayResult(policy, getattr(predictor, "name", None), budget_bytes, tokens - warmup, seconds, result)
+
+
+def _layer(x: torch.Tensor, dense: torch.Tensor, experts) -> torch.Tensor:
+    """One layer of the stand-in model: the attention-sized dense matmul, then each expert's
+    SwiGLU FFN (its (gate_up, down) pair, fetched as the loop reaches it) on the token."""
+    hidden = x.shape[-1]
+    x = x + torch.nn.functional.linear(x, dense).view(4, 1, hidden).sum(0)
+    out = torch.zeros_like(x)
+    for gate_up, down in experts:
+        gate, up = torch.nn.functional.linear(x, gate_up).chunk(2, dim=-1)
+        out += torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down)
+    return torch.nn.functional.normalize((x + out).float(), dim=-1).bfloat16() * hidden**0.5
+
+
+def _dense_stand_in(hidden: int, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return (torch.randn(4 * hidden, hidden, generator=generator) * hidden**-0.5).bfloat16().to(device)
+
+
+def interference(slow: SlowTier, num_layers: int, num_experts: int, device: str = "cpu", *, layers: int = 200) -> dict:
+    """How much loading experts in the background slows compute on this machine, which bounds
+    what any prefetcher can hide: one expert's load time alone, and one stand-in layer's
+    compute time alone and while another thread loads experts without pause. On a small
+    virtual machine a disk read also costs CPU, so the two do not fully overlap."""
+    transfer = Transfer(slow, device)
+    keys = [
+        (layer, expert) for layer in range(num_layers) for expert in range(0, num_experts, max(num_experts // 4, 1))
+    ]
+    hidden = slow.read(0, 0)[0].shape[1]
+    dense, expert = _dense_stand_in(hidden, transfer.device), transfer.load((0, 0)).for_compute()
+    x = torch.randn(1, hidden, device=transfer.device).bfloat16()
+
+    def compute_ms() -> float:
+        _layer(x, dense, [expert])
+        _synchronize(transfer.device)
+        began = time.perf_counter()
+        for _ in range(layers):
+            _layer(x, dense, [expert])
+        _synchronize(transfer.device)
+        return 1e3 * (time.perf_counter() - began) / layers
+
+    def load_ms(count: int) -> float:
+        began = time.perf_counter()
+        for i in range(count):
+            transfer.load(keys[i % len(keys)]).wait_host()
+        return 1e3 * (time.perf_counter() - began) / count
+
+    alone = compute_ms()
+    read = load_ms(len(keys))
+    stop, running, loads = threading.Event(), threading.Event(), [0]
+
+    def loader() -> None:
+        while not stop.is_set():
+            transfer.load(keys[loads[0] % len(keys)]).wait_host()
+            loads[0] += 1
+            running.set()
+
+    thread = threading.Thread(target=loader, daemon=True)
+    thread.start()
+    try:
+        running.wait()  # timed from the loader's second load on, not from its start-up
+        busy = compute_ms()
+    finally:
+        stop.set()
+        thread.join()
+    return {
+        "expert_load_ms": round(read, 3),
+        "layer_compute_ms": round(alone, 3),
+        "layer_compute_ms_while_loading": round(busy, 3),
+        "loads_during": loads[0],
+    }
 
 
 def _synchronize(device: torch.device) -> None:

@@ -29,8 +29,8 @@ from specmoe.offload.fast_tier import (
     RuntimeStats,
     fetch_expert,
     finish_layer,
-    prefetch_keys,
 )
+from specmoe.offload.planner import PrefetchPlanner
 from specmoe.offload.tiers import HostExperts, Key, Transfer
 
 
@@ -139,6 +139,13 @@ class OffloadRuntime:
         future = future_uses(oracle, len(self.layers)) if eviction == "belady" else None
         self.tier = FastTier(budget_bytes, self.stats, eviction, future)
         self.prefetcher = Prefetcher(self.transfer, self.tier, self.stats) if (predictor or oracle) else None
+        self.planner = (
+            PrefetchPlanner(
+                predictor, loaded.stacks[self.predictor_stack], self.num_experts, lookahead, self.budget, threshold
+            )
+            if predictor is not None
+            else None
+        )
         self.loaded.model.config._experts_implementation = "eager"
         self._swap_in()
         self.loaded.model.to(self.device)  # everything but the routed experts is resident
@@ -199,21 +206,12 @@ class OffloadRuntime:
             if self.step < len(self.oracle):
                 wanted = [(t, e) for t in targets for e in self.oracle[self.step][t]]
         elif targets:
-            wanted = prefetch_keys(self._predict(layer - first), targets, self.budget, self.threshold)
+            ids = torch.stack([h[0] for h in self._history], 1)  # (N, l+1, k)
+            weights = torch.stack([h[1] for h in self._history], 1).float()
+            n = ids.shape[0]
+            tokens = self._token_ids if len(self._token_ids) == n else torch.zeros(n, dtype=torch.long)
+            wanted = self.planner.plan(layer - first, ids.numpy(), weights.numpy(), tokens.numpy(), offset=first)
         self.prefetcher.request(wanted)
-
-    def _predict(self, layer: int) -> torch.Tensor:
-        """Probabilities (N, H, E) for the next layers of the predictor's stack; ``layer``
-        counts within that stack."""
-        from specmoe.predictors.data import Context
-
-        ids = torch.stack([h[0] for h in self._history], 1)  # (N, l+1, k)
-        weights = torch.stack([h[1] for h in self._history], 1)
-        n = ids.shape[0]
-        tokens = self._token_ids if len(self._token_ids) == n else torch.zeros(n, dtype=torch.long)
-        num_layers = self.loaded.stacks[self.predictor_stack]
-        context = Context.from_routing(layer, ids, weights, tokens, num_layers, self.num_experts)
-        return self.predictor.predict_proba(context)
 
     def close(self) -> None:
         for hook in self._input_hooks:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Hashable
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from specmoe.errors import InputError
@@ -41,6 +43,15 @@ class ExpertPredictor:
         """Scores (N, H, E) for layers context.layer+1 .. context.layer+H; rows of layers past
         the last one are undefined and never scored. Higher means more likely."""
         raise NotImplementedError
+
+    def decode_key(
+        self, layer: int, expert_ids: np.ndarray, gate_weights: np.ndarray, token_ids: np.ndarray
+    ) -> Hashable | None:
+        """What ``predict_proba`` reads from the routing-only context of these arrays (as
+        :meth:`Context.from_routing` takes them, in numpy), as a hashable: contexts with equal
+        keys get equal predictions, so a decoding loop may reuse an answer without building
+        the context. None (the default): the prediction reads more than a key can hold."""
+        return None
 
     def score(self, data: TraceDataset) -> float:
         from specmoe.evaluation.metrics import evaluate_predictor

@@ -20,6 +20,15 @@ def _normalise(counts: torch.Tensor) -> torch.Tensor:
     return counts / counts.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
+def _current_routing_key(expert_ids: np.ndarray, gate_weights: np.ndarray) -> tuple[bytes, bytes]:
+    """The current layer's experts and, past top-1 (where every normalised weight is 1), their
+    gate weights: what the transition mix reads."""
+    ids = np.ascontiguousarray(expert_ids[:, -1])
+    if ids.shape[1] == 1:
+        return ids.tobytes(), b""
+    return ids.tobytes(), np.ascontiguousarray(gate_weights[:, -1], dtype=np.float32).tobytes()
+
+
 class _CountingPredictor(ExpertPredictor):
     """Shared fitting loop and popularity prior."""
 
@@ -107,6 +116,9 @@ class PopularityPredictor(_CountingPredictor):
 
     name = "popularity"
 
+    def decode_key(self, layer, expert_ids, gate_weights, token_ids):
+        return len(expert_ids)
+
     def predict_proba(self, context: Context) -> torch.Tensor:
         return torch.from_numpy(self._prior_for(context))
 
@@ -160,6 +172,9 @@ class TransitionPredictor(_CountingPredictor):
     def predict_proba(self, context: Context) -> torch.Tensor:
         return torch.from_numpy(self._mixed(context))
 
+    def decode_key(self, layer, expert_ids, gate_weights, token_ids):
+        return _current_routing_key(expert_ids, gate_weights)
+
     def state_tensors(self):
         return {**super().state_tensors(), "transitions": self.transitions_}
 
@@ -186,17 +201,21 @@ class NGramPredictor(_CountingPredictor):
         self.backoff_._start(train)
 
     def _keys(self, context: Context) -> np.ndarray:
-        """(H, N) table keys: the horizon, the layer, then the top-1 experts of the last
-        ``context_layers`` layers, as digits in base E+1 (E stands for none / before layer 0)."""
+        """(H, N) table keys: the horizon, the layer, then the context code."""
         base = self.num_experts_ + 1
-        top1 = context.expert_ids[:, :, 0].numpy()
-        code = np.zeros(len(context), dtype=np.int64)
-        for back in range(self.context_layers - 1, -1, -1):
-            layer = context.layer - back
-            column = top1[:, layer] if layer >= 0 else -1
-            code = code * base + np.where(column >= 0, column, self.num_experts_)
+        code = self._context_code(context.layer, context.expert_ids.numpy())
         horizon = context.layer * self.horizons + np.arange(self.horizons, dtype=np.int64)
         return horizon[:, None] * base**self.context_layers + code
+
+    def _context_code(self, layer: int, expert_ids: np.ndarray) -> np.ndarray:
+        """(N,) the top-1 experts of the last ``context_layers`` layers up to ``layer``, as
+        digits in base E+1 (E stands for none / before layer 0)."""
+        base = self.num_experts_ + 1
+        code = np.zeros(len(expert_ids), dtype=np.int64)
+        for back in range(self.context_layers - 1, -1, -1):
+            column = expert_ids[:, layer - back, 0] if layer >= back else -1
+            code = code * base + np.where(column >= 0, column, self.num_experts_)
+        return code
 
     def _accumulate(self, batch, layer, context, targets):
         self.backoff_._accumulate(batch, layer, context, targets)
@@ -210,6 +229,9 @@ class NGramPredictor(_CountingPredictor):
         self.backoff_.popularity_ = self.popularity_
         self.backoff_._memo = {}
         self.table_.freeze()
+
+    def decode_key(self, layer, expert_ids, gate_weights, token_ids):
+        return self._context_code(layer, expert_ids).tobytes(), _current_routing_key(expert_ids, gate_weights)
 
     def predict_proba(self, context: Context) -> torch.Tensor:
         backoff = self.backoff_._mixed(context)  # (N, H, E)
@@ -267,6 +289,9 @@ class TokenTablePredictor(_CountingPredictor):
         rows = (counts + self.smoothing * prior) / (counts.sum(-1, keepdims=True) + self.smoothing)
         self._last_rows = (token_ids.copy(), rows)
         return rows
+
+    def decode_key(self, layer, expert_ids, gate_weights, token_ids):
+        return np.ascontiguousarray(token_ids).tobytes()
 
     def predict_proba(self, context: Context) -> torch.Tensor:
         out = self._prior_for(context)

@@ -5,7 +5,7 @@ import threading
 
 import torch
 
-from specmoe.offload.fast_tier import FastTier, Prefetcher, RuntimeStats, finish_layer, prefetch_keys
+from specmoe.offload.fast_tier import FastTier, Prefetcher, RuntimeStats, finish_layer
 from specmoe.offload.tiers import HostExperts, Loaded, Transfer
 
 
@@ -64,15 +64,3 @@ def test_requests_for_a_layer_that_ran_are_dropped_unread():
         prefetcher.close()
     assert (1, 0) in tier and (2, 0) not in tier and (2, 1) not in tier
     assert stats.prefetch_requests == 3 and stats.prefetch_reads == 1
-
-
-def test_prefetch_keys_takes_the_budget_per_layer_pooled_over_the_batch():
-    probs = torch.zeros(2, 3, 6)
-    probs[0, 0, [1, 2]] = torch.tensor([0.6, 0.4])
-    probs[1, 0, [2, 3]] = torch.tensor([0.5, 0.5])  # pooled: expert 2 (0.9), then 1 (0.6)
-    probs[:, 1, 4] = 1.0
-    probs[:, 1, 5] = 0.5
-    assert prefetch_keys(probs, range(3, 5), budget=2) == [(3, 2), (3, 1), (4, 4), (4, 5)]
-    # a threshold drops what no token believes in, whatever the pooled rank
-    assert prefetch_keys(probs, range(3, 5), budget=2, threshold=0.55) == [(3, 1), (4, 4)]
-    assert prefetch_keys(probs[:1], range(3, 4), budget=1) == [(3, 1)]

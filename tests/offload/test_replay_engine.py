@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from specmoe.offload.replay_engine import random_experts, replay
+from specmoe.offload.replay_engine import interference, random_experts, replay
 from specmoe.predictors.registry import make_predictor
 
 
@@ -39,6 +39,8 @@ def test_policies_stay_within_budget(setup, policy):
     assert 0 <= row["predictor_cpu_fraction"] <= row["predictor_fraction"] + 1e-3
     accesses = result.stats["hits"] + result.stats["misses"] + result.stats["late"]
     assert accesses == routing.size
+    if policy == "prefetch":  # popularity answers by layer alone: asked once per layer, then memoised
+        assert row["plan_memo_hit_rate"] == (12 * 2 - 2) / (12 * 2)
 
 
 def test_oracle_reads_no_more_than_on_demand(setup):
@@ -111,3 +113,11 @@ def test_oracle_looking_into_the_next_token_reads_only_what_is_used(setup):
     assert oracle.stats["prefetch_requests"] == len(used - {(0, int(e)) for e in routing[0, 0]})
     with pytest.raises(ValueError, match="oracle_lookahead"):
         replay(files, routing, weights, tokens, policy="oracle", budget_bytes=budget, num_experts=8, oracle_lookahead=3)
+
+
+def test_interference_probe_times_compute_alone_and_beside_a_loader(setup):
+    files = setup[0]
+    probe = interference(files, num_layers=3, num_experts=8, layers=20)
+    assert probe["expert_load_ms"] > 0 and probe["layer_compute_ms"] > 0
+    assert probe["layer_compute_ms_while_loading"] > 0 and probe["loads_during"] > 0
+    assert files.read(2, 7)[0].shape == (32, 32)  # the probe leaves the slow tier open

@@ -215,57 +215,68 @@ def _dense_stand_in(hidden: int, device: torch.device) -> torch.Tensor:
     return (torch.randn(4 * hidden, hidden, generator=generator) * hidden**-0.5).bfloat16().to(device)
 
 
-def interference(slow: SlowTier, num_layers: int, num_experts: int, device: str = "cpu", *, layers: int = 200) -> dict:
-    """How much loading experts in the background slows compute on this machine, which bounds
-    what any prefetcher can hide: one expert's load time alone, and one stand-in layer's
-    compute time alone and while another thread loads experts without pause. On a small
-    virtual machine a disk read also costs CPU, so the two do not fully overlap."""
+def interference(slow: SlowTier, num_layers: int, num_experts: int, device: str = "cpu", *, layers: int = 300) -> dict:
+    """Whether loading and computing overlap on this machine, which bounds what any
+    prefetcher can hide: an expert's load time and a stand-in layer's compute time, each
+    alone, then both while a second thread loads experts without pause as the first
+    computes. Every load reads an expert not read before in the probe (a re-read could come
+    from a cache below the page cache, such as a virtual disk's host). On a small virtual
+    machine a disk read also needs CPU, and the two slow each other down."""
     transfer = Transfer(slow, device)
-    keys = [
-        (layer, expert) for layer in range(num_layers) for expert in range(0, num_experts, max(num_experts // 4, 1))
-    ]
+    order = np.random.default_rng(0).permutation(num_layers * num_experts)
+    keys = iter([(int(i) // num_experts, int(i) % num_experts) for i in order])
     hidden = slow.read(0, 0)[0].shape[1]
-    dense, expert = _dense_stand_in(hidden, transfer.device), transfer.load((0, 0)).for_compute()
+    dense = _dense_stand_in(hidden, transfer.device)
+    # Decoding computes a different expert at every layer, streamed from memory; one expert
+    # computed over and over would sit in the CPU's cache and hide the memory traffic.
+    experts = [transfer.load(next(keys)).for_compute() for _ in range(min(16, len(order) // 4))]
     x = torch.randn(1, hidden, device=transfer.device).bfloat16()
 
     def compute_ms() -> float:
-        _layer(x, dense, [expert])
+        _layer(x, dense, experts[:1])
         _synchronize(transfer.device)
         began = time.perf_counter()
-        for _ in range(layers):
-            _layer(x, dense, [expert])
+        for i in range(layers):
+            _layer(x, dense, [experts[i % len(experts)]])
         _synchronize(transfer.device)
         return 1e3 * (time.perf_counter() - began) / layers
 
-    def load_ms(count: int) -> float:
+    def load_ms() -> float | None:
+        key = next(keys, None)
+        if key is None:
+            return None
         began = time.perf_counter()
-        for i in range(count):
-            transfer.load(keys[i % len(keys)]).wait_host()
-        return 1e3 * (time.perf_counter() - began) / count
+        transfer.load(key).wait_host()
+        return 1e3 * (time.perf_counter() - began)
 
     alone = compute_ms()
-    read = load_ms(len(keys))
-    stop, running, loads = threading.Event(), threading.Event(), [0]
+    reads = [load_ms() for _ in range(min(8, len(order) // 4))]
+    stop, running, busy_reads = threading.Event(), threading.Event(), []
 
     def loader() -> None:
         while not stop.is_set():
-            transfer.load(keys[loads[0] % len(keys)]).wait_host()
-            loads[0] += 1
+            took = load_ms()
+            if took is None:
+                break
+            busy_reads.append(took)
             running.set()
 
     thread = threading.Thread(target=loader, daemon=True)
     thread.start()
     try:
-        running.wait()  # timed from the loader's second load on, not from its start-up
+        running.wait(timeout=60)  # timed from the loader's second load on, not from its start-up
         busy = compute_ms()
     finally:
         stop.set()
         thread.join()
     return {
-        "expert_load_ms": round(read, 3),
+        "expert_load_ms": round(float(np.median([r for r in reads if r is not None])), 3),
+        "expert_load_ms_while_computing": round(float(np.median(busy_reads[1:] or busy_reads)), 3)
+        if busy_reads
+        else None,
         "layer_compute_ms": round(alone, 3),
         "layer_compute_ms_while_loading": round(busy, 3),
-        "loads_during": loads[0],
+        "loads_while_computing": len(busy_reads) - 1,
     }
 
 

@@ -220,8 +220,9 @@ def interference(slow: SlowTier, num_layers: int, num_experts: int, device: str 
     prefetcher can hide: an expert's load time and a stand-in layer's compute time, each
     alone, then both while a second thread loads experts without pause as the first
     computes. Every load reads an expert not read before in the probe (a re-read could come
-    from a cache below the page cache, such as a virtual disk's host). On a small virtual
-    machine a disk read also needs CPU, and the two slow each other down."""
+    from a cache below the page cache, such as a virtual disk's host). Where a read needs
+    the CPU (a virtual disk on a small machine) or the memory bus, the two slow each other
+    down, and the probe shows by how much."""
     transfer = Transfer(slow, device)
     order = np.random.default_rng(0).permutation(num_layers * num_experts)
     keys = iter([(int(i) // num_experts, int(i) % num_experts) for i in order])

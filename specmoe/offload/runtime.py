@@ -120,7 +120,7 @@ class OffloadRuntime:
         self.num_experts, self.top_k = loaded.num_experts, loaded.top_k
         self._stack_range = _stack_ranges(loaded.stacks)
         self.stats = RuntimeStats()
-        self.predictor, self.lookahead, self.threshold, self.oracle = predictor, lookahead, threshold, oracle
+        self.predictor, self.lookahead, self.oracle = predictor, lookahead, oracle
         self.budget = budget or 2 * loaded.top_k
         self._layouts = [discover_layout(loaded.adapter, layer, self.num_experts) for layer in self.layers]
         experts = {

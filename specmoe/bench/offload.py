@@ -79,6 +79,8 @@ def benchmark_offload(
     with tempfile.TemporaryDirectory(dir=experts_dir) as tmp:
         files = random_experts(slow_tier, layers, model.num_experts, hidden, ffn, directory=Path(tmp))
         expert_bytes = files.expert_nbytes(0)
+        # the largest fast tier plus a read in flight per thread, so no timed read faults in memory
+        files.reserve_buffers(int(max(cache_fractions) * layers * model.num_experts) + 2)
         machine_interference = interference(files, layers, model.num_experts, device)
         total = layers * model.num_experts * expert_bytes
         runs = [("on-demand", None, "lru"), ("lru", None, "lru"), ("lfu", None, "lfu")]

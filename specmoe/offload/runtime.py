@@ -136,6 +136,9 @@ class OffloadRuntime:
         largest = max(slow.expert_nbytes(g) for g in range(len(self.layers)))
         if budget_bytes < largest:
             raise InputError(f"fast-tier budget {budget_bytes} B is smaller than one expert ({largest} B)")
+        smallest = min(slow.expert_nbytes(g) for g in range(len(self.layers)))
+        held = min(budget_bytes // smallest, len(self.layers) * self.num_experts)
+        slow.reserve_buffers(held + 2)  # the fast tier, plus a read in flight per thread
         future = future_uses(oracle, len(self.layers)) if eviction == "belady" else None
         self.tier = FastTier(budget_bytes, self.stats, eviction, future)
         self.prefetcher = Prefetcher(self.transfer, self.tier, self.stats) if (predictor or oracle) else None

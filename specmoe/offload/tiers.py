@@ -30,6 +30,9 @@ class SlowTier(Protocol):
 
     def expert_nbytes(self, layer: int) -> int: ...
 
+    def reserve_buffers(self, experts: int) -> None:
+        """Prepare to hold ``experts`` read experts at once (a no-op where reads allocate nothing)."""
+
     def close(self) -> None: ...
 
 
@@ -54,6 +57,9 @@ class HostExperts:
 
     def read(self, layer: int, expert: int) -> list[torch.Tensor]:
         return self.experts[layer][expert]
+
+    def reserve_buffers(self, experts: int) -> None:
+        pass  # reads hand out the stored tensors; the copies' memory is the device allocator's
 
     def expert_nbytes(self, layer: int) -> int:
         return sum(t.numel() * t.element_size() for t in self.experts[layer][0])

@@ -73,6 +73,8 @@ def benchmark_offload(
     except ValueError as exc:
         raise InputError(str(exc)) from None
     predictors = [load_predictor(d) for d in predictor_dirs]
+    for predictor in predictors:
+        predictor.check_fits(layers, model.num_experts, f"the traces in {store.directory} ({model.id})")
     budget = budget or 2 * model.top_k
     slow_tier = "disk" if device == "cpu" else "host"
     rows = []

@@ -63,4 +63,5 @@ def evaluate_directory(
 ) -> dict:
     predictor = load_predictor(predictor_dir)
     data = dataset_for(predictor, TraceStore.open(traces), split, seed)
+    predictor.check_fits(data.num_layers, data.num_experts, f"the traces in {data.store.directory}")
     return evaluate(predictor, data, bootstrap=bootstrap, seed=seed)

@@ -236,14 +236,7 @@ def _stack_ranges(stacks: dict[str, int]) -> list[tuple[int, int]]:
 def _check_predictor(predictor, loaded: LoadedModel, stack: str) -> None:
     if predictor is None:
         return
-    meta = predictor.fitted_meta()
-    shape = (loaded.stacks[stack], loaded.num_experts)
-    if meta and (meta.get("num_layers"), meta.get("num_experts")) != shape:
-        raise InputError(
-            f"predictor {predictor.name} was fitted for {meta.get('num_layers')} MoE layers x "
-            f"{meta.get('num_experts')} experts; the {stack} of {loaded.model_id} has {shape[0]} x "
-            f"{shape[1]}: train it on this model's traces"
-        )
+    predictor.check_fits(loaded.stacks[stack], loaded.num_experts, f"the {stack} of {loaded.model_id}")
     if predictor.needs_hidden or predictor.previous_tokens:
         raise InputError(
             f"runtime prefetch uses routing-only predictors; {predictor.name} needs hidden states or earlier tokens"

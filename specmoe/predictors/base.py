@@ -90,6 +90,17 @@ class ExpertPredictor:
         if not self.fitted_meta():
             raise InputError(f"{self.name} predictor is not fitted; call fit() first")
 
+    def check_fits(self, num_layers: int, num_experts: int, target: str) -> None:
+        """Raise a clear error if this predictor was fitted for other layer or expert counts
+        than ``target`` (what it is about to predict for, in words) has."""
+        meta = self.fitted_meta()
+        fitted = (meta.get("num_layers"), meta.get("num_experts"))
+        if meta and fitted != (num_layers, num_experts):
+            raise InputError(
+                f"predictor {self.name} was fitted for {fitted[0]} MoE layers x {fitted[1]} experts; "
+                f"{target} has {num_layers} x {num_experts}: train it on traces of that model"
+            )
+
     # --- persistence ------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         from safetensors.torch import save_file

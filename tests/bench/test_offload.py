@@ -1,5 +1,6 @@
-"""``specmoe bench offload``: its oracle reads into the next token by default, and an
-oracle reach the fast tier cannot honour is refused before any expert is written."""
+"""``specmoe bench offload``: its oracle reads into the next token by default; an oracle
+reach the fast tier cannot honour, or a predictor fitted for another model, is refused
+before any expert is written."""
 
 import json
 
@@ -7,6 +8,7 @@ import pytest
 
 from specmoe.bench.offload import benchmark_offload
 from specmoe.errors import InputError
+from tests.predictors.synthetic import save_popularity
 
 
 def test_the_oracle_reaches_to_the_layer_before_its_own_in_the_next_token(finished_run):
@@ -24,3 +26,11 @@ def test_an_oracle_lookahead_of_a_whole_token_is_refused(finished_run, tmp_path)
             benchmark_offload(
                 out / "traces", predictor_dirs=[], hidden=8, ffn=8, oracle_lookahead=bad, experts_dir=tmp_path
             )
+
+
+def test_a_predictor_fitted_for_another_model_is_refused(finished_run, tmp_path):
+    out, _ = finished_run
+    alien = save_popularity(tmp_path / "alien", 7, 5)
+    with pytest.raises(InputError, match="fitted for 7 MoE layers x 5 experts; the traces in .* has"):
+        benchmark_offload(out / "traces", predictor_dirs=[alien], hidden=8, ffn=8, experts_dir=tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.name != "alien"], "experts were written before the check"

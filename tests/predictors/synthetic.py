@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 import specmoe
+from specmoe.predictors.registry import make_predictor
 from specmoe.traces.schema import CollectionInfo, Manifest, ModelInfo, StackInfo, TokenizerInfo
 from specmoe.traces.store import TraceStore, routing_table
 
@@ -73,3 +75,13 @@ def make_synthetic_store(
     manifest.complete = True
     manifest.save(directory)
     return TraceStore.open(directory)
+
+
+def save_popularity(directory, num_layers, num_experts):
+    """A saved popularity predictor fitted (uniformly) for ``num_layers`` x ``num_experts``."""
+    predictor = make_predictor("popularity")
+    predictor.load_state_tensors(
+        {"popularity": torch.ones(num_layers, num_experts)},
+        {"num_layers": num_layers, "num_experts": num_experts, "top_k": 1},
+    )
+    return predictor.save(directory)

@@ -5,10 +5,9 @@ each expert is one O_DIRECT read. Where O_DIRECT is refused (tmpfs, some contain
 file is read normally and its pages are dropped with ``posix_fadvise(DONTNEED)`` after
 every read, so a later read goes to the device again.
 
-Reads land in reused buffers (:class:`ReadBuffers`): faulting in fresh memory for every
-read cost as much as the read itself on the VM this was measured on (about 7 ms for a
-9 MiB expert, 2305 page faults), and that cost is CPU work, so it also slowed whatever
-computed beside it.
+Reads land in reused buffers (:class:`ReadBuffers`): faulting in a fresh buffer for every
+read (2305 page faults for a 9 MiB expert) took about as long as the read itself on the VM
+this was developed on, and that is CPU work, so it also slowed whatever computed beside it.
 """
 
 from __future__ import annotations

@@ -36,7 +36,11 @@ def test_policies_stay_within_budget(setup, policy):
     assert result.tokens == 12 and 0 < result.stats["peak_bytes"] <= budget
     assert (result.stats["predict_s"] > 0) == (policy == "prefetch")
     row = result.row(0.5)
-    assert 0 <= row["predictor_cpu_fraction"] <= row["predictor_fraction"] + 1e-3
+    # CPU time is a part of the wall time; each timed call may skew the two clocks by the
+    # cost of reading them, which a run of a few milliseconds does not hide
+    calls = routing.shape[0] * routing.shape[1]
+    assert 0 <= result.stats["predict_cpu_s"] <= result.stats["predict_s"] + calls * 20e-6
+    assert row["predictor_cpu_fraction"] == result.stats["predict_cpu_s"] / result.seconds
     accesses = result.stats["hits"] + result.stats["misses"] + result.stats["late"]
     assert accesses == routing.size
     if policy == "prefetch":  # popularity answers by layer alone: asked once per layer, then memoised

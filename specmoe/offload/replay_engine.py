@@ -78,6 +78,8 @@ class ReplayResult:
             "predictor_cpu_fraction": self.stats["predict_cpu_s"] / self.seconds,
             "plan_memo_hit_rate": self.stats.get("plan_memo_hit_rate"),
             "hit_rate": self.stats["hit_rate"],
+            "late_prefetches": self.stats["late"],
+            "demand_reads": self.stats["demand_reads"],
             "bytes_read": self.stats["bytes_read"],
             "wasted_prefetch_bytes": self.stats["wasted_prefetches"] * self.stats.get("expert_bytes", 0),
             "peak_fast_tier_bytes": self.stats["peak_bytes"],

@@ -43,6 +43,8 @@ def test_policies_stay_within_budget(setup, policy):
     assert row["predictor_cpu_fraction"] == result.stats["predict_cpu_s"] / result.seconds
     accesses = result.stats["hits"] + result.stats["misses"] + result.stats["late"]
     assert accesses == routing.size
+    if policy == "on-demand":  # nothing kept between layers, nothing prefetched
+        assert (row["demand_reads"], row["late_prefetches"]) == (routing.size, 0)
     if policy == "prefetch":  # popularity answers by layer alone: asked once per layer, then memoised
         assert row["plan_memo_hit_rate"] == (12 * 2 - 2) / (12 * 2)
 

@@ -133,13 +133,12 @@ class OffloadRuntime:
             else HostExperts(experts, pin=self.device.type == "cuda")
         )
         self.transfer = Transfer(slow, self.device)
-        largest = max(slow.expert_nbytes(g) for g in range(len(self.layers)))
-        if budget_bytes < largest:
-            raise InputError(f"fast-tier budget {budget_bytes} B is smaller than one expert ({largest} B)")
+        sizes = [slow.expert_nbytes(g) for g in range(len(self.layers))]
+        if budget_bytes < max(sizes):
+            raise InputError(f"fast-tier budget {budget_bytes} B is smaller than one expert ({max(sizes)} B)")
         # Reads stay in host buffers only when the fast tier is host memory; on a GPU they are
         # copied out at once, and a read in flight per thread is all that is held.
-        smallest = min(slow.expert_nbytes(g) for g in range(len(self.layers)))
-        held = min(budget_bytes // smallest, len(self.layers) * self.num_experts) if self.device.type == "cpu" else 0
+        held = min(budget_bytes // min(sizes), len(self.layers) * self.num_experts) if self.device.type == "cpu" else 0
         slow.reserve_buffers(held + 2)
         future = future_uses(oracle, len(self.layers)) if eviction == "belady" else None
         self.tier = FastTier(budget_bytes, self.stats, eviction, future)

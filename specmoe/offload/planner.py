@@ -87,4 +87,4 @@ class PrefetchPlanner:
 
     def stats(self) -> dict:
         asked = self.hits + self.misses
-        return {"plan_memo_hit_rate": self.hits / asked if asked else None}
+        return {"plans": asked, "plan_memo_hit_rate": self.hits / asked if asked else None}

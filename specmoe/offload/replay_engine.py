@@ -12,6 +12,7 @@ non-expert part of the model are not. Numbers from here say so.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from specmoe.offload.fast_tier import (
 )
 from specmoe.offload.planner import PrefetchPlanner
 from specmoe.offload.tiers import HostExperts, SlowTier, Transfer
+
+PLANNING = ("background", "inline")
 
 
 def random_experts(
@@ -76,6 +79,7 @@ class ReplayResult:
             "stall_fraction": self.stats["stall_s"] / self.seconds,
             "predictor_fraction": self.stats["predict_s"] / self.seconds,
             "predictor_cpu_fraction": self.stats["predict_cpu_s"] / self.seconds,
+            "predictor_background_cpu_fraction": self.stats["plan_cpu_s"] / self.seconds,
             "plan_memo_hit_rate": self.stats.get("plan_memo_hit_rate"),
             "hit_rate": self.stats["hit_rate"],
             "late_prefetches": self.stats["late"],
@@ -113,6 +117,7 @@ def replay(
     device: str = "cpu",
     warmup: int = 0,
     oracle_lookahead: int | None = None,
+    planning: str = "background",
 ) -> ReplayResult:
     """Decode ``routing`` (T tokens, L layers, k) one token at a time on ``device``. The first
     ``warmup`` tokens fill the cache and are neither timed nor counted.
@@ -122,8 +127,13 @@ def replay(
     ahead in decode order (default: ``lookahead``), past the token's last layer into the next
     token's, up to L-1 layers, since on a slow disk one read outlasts several layers'
     compute. L-1 is the limit because a prefetch is keyed by layer and expires when its
-    layer next runs, which is then its own token."""
+    layer next runs, which is then its own token.
+
+    ``planning``: ``background`` hands each plan to the prefetch thread (what the runtime
+    does); ``inline`` plans on the decoding thread, to measure what that costs."""
     tokens, layers, _ = routing.shape
+    if planning not in PLANNING:
+        raise ValueError(f"planning must be one of {PLANNING}, got {planning!r}")
     if not 0 <= warmup < tokens:
         raise ValueError(f"warmup must be in [0, {tokens}) for {tokens} tokens, got {warmup}")
     if policy == "oracle":
@@ -144,18 +154,20 @@ def replay(
     expert_ids, weights = routing.astype(np.int64), gate_weights.astype(np.float32)
     token_ids = token_ids.astype(np.int64)
 
-    def wanted(t: int, layer: int) -> list[tuple[int, int]]:
-        if policy == "oracle":
-            now = t * layers + layer  # position in decode order
-            ahead = range(now + 1, min(now + 1 + oracle_lookahead, tokens * layers))
-            return [(p % layers, int(e)) for p in ahead for e in routing[p // layers, p % layers] if e >= 0]
+    def oracle_keys(t: int, layer: int) -> list[tuple[int, int]]:
+        now = t * layers + layer  # position in decode order
+        ahead = range(now + 1, min(now + 1 + oracle_lookahead, tokens * layers))
+        return [(p % layers, int(e)) for p in ahead for e in routing[p // layers, p % layers] if e >= 0]
+
+    def plan(t: int, layer: int) -> list[tuple[int, int]]:
         return planner.plan(
             layer, expert_ids[t : t + 1, : layer + 1], weights[t : t + 1, : layer + 1], token_ids[t : t + 1]
         )
 
     x = torch.randn(1, hidden, device=transfer.device).bfloat16()
-    # Wall time in predictor calls includes waiting for a core or the GIL while the prefetch
-    # thread reads; the decode thread's CPU time in them is the predictor's own cost.
+    # What prediction costs the decoding thread: handing a plan over, or (inline) planning.
+    # Wall time includes waiting for a core or the GIL; CPU time is the thread's own work.
+    # Planning on the prefetch thread is counted there (stats plan_s, plan_cpu_s).
     predict_s = predict_cpu_s = 0.0
     start = time.perf_counter()
     try:
@@ -170,13 +182,16 @@ def replay(
             for layer in range(layers):
                 needed = sorted({int(e) for e in routing[t, layer] if e >= 0})
                 tier.position = t * layers + layer
-                if prefetcher is not None:
+                if policy == "oracle":
+                    prefetcher.request(oracle_keys(t, layer))
+                elif policy == "prefetch":
                     began, began_cpu = time.perf_counter(), time.thread_time()
-                    keys = wanted(t, layer)
-                    if policy == "prefetch":
-                        predict_s += time.perf_counter() - began
-                        predict_cpu_s += time.thread_time() - began_cpu
-                    prefetcher.request(keys)
+                    if planning == "inline":
+                        prefetcher.request(plan(t, layer))
+                    else:
+                        prefetcher.plan(functools.partial(plan, t, layer))
+                    predict_s += time.perf_counter() - began
+                    predict_cpu_s += time.thread_time() - began_cpu
                 keys = [(layer, e) for e in needed]
                 with tier.lock:
                     tier.pinned = set(keys)

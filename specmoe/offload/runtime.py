@@ -11,6 +11,7 @@ costs a wasted read, never a wrong result.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -204,18 +205,21 @@ class OffloadRuntime:
         predicting = self.oracle is None
         if predicting and self.layers[layer].stack != self.predictor_stack:
             return
-        wanted: list[Key] = []
         targets = range(layer + 1, min(layer + self.lookahead, end - 1) + 1)
         if not predicting:
             if self.step < len(self.oracle):
-                wanted = [(t, e) for t in targets for e in self.oracle[self.step][t]]
-        elif targets:
-            ids = torch.stack([h[0] for h in self._history], 1)  # (N, l+1, k)
-            weights = torch.stack([h[1] for h in self._history], 1).float()
-            n = ids.shape[0]
-            tokens = self._token_ids if len(self._token_ids) == n else torch.zeros(n, dtype=torch.long)
-            wanted = self.planner.plan(layer - first, ids.numpy(), weights.numpy(), tokens.numpy(), offset=first)
-        self.prefetcher.request(wanted)
+                self.prefetcher.request([(t, e) for t in targets for e in self.oracle[self.step][t]])
+        elif targets:  # planned on the prefetch thread, from this layer's routing history
+            self.prefetcher.plan(
+                functools.partial(self._plan, layer - first, first, list(self._history), self._token_ids)
+            )
+
+    def _plan(self, layer: int, first: int, history: list, token_ids: torch.Tensor) -> list[Key]:
+        ids = torch.stack([h[0] for h in history], 1)  # (N, l+1, k)
+        weights = torch.stack([h[1] for h in history], 1).float()
+        n = ids.shape[0]
+        tokens = token_ids if len(token_ids) == n else torch.zeros(n, dtype=torch.long)
+        return self.planner.plan(layer, ids.numpy(), weights.numpy(), tokens.numpy(), offset=first)
 
     def close(self) -> None:
         for hook in self._input_hooks:

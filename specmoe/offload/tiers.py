@@ -14,6 +14,7 @@ Two configurations are supported:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,7 +27,9 @@ class SlowTier(Protocol):
     fresh_reads: bool
     """Whether ``read`` returns new tensors (True) or the stored ones, which must be copied."""
 
-    def read(self, layer: int, expert: int) -> list[torch.Tensor]: ...
+    def read(self, layer: int, expert: int, between_chunks: Callable[[], None] | None = None) -> list[torch.Tensor]:
+        """The expert's tensors; a tier that reads in pieces calls ``between_chunks`` between
+        them, so that the caller may hold a read back while a more urgent one runs."""
 
     def expert_nbytes(self, layer: int) -> int: ...
 
@@ -55,8 +58,8 @@ class HostExperts:
                 stored.append(copy)
             self.experts[layer] = stored
 
-    def read(self, layer: int, expert: int) -> list[torch.Tensor]:
-        return self.experts[layer][expert]
+    def read(self, layer: int, expert: int, between_chunks=None) -> list[torch.Tensor]:
+        return self.experts[layer][expert]  # nothing to read: a copy is queued on a stream
 
     def reserve_buffers(self, experts: int) -> None:
         pass  # reads hand out the stored tensors; the copies' memory is the device allocator's
@@ -108,8 +111,8 @@ class Transfer:
     def expert_nbytes(self, layer: int) -> int:
         return self.slow.expert_nbytes(layer)
 
-    def load(self, key: Key) -> Loaded:
-        host = self.slow.read(*key)
+    def load(self, key: Key, between_chunks: Callable[[], None] | None = None) -> Loaded:
+        host = self.slow.read(*key, between_chunks)
         if self.stream is None:
             return Loaded(host if self.slow.fresh_reads else [t.clone() for t in host])
         with torch.cuda.stream(self.stream):

@@ -2,6 +2,7 @@ import gc
 
 import torch
 
+from specmoe.offload import expert_files
 from specmoe.offload.expert_files import ALIGN, ExpertFiles, ReadBuffers
 
 
@@ -22,6 +23,18 @@ def test_reads_return_the_written_experts(tmp_path):
         for e, tensors in enumerate(experts):
             for got, want in zip(files.read(layer, e), tensors, strict=True):
                 assert torch.equal(got, want)
+
+
+def test_a_read_in_chunks_calls_back_between_them_and_reads_the_same_bytes(tmp_path, monkeypatch):
+    written = {0: [[torch.randn(1000, 9), torch.randn(9, 1000)] for _ in range(3)]}  # 72 kB: 5 chunks of 16 KiB
+    files = ExpertFiles.write(tmp_path, written)
+    monkeypatch.setattr(expert_files, "CHUNK", 4 * ALIGN)
+    calls = []
+    got = files.read(0, 2, between_chunks=lambda: calls.append(1))
+    stride = files.layout[0].stride
+    assert len(calls) == -(-stride // (4 * ALIGN)) - 1
+    for tensor, want in zip(got, written[0][2], strict=True):
+        assert torch.equal(tensor, want)
 
 
 def test_a_buffer_is_reused_only_after_every_tensor_viewing_it_is_gone(tmp_path):

@@ -19,8 +19,11 @@ def setup(request, tmp_path_factory):
     return slow, routing, weights, np.arange(tokens)
 
 
-@pytest.mark.parametrize("policy", ["on-demand", "cache", "prefetch", "oracle"])
-def test_policies_stay_within_budget(setup, policy):
+@pytest.mark.parametrize(
+    ("policy", "planning"),
+    [("on-demand", None), ("cache", None), ("prefetch", "inline"), ("prefetch", "background"), ("oracle", None)],
+)
+def test_policies_stay_within_budget(setup, policy, planning):
     files, routing, weights, tokens = setup
     budget = 4 * files.expert_nbytes(0)
     predictor = None
@@ -31,7 +34,15 @@ def test_policies_stay_within_budget(setup, policy):
             {"num_layers": 3, "num_experts": 8, "top_k": 2},
         )
     result = replay(
-        files, routing, weights, tokens, policy=policy, budget_bytes=budget, predictor=predictor, num_experts=8
+        files,
+        routing,
+        weights,
+        tokens,
+        policy=policy,
+        budget_bytes=budget,
+        predictor=predictor,
+        num_experts=8,
+        planning=planning or "background",
     )
     assert result.tokens == 12 and 0 < result.stats["peak_bytes"] <= budget
     assert (result.stats["predict_s"] > 0) == (policy == "prefetch")
@@ -46,7 +57,10 @@ def test_policies_stay_within_budget(setup, policy):
     if policy == "on-demand":  # nothing kept between layers, nothing prefetched
         assert (row["demand_reads"], row["late_prefetches"]) == (routing.size, 0)
     if policy == "prefetch":  # popularity answers by layer alone: asked once per layer, then memoised
-        assert row["plan_memo_hit_rate"] == (12 * 2 - 2) / (12 * 2)
+        plans = result.stats["plans"]
+        assert row["plan_memo_hit_rate"] == (plans - 2) / plans
+        # inline, every layer but the last plans; in the background a plan overtaken by a newer one is dropped
+        assert plans == 12 * 2 if planning == "inline" else 2 <= plans <= 12 * 2
 
 
 def test_oracle_reads_no_more_than_on_demand(setup):

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from specmoe.errors import InputError
-from specmoe.offload.replay_engine import interference, oracle_reach, random_experts, replay
+from specmoe.offload.replay_engine import PLANNING, interference, oracle_reach, random_experts, replay
 from specmoe.predictors.base import load_predictor
 from specmoe.predictors.data import TraceDataset
 from specmoe.traces.store import TraceStore
@@ -55,11 +55,14 @@ def benchmark_offload(
     budget: int | None = None,
     threshold: float = 0.0,
     oracle_lookahead: int | None = None,
+    planning: str = "background",
 ) -> dict:
     if device.split(":")[0] == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: this machine has no CUDA GPU")
     if device.split(":")[0] not in ("cpu", "cuda"):
         raise InputError(f"--device must be cpu or cuda[:i], got {device!r}")
+    if planning not in PLANNING:
+        raise InputError(f"--planning must be one of {', '.join(PLANNING)}, got {planning!r}")
     store = TraceStore.open(traces)
     model = store.manifest.model
     layers = model.stacks[store.default_stack()].num_layers
@@ -113,6 +116,7 @@ def benchmark_offload(
                 device=device,
                 warmup=warmup,
                 oracle_lookahead=oracle_lookahead,
+                planning=planning,
             )
             result.policy = label
             timings[int(i)].append(result)
@@ -140,7 +144,7 @@ def benchmark_offload(
         "top_k": model.top_k,
         "tokens": len(routing) - warmup,
         "warmup_tokens": warmup,
-        "prefetch": {"lookahead": lookahead, "budget": budget, "threshold": threshold},
+        "prefetch": {"lookahead": lookahead, "budget": budget, "threshold": threshold, "planning": planning},
         "oracle_lookahead": oracle_lookahead,
         "repeats": repeats,
         "slow_tier": "disk, O_DIRECT or page cache dropped" if slow_tier == "disk" else "pinned host memory",

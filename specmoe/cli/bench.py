@@ -86,6 +86,10 @@ def bench_offload(
         int | None,
         typer.Option(help="Layers the oracle reads ahead in decode order, into the next token (default: L-1)."),
     ] = None,
+    planning: Annotated[
+        str,
+        typer.Option(help="background: plans run on the prefetch thread. inline: on the decoding thread (to compare)."),
+    ] = "background",
 ) -> None:
     """Measured tokens/s per policy: real recorded routing, experts of a real shape in a slow tier."""
     from specmoe.bench.offload import benchmark_offload
@@ -108,17 +112,19 @@ def bench_offload(
         budget=budget,
         threshold=threshold,
         oracle_lookahead=oracle_lookahead,
+        planning=planning,
     )
     report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(report, indent=2))
     typer.echo(
-        f"{'cache':>6} {'policy':<22} {'tok/s':>8} {'ms/tok':>8} {'stall':>6} {'hit':>6} {'MB read':>9} {'of oracle':>9} {'predict':>7} {'pr. CPU':>7}"
+        f"{'cache':>6} {'policy':<22} {'tok/s':>8} {'ms/tok':>8} {'stall':>6} {'hit':>6} {'MB read':>9} {'of oracle':>9} {'predict':>7} {'pr. CPU':>7} {'bg CPU':>7}"
     )
     for r in report["rows"]:
         label = r["policy"] + (f":{r['predictor']}" if r["predictor"] else "")
         typer.echo(
             f"{r['cache_fraction']:>6.2f} {label:<22} {r['tokens_per_s']:>8.2f} {r['time_per_token_ms']:>8.1f} "
             f"{r['stall_fraction']:>6.3f} {r['hit_rate']:>6.3f} {r['bytes_read'] / 2**20:>9.1f} "
-            f"{r['fraction_of_oracle']:>9.3f} {r['predictor_fraction']:>7.2%} {r['predictor_cpu_fraction']:>7.2%}"
+            f"{r['fraction_of_oracle']:>9.3f} {r['predictor_fraction']:>7.2%} {r['predictor_cpu_fraction']:>7.2%} "
+            f"{r['predictor_background_cpu_fraction']:>7.2%}"
         )

@@ -1,6 +1,6 @@
 """``specmoe bench offload``: its oracle reads into the next token by default; an oracle
 reach the fast tier cannot honour, or a predictor fitted for another model, is refused
-before any expert is written."""
+before any expert is written, as is an unknown planning mode."""
 
 import json
 
@@ -34,3 +34,9 @@ def test_a_predictor_fitted_for_another_model_is_refused(finished_run, tmp_path)
     with pytest.raises(InputError, match="fitted for 7 MoE layers x 5 experts; the traces in .* has"):
         benchmark_offload(out / "traces", predictor_dirs=[alien], hidden=8, ffn=8, experts_dir=tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name != "alien"], "experts were written before the check"
+
+
+def test_an_unknown_planning_mode_is_refused(finished_run, tmp_path):
+    out, _ = finished_run
+    with pytest.raises(InputError, match="--planning must be one of background, inline, got 'later'"):
+        benchmark_offload(out / "traces", predictor_dirs=[], hidden=8, ffn=8, planning="later", experts_dir=tmp_path)

@@ -1,7 +1,7 @@
 """The slow tier on CPU: expert weights in files on disk, read with the page cache bypassed.
 
 One file per MoE layer; expert e's tensors sit back to back at a 4 KiB-aligned offset, so
-each expert is one O_DIRECT read. Where O_DIRECT is refused (tmpfs, some containers), the
+each expert is one O_DIRECT read (or a few, for a read that may pause: see below). Where O_DIRECT is refused (tmpfs, some containers), the
 file is read normally and its pages are dropped with ``posix_fadvise(DONTNEED)`` after
 every read, so a later read goes to the device again.
 
@@ -11,7 +11,7 @@ this was developed on, and that is CPU work, so it also slowed whatever computed
 
 A read may be asked to pause between chunks of :data:`CHUNK` bytes (``between_chunks``): the
 prefetcher does, so that a demand read, which decoding is waiting for, has the disk to
-itself; two reads at once each took about twice as long as one alone on that VM.
+itself (two reads at once share the disk, and only one is being waited for).
 """
 
 from __future__ import annotations

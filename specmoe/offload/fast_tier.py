@@ -301,7 +301,7 @@ def fetch_expert(
         return loaded.for_compute()
     nbytes = transfer.expert_nbytes(key[0])
     with prefetcher.demand_read() if prefetcher is not None else nullcontext():
-        loaded = transfer.load(key)
+        loaded = transfer.load(key, demand=True)
         loaded.wait_host()
     stats.stall_s += time.perf_counter() - began
     stats.misses += 1

@@ -99,29 +99,36 @@ class Loaded:
 
 
 class Transfer:
-    """Copies experts from a slow tier to ``device``; on CUDA, on a dedicated stream."""
+    """Copies experts from a slow tier to ``device``; on CUDA, on dedicated streams: one for
+    prefetches and a higher-priority one for demand loads, so that a demand copy does not
+    queue behind prefetch copies already issued (the GPU's form of "a demand load goes
+    first"; on disk the prefetcher pauses instead)."""
 
     def __init__(self, slow: SlowTier, device: str | torch.device = "cpu"):
         self.slow = slow
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"the fast tier must be on cpu or cuda, got {self.device}")
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        self.demand_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
 
     def expert_nbytes(self, layer: int) -> int:
         return self.slow.expert_nbytes(layer)
 
-    def load(self, key: Key, between_chunks: Callable[[], None] | None = None) -> Loaded:
+    def load(self, key: Key, between_chunks: Callable[[], None] | None = None, *, demand: bool = False) -> Loaded:
         host = self.slow.read(*key, between_chunks)
         if self.stream is None:
             return Loaded(host if self.slow.fresh_reads else [t.clone() for t in host])
-        with torch.cuda.stream(self.stream):
+        stream = self.demand_stream if demand else self.stream
+        with torch.cuda.stream(stream):
             tensors = [t.to(self.device, non_blocking=True) for t in host]
             ready = torch.cuda.Event()
-            ready.record(self.stream)
+            ready.record(stream)
         return Loaded(tensors, ready)
 
     def close(self) -> None:
-        if self.stream is not None:
-            self.stream.synchronize()
+        for stream in (self.stream, self.demand_stream):
+            if stream is not None:
+                stream.synchronize()
         self.slow.close()

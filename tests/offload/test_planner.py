@@ -100,3 +100,5 @@ def test_prefetch_keys_takes_the_budget_per_layer_pooled_over_the_batch():
     # a threshold drops what no token believes in, whatever the pooled rank
     assert prefetch_keys(probs, range(3, 5), budget=2, threshold=0.55) == [(3, 1), (4, 4)]
     assert prefetch_keys(probs[:1], range(3, 4), budget=1) == [(3, 1)]
+    # ties go to the lower expert id, whatever dtype the predictor answers in
+    assert prefetch_keys(torch.full((1, 1, 4), 0.25, dtype=torch.bfloat16), range(2, 3), budget=2) == [(2, 0), (2, 1)]

@@ -25,6 +25,8 @@ from specmoe.predictors.base import load_predictor
 from specmoe.predictors.data import TraceDataset
 from specmoe.traces.store import TraceStore
 
+POLICIES = ("on-demand", "lru", "lfu", "belady", "prefetch", "oracle")
+
 
 def _test_tokens(store: TraceStore, tokens: int, split_seed: int):
     data = TraceDataset(store, "test", seed=split_seed)
@@ -56,11 +58,20 @@ def benchmark_offload(
     threshold: float = 0.0,
     oracle_lookahead: int | None = None,
     planning: str = "background",
+    policies: tuple[str, ...] | None = None,
 ) -> dict:
     if device.split(":")[0] == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: this machine has no CUDA GPU")
     if device.split(":")[0] not in ("cpu", "cuda"):
         raise InputError(f"--device must be cpu or cuda[:i], got {device!r}")
+    if policies is not None:  # default: all, prefetch once per predictor given
+        unknown = [p for p in policies if p not in POLICIES]
+        if unknown or not policies:
+            raise InputError(
+                f"--policies must be a non-empty subset of {','.join(POLICIES)}, got {','.join(policies)!r}"
+            )
+        if "prefetch" in policies and not predictor_dirs:
+            raise InputError("--policies prefetch needs at least one --predictor-dir")
     if planning not in PLANNING:
         raise InputError(f"--planning must be one of {', '.join(PLANNING)}, got {planning!r}")
     store = TraceStore.open(traces)
@@ -91,6 +102,7 @@ def benchmark_offload(
         runs = [("on-demand", None, "lru"), ("lru", None, "lru"), ("lfu", None, "lfu")]
         runs += [("belady", None, "belady")]
         runs += [("prefetch", p, "lru") for p in predictors] + [("oracle", None, "belady")]
+        runs = [run for run in runs if run[0] in (policies or POLICIES)]
         configs = [(fraction, *run) for fraction in cache_fractions for run in runs]
         timings: dict[int, list] = {i: [] for i in range(len(configs))}
         rng = np.random.default_rng(0)
@@ -128,11 +140,11 @@ def benchmark_offload(
         files.close()
     for fraction in cache_fractions:
         group = [r for r in rows if r["cache_fraction"] == fraction]
-        floor = next(r for r in group if r["policy"] == "on-demand")["tokens_per_s"]
-        ceiling = next(r for r in group if r["policy"] == "oracle")["tokens_per_s"]
-        for r in group:
-            r["speedup_vs_on_demand"] = r["tokens_per_s"] / floor
-            r["fraction_of_oracle"] = r["tokens_per_s"] / ceiling
+        floor = next((r["tokens_per_s"] for r in group if r["policy"] == "on-demand"), None)
+        ceiling = next((r["tokens_per_s"] for r in group if r["policy"] == "oracle"), None)
+        for r in group:  # None where that policy was not run
+            r["speedup_vs_on_demand"] = r["tokens_per_s"] / floor if floor else None
+            r["fraction_of_oracle"] = r["tokens_per_s"] / ceiling if ceiling else None
     return {
         "benchmark": "offload",
         "simulated": False,

@@ -90,6 +90,10 @@ def bench_offload(
         str,
         typer.Option(help="background: plans run on the prefetch thread. inline: on the decoding thread (to compare)."),
     ] = "background",
+    policies: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated subset of on-demand,lru,lfu,belady,prefetch,oracle (default: all)."),
+    ] = None,
 ) -> None:
     """Measured tokens/s per policy: real recorded routing, experts of a real shape in a slow tier."""
     from specmoe.bench.offload import benchmark_offload
@@ -113,6 +117,7 @@ def bench_offload(
         threshold=threshold,
         oracle_lookahead=oracle_lookahead,
         planning=planning,
+        policies=None if policies is None else tuple(name.strip() for name in policies.split(",") if name.strip()),
     )
     report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +130,10 @@ def bench_offload(
         typer.echo(
             f"{r['cache_fraction']:>6.2f} {label:<22} {r['tokens_per_s']:>8.2f} {r['time_per_token_ms']:>8.1f} "
             f"{r['stall_fraction']:>6.3f} {r['hit_rate']:>6.3f} {r['bytes_read'] / 2**20:>9.1f} "
-            f"{r['fraction_of_oracle']:>9.3f} {r['predictor_fraction']:>7.2%} {r['predictor_cpu_fraction']:>7.2%} "
+            f"{_ratio(r['fraction_of_oracle']):>9} {r['predictor_fraction']:>7.2%} {r['predictor_cpu_fraction']:>7.2%} "
             f"{r['predictor_background_cpu_fraction']:>7.2%}"
         )
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

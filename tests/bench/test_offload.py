@@ -1,6 +1,7 @@
 """``specmoe bench offload``: its oracle reads into the next token by default; an oracle
 reach the fast tier cannot honour, or a predictor fitted for another model, is refused
-before any expert is written, as is an unknown planning mode."""
+before any expert is written, as is an unknown planning mode or policy; a subset of the
+policies can be run."""
 
 import json
 
@@ -40,3 +41,24 @@ def test_an_unknown_planning_mode_is_refused(finished_run, tmp_path):
     out, _ = finished_run
     with pytest.raises(InputError, match="--planning must be one of background, inline, got 'later'"):
         benchmark_offload(out / "traces", predictor_dirs=[], hidden=8, ffn=8, planning="later", experts_dir=tmp_path)
+
+
+def test_policies_can_be_chosen_and_unknown_ones_are_refused(finished_run, tmp_path):
+    out, _ = finished_run
+    report = benchmark_offload(
+        out / "traces",
+        predictor_dirs=[],
+        hidden=8,
+        ffn=8,
+        tokens=4,
+        cache_fractions=(0.5,),
+        repeats=1,
+        policies=("lru", "oracle"),
+        experts_dir=tmp_path,
+    )
+    assert [r["policy"] for r in report["rows"]] == ["lru", "oracle"]
+    assert report["rows"][0]["speedup_vs_on_demand"] is None and report["rows"][1]["fraction_of_oracle"] == 1.0
+    with pytest.raises(InputError, match="--policies must be a non-empty subset of .*got 'lru,fifo'"):
+        benchmark_offload(out / "traces", predictor_dirs=[], hidden=8, ffn=8, policies=("lru", "fifo"))
+    with pytest.raises(InputError, match="--policies prefetch needs at least one --predictor-dir"):
+        benchmark_offload(out / "traces", predictor_dirs=[], hidden=8, ffn=8, policies=("prefetch",))

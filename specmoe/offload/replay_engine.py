@@ -25,12 +25,12 @@ from specmoe.offload.cache import future_uses
 from specmoe.offload.expert_files import ExpertFiles
 from specmoe.offload.fast_tier import (
     FastTier,
-    Prefetcher,
     RuntimeStats,
     fetch_expert,
     finish_layer,
 )
 from specmoe.offload.planner import PrefetchPlanner
+from specmoe.offload.prefetcher import Prefetcher
 from specmoe.offload.tiers import HostExperts, SlowTier, Transfer
 
 PLANNING = ("background", "inline")

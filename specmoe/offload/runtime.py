@@ -26,12 +26,12 @@ from specmoe.offload.expert_layout import ExpertLayout, discover_layout, empty_p
 from specmoe.offload.fast_tier import (
     EVICTIONS,
     FastTier,
-    Prefetcher,
     RuntimeStats,
     fetch_expert,
     finish_layer,
 )
 from specmoe.offload.planner import PrefetchPlanner
+from specmoe.offload.prefetcher import Prefetcher
 from specmoe.offload.tiers import HostExperts, Key, Transfer
 
 

@@ -1,0 +1,102 @@
+"""The prefetch thread: requests for a layer that has run are dropped before they cost a
+read, a prefetch read pauses for a demand read, a newer plan replaces one not started, and a
+failure on the thread reaches the decoder instead of hanging it."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from specmoe.offload.fast_tier import FastTier, RuntimeStats, finish_layer
+from specmoe.offload.prefetcher import Prefetcher
+from specmoe.offload.tiers import HostExperts, Transfer
+
+
+class _GatedExperts(HostExperts):
+    """Reads block until the test opens the gate, so the prefetch queue can be inspected."""
+
+    def __init__(self):
+        super().__init__({layer: [[torch.zeros(4)]] * 4 for layer in range(3)})
+        self.gate = threading.Event()
+        self.reading = threading.Event()
+
+    def read(self, layer, expert, between_chunks=None):
+        self.reading.set()
+        self.gate.wait(5)
+        if between_chunks is not None:  # a read of two chunks
+            between_chunks()
+        return super().read(layer, expert)
+
+
+def test_requests_for_a_layer_that_ran_are_dropped_unread():
+    slow = _GatedExperts()
+    stats = RuntimeStats()
+    tier = FastTier(10**6, stats)
+    prefetcher = Prefetcher(Transfer(slow), tier, stats)
+    try:
+        prefetcher.request([(1, 0), (2, 0), (2, 1)])
+        assert slow.reading.wait(5)  # (1, 0) is being read; the rest wait in the queue
+        finish_layer(tier, prefetcher, 2)
+        assert not prefetcher.queue and set(prefetcher.in_flight) == {(1, 0)}
+        slow.gate.set()
+        assert prefetcher.wait_for((1, 0))
+    finally:
+        prefetcher.close()
+    assert (1, 0) in tier and (2, 0) not in tier and (2, 1) not in tier
+    assert stats.prefetch_requests == 3 and stats.prefetch_reads == 1
+
+
+def test_a_prefetch_read_pauses_between_chunks_while_a_demand_read_runs():
+    slow = _GatedExperts()
+    stats = RuntimeStats()
+    tier = FastTier(10**6, stats)
+    prefetcher = Prefetcher(Transfer(slow), tier, stats)
+    try:
+        with prefetcher.demand_read():
+            prefetcher.request([(1, 0)])
+            assert slow.reading.wait(5)
+            slow.gate.set()  # its first chunk is read; the second must wait for the demand read
+            for _ in range(500):
+                if stats.prefetch_pauses:
+                    break
+                time.sleep(0.01)
+            assert stats.prefetch_pauses >= 1 and (1, 0) not in tier
+        assert prefetcher.wait_for((1, 0))
+    finally:
+        prefetcher.close()
+    assert (1, 0) in tier and stats.prefetch_reads == 1
+
+
+def test_a_newer_plan_replaces_one_not_yet_started_and_plans_run_between_chunks():
+    slow = _GatedExperts()
+    stats = RuntimeStats()
+    tier = FastTier(10**6, stats)
+    prefetcher = Prefetcher(Transfer(slow), tier, stats)
+    ran = []
+    try:
+        prefetcher.request([(0, 0)])
+        assert slow.reading.wait(5)  # the thread is inside a read: plans wait for its chunk boundary
+        prefetcher.plan(lambda: ran.append("older") or [(1, 1)])
+        prefetcher.plan(lambda: ran.append("newer") or [(2, 2)])
+        slow.gate.set()
+        assert prefetcher.wait_for((0, 0))
+        for _ in range(500):
+            if (2, 2) in tier:
+                break
+            time.sleep(0.01)
+    finally:
+        prefetcher.close()
+    assert ran == ["newer"] and (2, 2) in tier and (1, 1) not in tier
+    assert stats.plan_cpu_s > 0
+
+
+def test_a_failure_on_the_prefetch_thread_is_raised_to_the_decoder_not_waited_for():
+    stats = RuntimeStats()
+    prefetcher = Prefetcher(Transfer(HostExperts({0: [[torch.zeros(4)]]})), FastTier(10**6, stats), stats)
+    prefetcher.plan(lambda: {}["no such key"])
+    prefetcher.thread.join(5)
+    assert not prefetcher.thread.is_alive()
+    with pytest.raises(RuntimeError, match="prefetch thread failed: KeyError"):
+        prefetcher.request([(0, 0)])
+    prefetcher.close()

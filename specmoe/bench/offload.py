@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 from specmoe.errors import InputError
-from specmoe.offload.replay_engine import PLANNING, interference, oracle_reach, random_experts, replay
+from specmoe.offload.replay_engine import PLANNING, interference, random_experts, replay
+from specmoe.offload.simulator import oracle_reach
 from specmoe.predictors.base import load_predictor
 from specmoe.predictors.data import TraceDataset
 from specmoe.traces.store import TraceStore

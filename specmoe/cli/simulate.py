@@ -28,6 +28,10 @@ def simulate_command(
     prefetch_eviction: Annotated[str, typer.Option(help="Eviction policy used with prefetch.")] = "lru",
     max_windows: Annotated[int, typer.Option(help="Sequences replayed from the split.")] = 64,
     split_seed: Annotated[int, typer.Option()] = 0,
+    oracle_lookahead: Annotated[
+        int | None,
+        typer.Option(help="Layers the oracle reads ahead in decode order, into the next token (default: L-1)."),
+    ] = None,
 ) -> None:
     """SIMULATION: replay recorded routing through fast-tier caches and prefetch policies."""
     from specmoe.cli.params import parse_list
@@ -59,6 +63,7 @@ def simulate_command(
         prefetch_eviction=prefetch_eviction,
         max_windows=max_windows,
         split_seed=split_seed,
+        oracle_lookahead=oracle_lookahead,
     )
     report = run_sweep(traces, profile, bytes_per_expert, predictors, cfg)
     report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -31,6 +31,7 @@ from specmoe.offload.fast_tier import (
 )
 from specmoe.offload.planner import PrefetchPlanner
 from specmoe.offload.prefetcher import Prefetcher
+from specmoe.offload.simulator import oracle_reach
 from specmoe.offload.tiers import HostExperts, SlowTier, Transfer
 
 PLANNING = ("background", "inline")
@@ -90,14 +91,6 @@ class ReplayResult:
             "simulated": False,
             "weights": "random, real shape",
         }
-
-
-def oracle_reach(layers: int, requested: int, option: str = "oracle_lookahead") -> int:
-    """The layers the oracle may read ahead in decode order: ``requested``, which must be in
-    [1, L-1]; with a single MoE layer there is no such reach, and it reads none."""
-    if not 1 <= requested <= max(layers - 1, 1):
-        raise ValueError(f"{option} must be in [1, {max(layers - 1, 1)}] for {layers} MoE layers, got {requested}")
-    return min(requested, layers - 1)
 
 
 def replay(

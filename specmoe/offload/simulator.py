@@ -6,7 +6,9 @@ experts from the slow to the fast tier, one transfer at a time; demand loads go 
 queued prefetch (a transfer already under way finishes first). A layer computes once all
 its experts have arrived; the wait is stall time. After layer l computes, a prefetch policy
 may queue experts for layers l+1..l+H as soon as layer l's routing is known (when its
-experts start computing), so those transfers overlap layer l's compute. For predictors that
+experts start computing), so those transfers overlap layer l's compute. The oracle may read
+further, ``oracle_lookahead`` layers ahead in decode order and into the next token, as the
+measured benchmark's oracle does. For predictors that
 read layer l's *output* hidden state this is slightly optimistic (they could only issue
 once layer l finishes).
 """
@@ -42,6 +44,9 @@ class SimulationConfig:
     """Experts per target layer a prefetch may request."""
     threshold: float = 0.0
     """Minimum predicted probability for a prefetch."""
+    oracle_lookahead: int | None = None
+    """Layers the oracle reads ahead in decode order, past the token's last layer into the
+    next token's (at most L-1); None: ``lookahead`` layers, within the token."""
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -108,6 +113,7 @@ def simulate(
     ``config.policy == "prefetch"``.
     """
     steps, _, layers, _ = routing.shape
+    reach = None if config.oracle_lookahead is None else oracle_reach(layers, config.oracle_lookahead)
     uses = _uses(routing)
     policy = {"lru": LRU, "lfu": LFU}.get(config.eviction)
     cache = ExpertCache(config.capacity, policy() if policy else Belady(uses))
@@ -157,7 +163,15 @@ def simulate(
             stall += ready - now
             # Layer l's routing is known when its experts start computing: prefetches for
             # l+1..l+H are queued then, so their transfers overlap this layer's compute.
-            if config.policy in ("prefetch", "oracle"):
+            if config.policy == "oracle" and reach is not None:
+                for ahead in range(position + 1, min(position + 1 + reach, steps * layers)):
+                    step, target = divmod(ahead, layers)
+                    for expert in np.unique(routing[step, :, target]):
+                        key = (target, int(expert))
+                        if expert >= 0 and key not in cache and key not in queued:
+                            pending.append((key, ahead, ready))
+                            queued.add(key)
+            elif config.policy in ("prefetch", "oracle"):
                 for h in range(1, config.lookahead + 1):
                     target = layer + h
                     if target >= layers:
@@ -202,3 +216,11 @@ def _prefetch_set(routing, predictions, config: SimulationConfig, step: int, lay
         best[int(e)] = max(best[int(e)], float(p))
     ranked = sorted((e for e in scores if best[e] >= config.threshold), key=lambda e: -scores[e])
     return ranked[: config.budget]
+
+
+def oracle_reach(layers: int, requested: int, option: str = "oracle_lookahead") -> int:
+    """The layers the oracle may read ahead in decode order: ``requested``, which must be in
+    [1, L-1]; with a single MoE layer there is no such reach, and it reads none."""
+    if not 1 <= requested <= max(layers - 1, 1):
+        raise ValueError(f"{option} must be in [1, {max(layers - 1, 1)}] for {layers} MoE layers, got {requested}")
+    return min(requested, layers - 1)

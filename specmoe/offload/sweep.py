@@ -12,10 +12,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from specmoe.errors import InputError
 from specmoe.evaluation.evaluate import dataset_for
 from specmoe.offload.cost import HardwareProfile
 from specmoe.offload.replay import decode_order
-from specmoe.offload.simulator import SimulationConfig, simulate
+from specmoe.offload.simulator import SimulationConfig, oracle_reach, simulate
 from specmoe.predictors.base import ExpertPredictor
 from specmoe.predictors.data import TraceDataset
 from specmoe.traces.store import TraceStore
@@ -35,6 +36,9 @@ class SweepConfig:
     split: str = "test"
     split_seed: int = 0
     cache_evictions: tuple[str, ...] = field(default=("lru", "lfu", "belady"))
+    oracle_lookahead: int | None = None
+    """Layers the oracle reads ahead in decode order, into the next token (None: L-1, as far
+    as a layer-keyed fast tier allows; the measured benchmark's oracle does the same)."""
 
 
 def run_sweep(
@@ -51,6 +55,10 @@ def run_sweep(
     experts = store.manifest.model.num_experts
     top_k = store.manifest.model.top_k
     budget = cfg.budget or 2 * top_k
+    try:
+        reach = oracle_reach(layers, max(layers - 1, 1) if cfg.oracle_lookahead is None else cfg.oracle_lookahead)
+    except ValueError as exc:
+        raise InputError(str(exc).replace("oracle_lookahead", "--oracle-lookahead")) from None
     rows = []
     for batch_size in cfg.batch_sizes:
         base = TraceDataset(store, cfg.split, seed=cfg.split_seed)
@@ -76,6 +84,7 @@ def run_sweep(
                     lookahead=cfg.lookahead,
                     budget=budget,
                     threshold=cfg.threshold,
+                    oracle_lookahead=reach if policy == "oracle" else None,
                 )
                 result = simulate(routing, profile, expert_bytes, sim, predicted.get(predictor_name)).summary()
                 result.update(
@@ -108,6 +117,7 @@ def run_sweep(
         "split_seed": cfg.split_seed,
         "max_windows": cfg.max_windows,
         "lookahead": cfg.lookahead,
+        "oracle_lookahead": reach,
         "budget": budget,
         "rows": rows,
     }

@@ -98,6 +98,8 @@ class SimulateSection(_Section):
     """Labels of ``predictors.models`` that drive prefetch (None: all of them)."""
     max_windows: int = Field(default=32, gt=0)
     """Test-split sequences replayed."""
+    oracle_lookahead: int | None = Field(default=None, ge=1)
+    """Layers the oracle reads ahead in decode order, into the next token (None: L-1)."""
 
     @field_validator("cache_fractions")
     @classmethod

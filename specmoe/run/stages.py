@@ -195,6 +195,7 @@ def simulate(config: RunConfig, out: Path) -> dict:
         lookahead=s.lookahead,
         max_windows=s.max_windows,
         split_seed=config.predictors.split_seed,
+        oracle_lookahead=s.oracle_lookahead,
     )
     size = bytes_per_expert(config)
     report = run_sweep(out / "traces", profile, size, predictors, sweep)
@@ -204,6 +205,7 @@ def simulate(config: RunConfig, out: Path) -> dict:
         + f"--expert-bytes {size} --cache-fractions {_csv(s.cache_fractions)} --batch-sizes {_csv(s.batch_sizes)} "
         f"--lookahead {s.lookahead} --max-windows {s.max_windows} --split-seed {config.predictors.split_seed}"
         + (f" --compute-ms {s.compute_ms_per_layer}" if s.compute_ms_per_layer else "")
+        + (f" --oracle-lookahead {s.oracle_lookahead}" if s.oracle_lookahead else "")
     )
     write_sweep(report, out / "simulation")
     return {"rows": len(report["rows"]), "command": report["command"]}

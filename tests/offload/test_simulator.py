@@ -35,6 +35,19 @@ def test_oracle_prefetch_hides_transfers_behind_compute():
     assert oracle["total_s"] == pytest.approx(5.0) and oracle["stall_s"] == pytest.approx(1.0)
 
 
+def test_an_oracle_reaching_into_the_next_token_prefetches_its_first_layer():
+    routing = _routing([[0, 1], [2, 3], [4, 5]])  # every access is new: 3 steps x 2 layers
+    within = simulate(routing, PROFILE, BYTES, SimulationConfig(policy="oracle", capacity=6)).summary()
+    across = simulate(routing, PROFILE, BYTES, SimulationConfig(policy="oracle", capacity=6, oracle_lookahead=1))
+    across = across.summary()
+    # within the token, each step's layer 0 loads on demand (3 x 1 s); across, only the first does
+    assert within["demand_loads"] == 3 and within["stall_s"] == pytest.approx(3.0)
+    assert across["demand_loads"] == 1 and across["stall_s"] == pytest.approx(1.0)
+    assert across["total_s"] == pytest.approx(1.0 + 6 * 1.0)
+    with pytest.raises(ValueError, match=r"oracle_lookahead must be in \[1, 1\] for 2 MoE layers, got 2"):
+        simulate(routing, PROFILE, BYTES, SimulationConfig(policy="oracle", capacity=6, oracle_lookahead=2))
+
+
 def test_perfect_predictions_match_the_oracle_and_wrong_ones_are_wasted():
     rng = np.random.default_rng(0)
     routing = rng.integers(0, 8, (30, 1, 4, 1))

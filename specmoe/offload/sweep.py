@@ -55,10 +55,11 @@ def run_sweep(
     experts = store.manifest.model.num_experts
     top_k = store.manifest.model.top_k
     budget = cfg.budget or 2 * top_k
+    requested = max(layers - 1, 1) if cfg.oracle_lookahead is None else cfg.oracle_lookahead
     try:
-        reach = oracle_reach(layers, max(layers - 1, 1) if cfg.oracle_lookahead is None else cfg.oracle_lookahead)
+        reach = oracle_reach(layers, requested, "--oracle-lookahead")
     except ValueError as exc:
-        raise InputError(str(exc).replace("oracle_lookahead", "--oracle-lookahead")) from None
+        raise InputError(str(exc)) from None
     rows = []
     for batch_size in cfg.batch_sizes:
         base = TraceDataset(store, cfg.split, seed=cfg.split_seed)
@@ -84,7 +85,7 @@ def run_sweep(
                     lookahead=cfg.lookahead,
                     budget=budget,
                     threshold=cfg.threshold,
-                    oracle_lookahead=reach if policy == "oracle" else None,
+                    oracle_lookahead=(reach or None) if policy == "oracle" else None,  # 0: one layer, none ahead
                 )
                 result = simulate(routing, profile, expert_bytes, sim, predicted.get(predictor_name)).summary()
                 result.update(

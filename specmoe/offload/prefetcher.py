@@ -23,9 +23,10 @@ class Prefetcher:
     waits for at most one chunk.
 
     A demand read goes first: while one runs (:meth:`demand_read`), a prefetch read pauses
-    at its next chunk boundary, as the simulator's shared transfer queue lets a demand load
-    overtake queued prefetches. (The decoder runs one read at a time: while it waits for a
-    prefetch, no demand read holds that prefetch back.)
+    at its next chunk boundary. (The simulator's link lets a demand load overtake queued
+    prefetches but not one under way; pausing mid-read goes a step further.) The decoder
+    runs one read at a time, so while it waits for a prefetch no demand read holds that
+    prefetch back.
 
     If planning or a read fails on the thread, the thread stops and the decoder's next call
     raises the failure, rather than waiting for a read that will never come."""

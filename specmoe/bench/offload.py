@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from specmoe.errors import InputError
+from specmoe.offload.fast_tier import EVICTIONS
 from specmoe.offload.replay_engine import PLANNING, interference, random_experts, replay
 from specmoe.offload.simulator import oracle_reach
 from specmoe.predictors.base import load_predictor
@@ -60,6 +61,7 @@ def benchmark_offload(
     oracle_lookahead: int | None = None,
     planning: str = "background",
     policies: tuple[str, ...] | None = None,
+    prefetch_eviction: str = "lru",
 ) -> dict:
     if device.split(":")[0] == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: this machine has no CUDA GPU")
@@ -73,6 +75,8 @@ def benchmark_offload(
             )
         if "prefetch" in policies and not predictor_dirs:
             raise InputError("--policies prefetch needs at least one --predictor-dir")
+    if prefetch_eviction not in EVICTIONS:
+        raise InputError(f"--prefetch-eviction must be one of {', '.join(EVICTIONS)}, got {prefetch_eviction!r}")
     if planning not in PLANNING:
         raise InputError(f"--planning must be one of {', '.join(PLANNING)}, got {planning!r}")
     store = TraceStore.open(traces)
@@ -102,7 +106,7 @@ def benchmark_offload(
         total = layers * model.num_experts * expert_bytes
         runs = [("on-demand", None, "lru"), ("lru", None, "lru"), ("lfu", None, "lfu")]
         runs += [("belady", None, "belady")]
-        runs += [("prefetch", p, "lru") for p in predictors] + [("oracle", None, "belady")]
+        runs += [("prefetch", p, prefetch_eviction) for p in predictors] + [("oracle", None, "belady")]
         runs = [run for run in runs if run[0] in (policies or POLICIES)]
         configs = [(fraction, *run) for fraction in cache_fractions for run in runs]
         timings: dict[int, list] = {i: [] for i in range(len(configs))}
@@ -131,7 +135,7 @@ def benchmark_offload(
                 oracle_lookahead=oracle_lookahead,
                 planning=planning,
             )
-            result.policy = label
+            result.policy, result.eviction = label, eviction
             timings[int(i)].append(result)
         for i, (fraction, *_rest) in enumerate(configs):
             results = sorted(timings[i], key=lambda r: r.seconds)
@@ -157,7 +161,13 @@ def benchmark_offload(
         "top_k": model.top_k,
         "tokens": len(routing) - warmup,
         "warmup_tokens": warmup,
-        "prefetch": {"lookahead": lookahead, "budget": budget, "threshold": threshold, "planning": planning},
+        "prefetch": {
+            "lookahead": lookahead,
+            "budget": budget,
+            "threshold": threshold,
+            "planning": planning,
+            "eviction": prefetch_eviction,
+        },
         "oracle_lookahead": oracle_lookahead,
         "repeats": repeats,
         "slow_tier": "disk, O_DIRECT or page cache dropped" if slow_tier == "disk" else "pinned host memory",

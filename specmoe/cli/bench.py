@@ -94,6 +94,7 @@ def bench_offload(
         str | None,
         typer.Option(help="Comma-separated subset of on-demand,lru,lfu,belady,prefetch,oracle (default: all)."),
     ] = None,
+    prefetch_eviction: Annotated[str, typer.Option(help="Eviction with prefetch: lru, lfu or belady.")] = "lru",
 ) -> None:
     """Measured tokens/s per policy: real recorded routing, experts of a real shape in a slow tier."""
     from specmoe.bench.offload import benchmark_offload
@@ -117,6 +118,7 @@ def bench_offload(
         threshold=threshold,
         oracle_lookahead=oracle_lookahead,
         planning=planning,
+        prefetch_eviction=prefetch_eviction,
         policies=None if policies is None else tuple(name.strip() for name in policies.split(",") if name.strip()),
     )
     report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -127,6 +129,7 @@ def bench_offload(
     )
     for r in report["rows"]:
         label = r["policy"] + (f":{r['predictor']}" if r["predictor"] else "")
+        label += f"/{r['eviction']}" if r["policy"] == "prefetch" and r["eviction"] != "lru" else ""
         typer.echo(
             f"{r['cache_fraction']:>6.2f} {label:<22} {r['tokens_per_s']:>8.2f} {r['time_per_token_ms']:>8.1f} "
             f"{r['stall_fraction']:>6.3f} {r['hit_rate']:>6.3f} {r['bytes_read'] / 2**20:>9.1f} "

@@ -66,11 +66,13 @@ class ReplayResult:
     tokens: int
     seconds: float
     stats: dict
+    eviction: str = "lru"
 
     def row(self, cache_fraction: float) -> dict:
         return {
             "policy": self.policy,
             "predictor": self.predictor,
+            "eviction": self.eviction,
             "cache_fraction": cache_fraction,
             "budget_bytes": self.budget_bytes,
             "tokens": self.tokens,
@@ -203,7 +205,9 @@ def replay(
         "predict_cpu_s": predict_cpu_s,
         **(planner.stats() if planner is not None else {}),
     }
-    return ReplayResult(policy, getattr(predictor, "name", None), budget_bytes, tokens - warmup, seconds, result)
+    return ReplayResult(
+        policy, getattr(predictor, "name", None), budget_bytes, tokens - warmup, seconds, result, eviction
+    )
 
 
 def _layer(x: torch.Tensor, dense: torch.Tensor, experts) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """``specmoe bench offload``: its oracle reads into the next token by default; an oracle
 reach the fast tier cannot honour, or a predictor fitted for another model, is refused
-before any expert is written, as is an unknown planning mode or policy; a subset of the
-policies can be run."""
+before any expert is written, as is an unknown planning mode, policy or prefetch eviction;
+a subset of the policies can be run."""
 
 import json
 
@@ -56,9 +56,15 @@ def test_policies_can_be_chosen_and_unknown_ones_are_refused(finished_run, tmp_p
         policies=("lru", "oracle"),
         experts_dir=tmp_path,
     )
-    assert [r["policy"] for r in report["rows"]] == ["lru", "oracle"]
+    assert [(r["policy"], r["eviction"]) for r in report["rows"]] == [("lru", "lru"), ("oracle", "belady")]
     assert report["rows"][0]["speedup_vs_on_demand"] is None and report["rows"][1]["fraction_of_oracle"] == 1.0
     with pytest.raises(InputError, match="--policies must be a non-empty subset of .*got 'lru,fifo'"):
         benchmark_offload(out / "traces", predictor_dirs=[], hidden=8, ffn=8, policies=("lru", "fifo"))
     with pytest.raises(InputError, match="--policies prefetch needs at least one --predictor-dir"):
         benchmark_offload(out / "traces", predictor_dirs=[], hidden=8, ffn=8, policies=("prefetch",))
+
+
+def test_an_unknown_prefetch_eviction_is_refused(finished_run, tmp_path):
+    out, _ = finished_run
+    with pytest.raises(InputError, match="--prefetch-eviction must be one of lru, lfu, belady, got 'fifo'"):
+        benchmark_offload(out / "traces", predictor_dirs=[], hidden=8, ffn=8, prefetch_eviction="fifo")

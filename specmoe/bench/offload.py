@@ -11,6 +11,7 @@ layer-keyed fast tier allows. Where one read outlasts even that, it is not a cei
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import tempfile
 from pathlib import Path
@@ -19,9 +20,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from specmoe.bench.progress import FinishedRuns
 from specmoe.errors import InputError
 from specmoe.offload.fast_tier import EVICTIONS
-from specmoe.offload.replay_engine import PLANNING, interference, random_experts, replay
+from specmoe.offload.replay_engine import PLANNING, ReplayResult, interference, random_experts, replay
 from specmoe.offload.simulator import oracle_reach
 from specmoe.predictors.base import load_predictor
 from specmoe.predictors.data import TraceDataset
@@ -62,7 +64,11 @@ def benchmark_offload(
     planning: str = "background",
     policies: tuple[str, ...] | None = None,
     prefetch_eviction: str = "lru",
+    progress_file: Path | None = None,
 ) -> dict:
+    """``progress_file``: where finished runs are kept as they finish, so that an
+    interrupted call with the same arguments resumes; removed when the report is complete."""
+    settings = {k: v for k, v in locals().items() if k != "progress_file"}
     if device.split(":")[0] == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: this machine has no CUDA GPU")
     if device.split(":")[0] not in ("cpu", "cuda"):
@@ -112,8 +118,12 @@ def benchmark_offload(
         timings: dict[int, list] = {i: [] for i in range(len(configs))}
         rng = np.random.default_rng(0)
         order = [int(i) for _ in range(repeats) for i in rng.permutation(len(configs))]
+        finished = FinishedRuns(progress_file, settings)
         # rounds in shuffled order, so drift in disk speed hits every policy alike
-        for i in tqdm(order, desc="offload replay", unit="run"):
+        for run, i in enumerate(tqdm(order, desc="offload replay", unit="run")):
+            if run in finished.done:
+                timings[i].append(ReplayResult(**finished.done[run]))
+                continue
             fraction, label, predictor, eviction = configs[i]
             budget_bytes = max(expert_bytes * model.top_k, int(fraction * total))
             policy = label if label in ("on-demand", "prefetch", "oracle") else "cache"
@@ -136,13 +146,15 @@ def benchmark_offload(
                 planning=planning,
             )
             result.policy, result.eviction = label, eviction
-            timings[int(i)].append(result)
+            timings[i].append(result)
+            finished.add(run, dataclasses.asdict(result))
         for i, (fraction, *_rest) in enumerate(configs):
             results = sorted(timings[i], key=lambda r: r.seconds)
             row = results[len(results) // 2].row(fraction)  # the median run
             row["seconds_all_repeats"] = [round(r.seconds, 4) for r in timings[i]]
             rows.append(row)
         files.close()
+    finished.finish()
     for fraction in cache_fractions:
         group = [r for r in rows if r["cache_fraction"] == fraction]
         floor = next((r["tokens_per_s"] for r in group if r["policy"] == "on-demand"), None)

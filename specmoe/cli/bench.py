@@ -96,7 +96,8 @@ def bench_offload(
     ] = None,
     prefetch_eviction: Annotated[str, typer.Option(help="Eviction with prefetch: lru, lfu or belady.")] = "lru",
 ) -> None:
-    """Measured tokens/s per policy: real recorded routing, experts of a real shape in a slow tier."""
+    """Measured tokens/s per policy: real recorded routing, experts of a real shape in a slow tier.
+    Interrupted, it resumes on the same command: finished runs wait in JSON.partial.jsonl."""
     from specmoe.bench.offload import benchmark_offload
     from specmoe.cli.params import parse_list
 
@@ -119,6 +120,7 @@ def bench_offload(
         oracle_lookahead=oracle_lookahead,
         planning=planning,
         prefetch_eviction=prefetch_eviction,
+        progress_file=json_out.with_name(json_out.name + ".partial.jsonl"),
         policies=None if policies is None else tuple(name.strip() for name in policies.split(",") if name.strip()),
     )
     report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])

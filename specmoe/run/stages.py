@@ -234,6 +234,7 @@ def offload(config: RunConfig, out: Path) -> dict:
         experts_dir=out,
         warmup=o.warmup,
         device=o.device,
+        progress_file=out / "offload" / "offload.partial.jsonl",  # an interrupted stage resumes its runs
     )
     report["command"] = (
         f"specmoe bench offload --traces {out / 'traces'} --json {out / 'offload' / 'offload.json'} "

@@ -68,3 +68,39 @@ def test_an_unknown_prefetch_eviction_is_refused(finished_run, tmp_path):
     out, _ = finished_run
     with pytest.raises(InputError, match="--prefetch-eviction must be one of lru, lfu, belady, got 'fifo'"):
         benchmark_offload(out / "traces", predictor_dirs=[], hidden=8, ffn=8, prefetch_eviction="fifo")
+
+
+def test_an_interrupted_benchmark_resumes_without_rerunning_finished_runs(finished_run, tmp_path, monkeypatch):
+    from specmoe.bench import offload as bench
+
+    out, _ = finished_run
+    calls, real_replay = [], bench.replay
+
+    def replay(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(kwargs["policy"])
+        return real_replay(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "replay", replay)
+    progress = tmp_path / "offload.json.partial.jsonl"
+    kwargs = {
+        "predictor_dirs": [],
+        "hidden": 8,
+        "ffn": 8,
+        "tokens": 4,
+        "cache_fractions": (0.5,),
+        "repeats": 2,
+        "policies": ("lru", "oracle"),
+        "experts_dir": tmp_path,
+        "progress_file": progress,
+    }
+    with pytest.raises(KeyboardInterrupt):
+        benchmark_offload(out / "traces", **kwargs)
+    assert len(progress.read_text().splitlines()) == 1 + 3  # the settings, then 3 finished runs
+    calls.clear()
+    monkeypatch.setattr(bench, "replay", lambda *a, **k: (calls.append(k["policy"]), real_replay(*a, **k))[1])
+    report = benchmark_offload(out / "traces", **kwargs)
+    assert len(calls) == 1, "finished runs were run again"
+    assert [len(r["seconds_all_repeats"]) for r in report["rows"]] == [2, 2]
+    assert not progress.exists()

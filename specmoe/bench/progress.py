@@ -1,0 +1,48 @@
+"""Finished runs of a long benchmark, kept as they finish, so an interrupted one resumes.
+
+One JSON line per finished run, after a first line holding the settings the runs were made
+with: a rerun with the same settings skips what is there; with other settings the old runs
+mean nothing for it, and the file starts over. The benchmark deletes the file once it has
+written its report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class FinishedRuns:
+    def __init__(self, path: Path | None, settings: dict):
+        self.path = None if path is None else Path(path)
+        self.settings = json.loads(json.dumps(settings, default=str))  # as it reads back
+        self.done: dict[int, dict] = {}
+        if self.path is None:
+            return
+        if self.path.exists():
+            lines = self.path.read_text().splitlines()
+            header = json.loads(lines[0]) if lines else {}
+            if header.get("settings") == self.settings:
+                for line in lines[1:]:
+                    try:
+                        entry = json.loads(line)
+                    except json.JSONDecodeError:  # the line being written when the run was killed
+                        break
+                    self.done[entry["run"]] = entry["result"]
+                tqdm.write(f"resuming: {len(self.done)} finished runs read from {self.path}")
+                return
+            tqdm.write(f"{self.path} holds runs made with other settings: starting over")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"settings": self.settings}) + "\n")
+
+    def add(self, run: int, result: dict) -> None:
+        self.done[run] = result
+        if self.path is not None:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps({"run": run, "result": result}) + "\n")
+
+    def finish(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ import json
 import time
 from pathlib import Path
 
+from specmoe.bench.progress import FinishedRuns
 from specmoe.errors import SpecmoeError
 from specmoe.evaluation.evaluate import dataset_for, evaluate
 from specmoe.evaluation.latency import model_time_per_token_us
@@ -52,7 +53,13 @@ def benchmark_predictors(
     bootstrap: int = 1000,
     out_dir: Path | None = None,
     progress: bool = True,
+    progress_file: Path | None = None,
 ) -> dict:
+    """``progress_file``: where each predictor's result is kept as it finishes, so that an
+    interrupted call with the same arguments resumes; removed when the report is complete."""
+    finished = FinishedRuns(
+        progress_file, {k: v for k, v in locals().items() if k not in ("progress", "progress_file")}
+    )
     store = TraceStore.open(traces)
     splits = assign_splits(store, split_seed)
     try:
@@ -60,7 +67,10 @@ def benchmark_predictors(
     except SpecmoeError:
         model_time = None
     results = []
-    for spec in specs:
+    for run, spec in enumerate(specs):
+        if run in finished.done:
+            results.append(finished.done[run])
+            continue
         predictor = _make(spec, budget, horizons)
         if predictor.needs_hidden and predictor.needs_hidden not in store.manifest.collection.hidden:
             results.append({"predictor": spec, "skipped": f"traces have no {predictor.needs_hidden} states"})
@@ -92,6 +102,8 @@ def benchmark_predictors(
                 for spec, member in zip(predictor.members, predictor.members_)
             }
         results.append(result)
+        finished.add(run, result)
+    finished.finish()
     manifest = store.manifest
     return {
         "benchmark": "predictors",

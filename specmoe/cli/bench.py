@@ -43,7 +43,8 @@ def bench_predictors(
     bootstrap: Annotated[int, typer.Option()] = 1000,
     save_dir: Annotated[Path | None, typer.Option(help="Also save every fitted predictor here.")] = None,
 ) -> None:
-    """Train and score every predictor on the same document split; JSON + Markdown table."""
+    """Train and score every predictor on the same document split; JSON + Markdown table.
+    Interrupted, it resumes on the same command: finished predictors wait in JSON.partial.jsonl."""
     from specmoe.bench.predictors import DEFAULT_PREDICTORS, benchmark_predictors, markdown_table, write_report
     from specmoe.errors import InputError
 
@@ -56,6 +57,7 @@ def bench_predictors(
         budget=budget,
         bootstrap=bootstrap,
         out_dir=save_dir,
+        progress_file=json_out.with_name(json_out.name + ".partial.jsonl"),
     )
     report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     write_report(report, json_out)

@@ -143,3 +143,26 @@ def test_predictor_for_another_model_is_refused(tmp_path):
     predictor.fitted_meta = lambda: {"num_layers": 6, "num_experts": 128}
     with pytest.raises(InputError, match="fitted for 6 MoE layers x 128 experts"):
         OffloadRuntime(wrap_model("olmoe", tiny_model("olmoe")), 10**6, experts_dir=tmp_path, predictor=predictor)
+
+
+class FailingPredictor(ExpertPredictor):
+    name = "failing-test"
+
+    def predict_proba(self, context):
+        raise ValueError("this predictor cannot predict")
+
+
+def test_a_predictor_failing_on_the_prefetch_thread_fails_decoding_instead_of_hanging_it(tmp_path):
+    runtime = OffloadRuntime(
+        wrap_model("mixtral", tiny_model("mixtral")),
+        10**9,
+        experts_dir=tmp_path / "experts",
+        predictor=FailingPredictor(horizons=2),
+        lookahead=2,
+    )
+    prompt = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad(), pytest.raises(RuntimeError, match="prefetch thread failed: ValueError"):
+            runtime.loaded.model.generate(prompt, max_new_tokens=6, do_sample=False)
+    finally:
+        runtime.close()

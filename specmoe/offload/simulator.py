@@ -163,24 +163,22 @@ def simulate(
             stall += ready - now
             # Layer l's routing is known when its experts start computing: prefetches for
             # l+1..l+H are queued then, so their transfers overlap this layer's compute.
-            if config.policy == "oracle" and reach is not None:
-                for ahead in range(position + 1, min(position + 1 + reach, steps * layers)):
-                    step, target = divmod(ahead, layers)
-                    for expert in np.unique(routing[step, :, target]):
-                        key = (target, int(expert))
-                        if expert >= 0 and key not in cache and key not in queued:
-                            pending.append((key, ahead, ready))
-                            queued.add(key)
+            wanted: list[tuple[int, int]] = []  # (decode position it is for, expert)
+            if config.policy == "oracle" and reach is not None:  # into the next token too
+                ahead = range(position + 1, min(position + 1 + reach, steps * layers))
+                wanted = [(p, int(e)) for p in ahead for e in np.unique(routing[p // layers, :, p % layers]) if e >= 0]
             elif config.policy in ("prefetch", "oracle"):
-                for h in range(1, config.lookahead + 1):
-                    target = layer + h
-                    if target >= layers:
-                        break
-                    for expert in _prefetch_set(routing, predictions, config, s, layer, h):
-                        key = (target, expert)
-                        if key not in cache and key not in queued:
-                            pending.append((key, s * layers + target, ready))
-                            queued.add(key)
+                horizons = range(1, min(config.lookahead, layers - 1 - layer) + 1)
+                wanted = [
+                    (position + h, e)
+                    for h in horizons
+                    for e in _prefetch_set(routing, predictions, config, s, layer, h)
+                ]
+            for target, expert in wanted:
+                key = (target % layers, expert)
+                if key not in cache and key not in queued:
+                    pending.append((key, target, ready))
+                    queued.add(key)
             now = ready + profile.compute_s_per_layer
             cache.pinned = set()
             cache.expire(layer)

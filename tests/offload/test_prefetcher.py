@@ -29,64 +29,58 @@ class _GatedExperts(HostExperts):
         return super().read(layer, expert)
 
 
-def test_requests_for_a_layer_that_ran_are_dropped_unread():
-    slow = _GatedExperts()
-    stats = RuntimeStats()
+@pytest.fixture
+def gated():
+    """A prefetcher over a slow tier whose reads wait for the test to open the gate."""
+    slow, stats = _GatedExperts(), RuntimeStats()
     tier = FastTier(10**6, stats)
     prefetcher = Prefetcher(Transfer(slow), tier, stats)
-    try:
-        prefetcher.request([(1, 0), (2, 0), (2, 1)])
-        assert slow.reading.wait(5)  # (1, 0) is being read; the rest wait in the queue
-        finish_layer(tier, prefetcher, 2)
-        assert not prefetcher.queue and set(prefetcher.in_flight) == {(1, 0)}
-        slow.gate.set()
-        assert prefetcher.wait_for((1, 0))
-    finally:
-        prefetcher.close()
+    yield slow, stats, tier, prefetcher
+    prefetcher.close()
+
+
+def _eventually(condition) -> bool:
+    for _ in range(500):
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_requests_for_a_layer_that_ran_are_dropped_unread(gated):
+    slow, stats, tier, prefetcher = gated
+    prefetcher.request([(1, 0), (2, 0), (2, 1)])
+    assert slow.reading.wait(5)  # (1, 0) is being read; the rest wait in the queue
+    finish_layer(tier, prefetcher, 2)
+    assert not prefetcher.queue and set(prefetcher.in_flight) == {(1, 0)}
+    slow.gate.set()
+    assert prefetcher.wait_for((1, 0))
     assert (1, 0) in tier and (2, 0) not in tier and (2, 1) not in tier
     assert stats.prefetch_requests == 3 and stats.prefetch_reads == 1
 
 
-def test_a_prefetch_read_pauses_between_chunks_while_a_demand_read_runs():
-    slow = _GatedExperts()
-    stats = RuntimeStats()
-    tier = FastTier(10**6, stats)
-    prefetcher = Prefetcher(Transfer(slow), tier, stats)
-    try:
-        with prefetcher.demand_read():
-            prefetcher.request([(1, 0)])
-            assert slow.reading.wait(5)
-            slow.gate.set()  # its first chunk is read; the second must wait for the demand read
-            for _ in range(500):
-                if stats.prefetch_pauses:
-                    break
-                time.sleep(0.01)
-            assert stats.prefetch_pauses >= 1 and (1, 0) not in tier
-        assert prefetcher.wait_for((1, 0))
-    finally:
-        prefetcher.close()
+def test_a_prefetch_read_pauses_between_chunks_while_a_demand_read_runs(gated):
+    slow, stats, tier, prefetcher = gated
+    with prefetcher.demand_read():
+        prefetcher.request([(1, 0)])
+        assert slow.reading.wait(5)
+        slow.gate.set()  # its first chunk is read; the second must wait for the demand read
+        _eventually(lambda: stats.prefetch_pauses)
+        assert stats.prefetch_pauses >= 1 and (1, 0) not in tier
+    assert prefetcher.wait_for((1, 0))
     assert (1, 0) in tier and stats.prefetch_reads == 1
 
 
-def test_a_newer_plan_replaces_one_not_yet_started_and_plans_run_between_chunks():
-    slow = _GatedExperts()
-    stats = RuntimeStats()
-    tier = FastTier(10**6, stats)
-    prefetcher = Prefetcher(Transfer(slow), tier, stats)
+def test_a_newer_plan_replaces_one_not_yet_started_and_plans_run_between_chunks(gated):
+    slow, stats, tier, prefetcher = gated
     ran = []
-    try:
-        prefetcher.request([(0, 0)])
-        assert slow.reading.wait(5)  # the thread is inside a read: plans wait for its chunk boundary
-        prefetcher.plan(lambda: ran.append("older") or [(1, 1)])
-        prefetcher.plan(lambda: ran.append("newer") or [(2, 2)])
-        slow.gate.set()
-        assert prefetcher.wait_for((0, 0))
-        for _ in range(500):
-            if (2, 2) in tier:
-                break
-            time.sleep(0.01)
-    finally:
-        prefetcher.close()
+    prefetcher.request([(0, 0)])
+    assert slow.reading.wait(5)  # the thread is inside a read: plans wait for its chunk boundary
+    prefetcher.plan(lambda: ran.append("older") or [(1, 1)])
+    prefetcher.plan(lambda: ran.append("newer") or [(2, 2)])
+    slow.gate.set()
+    assert prefetcher.wait_for((0, 0))
+    _eventually(lambda: (2, 2) in tier)
     assert ran == ["newer"] and (2, 2) in tier and (1, 1) not in tier
     assert stats.plan_cpu_s > 0
 

@@ -22,15 +22,13 @@ class FinishedRuns:
         if self.path is None:
             return
         if self.path.exists():
-            lines = self.path.read_text().splitlines()
-            header = json.loads(lines[0]) if lines else {}
-            if header.get("settings") == self.settings:
+            lines = self.path.read_text(errors="replace").splitlines()
+            if _entry(lines[0] if lines else "", "settings") == self.settings:
                 for line in lines[1:]:
-                    try:
-                        entry = json.loads(line)
-                    except json.JSONDecodeError:  # the line being written when the run was killed
+                    run, result = _entry(line, "run"), _entry(line, "result")
+                    if run is None or result is None:  # the line being written when the run was killed
                         break
-                    self.done[entry["run"]] = entry["result"]
+                    self.done[run] = result
                 tqdm.write(f"resuming: {len(self.done)} finished runs read from {self.path}")
                 return
             tqdm.write(f"{self.path} holds runs made with other settings: starting over")
@@ -46,3 +44,12 @@ class FinishedRuns:
     def finish(self) -> None:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+
+
+def _entry(line: str, field: str):
+    """``field`` of one JSON line, or None where the line is not a complete one."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return entry.get(field) if isinstance(entry, dict) else None

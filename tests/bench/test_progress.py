@@ -1,5 +1,6 @@
 """Finished benchmark runs survive an interruption: read back under the same settings,
-dropped under others, and a line cut short by a kill is ignored."""
+dropped under others or when the file is unreadable, and a line cut short by a kill is
+ignored."""
 
 from specmoe.bench.progress import FinishedRuns
 
@@ -25,3 +26,12 @@ def test_finish_removes_the_file_and_no_path_keeps_nothing(tmp_path):
     memory_only = FinishedRuns(None, {})
     memory_only.add(1, {"seconds": 1.0})
     assert memory_only.done == {1: {"seconds": 1.0}}
+
+
+def test_an_unreadable_file_starts_over_instead_of_failing(tmp_path):
+    path = tmp_path / "bench.partial.jsonl"
+    path.write_bytes(b'{"settin\xff\n[1, 2]\n')
+    runs = FinishedRuns(path, {"tokens": 8})
+    assert runs.done == {}
+    runs.add(0, {"seconds": 1.0})
+    assert FinishedRuns(path, {"tokens": 8}).done == {0: {"seconds": 1.0}}

@@ -34,6 +34,14 @@ def collect_command(
     save_residuals: Annotated[
         bool, typer.Option(help="Also store the residual stream leaving each MoE block (fp16, separate files).")
     ] = False,
+    generate: Annotated[
+        int,
+        typer.Option(
+            help="Decode mode (decoder-only models): keep each window's first seq-len minus N tokens as a "
+            "prompt and record the model continuing it greedily for N tokens, one token per step "
+            "through its KV cache. What a decode benchmark should replay. 0: prefill the text."
+        ),
+    ] = 0,
     dtype: Annotated[str, typer.Option(help="Model dtype: float32, bfloat16 or float16.")] = "float32",
     trust_remote_code: Annotated[bool, typer.Option(help="Allow code from the checkpoint repository.")] = False,
 ) -> None:
@@ -51,6 +59,7 @@ def collect_command(
         windows_per_shard=windows_per_shard,
         save_router_inputs=save_router_inputs,
         save_residuals=save_residuals,
+        generate=generate,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
     )

@@ -25,6 +25,7 @@ from specmoe.corpus.builtin import resolve_text_source
 from specmoe.corpus.documents import HF_PREFIX, read_documents
 from specmoe.errors import InputError
 from specmoe.models.loading import LoadedModel, load_model, resolve_model_path
+from specmoe.traces.greedy import check_can_generate, continue_greedily
 from specmoe.traces.recorder import RoutingRecorder
 from specmoe.traces.schema import CollectionInfo, Manifest, ModelInfo, StackInfo, TokenizerInfo
 from specmoe.traces.store import TraceStore, routing_table, sha256_of
@@ -49,6 +50,10 @@ class CollectConfig:
     dtype: str = "float32"
     trust_remote_code: bool = False
     progress: bool = True
+    generate: int = 0
+    """Decode mode (decoder-only models): keep each window's first ``seq_len - generate``
+    tokens as a prompt and record the model continuing it greedily for ``generate`` tokens
+    through its KV cache. Windows shorter than the prompt are skipped."""
 
     def __post_init__(self):
         if not self.texts:
@@ -59,6 +64,11 @@ class CollectConfig:
             raise InputError("--batch-size and --windows-per-shard must be positive")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise InputError(f"--max-tokens must be positive, got {self.max_tokens}")
+        if not 0 <= self.generate < self.seq_len:
+            raise InputError(
+                f"--generate must be in [0, --seq-len) to leave a prompt of at least one token, "
+                f"got {self.generate} with --seq-len {self.seq_len}"
+            )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise InputError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         self.out = Path(self.out)
@@ -95,12 +105,19 @@ def plan_windows(texts: list[str], tokenizer, seq_len: int) -> Iterator[Window]:
                 index += 1
 
 
-def limit_tokens(windows: Iterator[Window], max_tokens: int | None) -> Iterator[Window]:
+def greedy_prompts(windows: Iterator[Window], prompt_len: int) -> Iterator[Window]:
+    """Each window's first ``prompt_len`` tokens; shorter windows (document ends) are skipped."""
+    for window in windows:
+        if len(window.token_ids) >= prompt_len:
+            yield Window(window.index, window.doc_id, window.doc_group, window.token_ids[:prompt_len])
+
+
+def limit_tokens(windows: Iterator[Window], max_tokens: int | None, generated: int = 0) -> Iterator[Window]:
     seen = 0
     for window in windows:
         if max_tokens is not None and seen >= max_tokens:
             return
-        seen += len(window.token_ids)
+        seen += len(window.token_ids) + generated
         yield window
 
 
@@ -137,6 +154,8 @@ def _new_manifest(cfg: CollectConfig, loaded: LoadedModel, hidden_size: int) -> 
         "dtype": cfg.dtype,
         "format": 1,
     }
+    if cfg.generate:  # absent otherwise, so prefill stores keep their fingerprint
+        identity["generate"] = cfg.generate
     stacks = {
         stack: StackInfo(num_layers=count, block_names=[l.name for l in loaded.layers_of(stack)])
         for stack, count in loaded.stacks.items()
@@ -163,6 +182,8 @@ def _new_manifest(cfg: CollectConfig, loaded: LoadedModel, hidden_size: int) -> 
             windows_per_shard=cfg.windows_per_shard,
             max_tokens=cfg.max_tokens,
             hidden=cfg.hidden_kinds,
+            mode="greedy" if cfg.generate else "prefill",
+            generated_tokens=cfg.generate,
             decoder_input="shift_right(input_ids): decoder row t holds input token t-1" if len(stacks) > 1 else "",
             fingerprint=hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16],
         ),
@@ -217,6 +238,16 @@ def run_batch(loaded: LoadedModel, recorder: RoutingRecorder, windows: list[Wind
     return records, keep
 
 
+def run_greedy_batch(loaded: LoadedModel, recorder: RoutingRecorder, windows: list[Window], new_tokens: int):
+    """Like :func:`run_batch` for decode mode: the windows (equal-length prompts) grow by the
+    tokens the model chose, and every fed token is recorded."""
+    prompts = torch.tensor([w.token_ids for w in windows])
+    sequences, records = continue_greedily(loaded, recorder, prompts, new_tokens)
+    for window, row in zip(windows, sequences.tolist()):
+        window.token_ids = row
+    return records, torch.ones(sequences.numel(), dtype=torch.bool)
+
+
 class _ShardBuffer:
     """Accumulates one shard's rows batch by batch, then lays them out as (T, L, k) per stack."""
 
@@ -262,11 +293,16 @@ def collect(cfg: CollectConfig, loaded: LoadedModel | None = None) -> TraceStore
             loaded.adapter.text_config(loaded.model.config), "hidden_size", getattr(loaded.model.config, "d_model", 0)
         )
     )
+    if cfg.generate:
+        check_can_generate(loaded)
     store = _open_or_create(cfg, _new_manifest(cfg, loaded, hidden_size))
     manifest = store.manifest
     if manifest.complete:
         return store
-    windows = limit_tokens(plan_windows(cfg.texts, tokenizer, cfg.seq_len), cfg.max_tokens)
+    windows = plan_windows(cfg.texts, tokenizer, cfg.seq_len)
+    if cfg.generate:
+        windows = greedy_prompts(windows, cfg.seq_len - cfg.generate)
+    windows = limit_tokens(windows, cfg.max_tokens, cfg.generate)
     for _ in islice(windows, sum(s.num_windows for s in manifest.shards)):
         pass  # finished shards: skip their windows
     bar = tqdm(
@@ -282,7 +318,10 @@ def collect(cfg: CollectConfig, loaded: LoadedModel | None = None) -> TraceStore
             buffer = _ShardBuffer(loaded.stacks, cfg.hidden_kinds)
             for first in range(0, len(shard_windows), cfg.batch_size):
                 batch = shard_windows[first : first + cfg.batch_size]
-                records, keep = run_batch(loaded, recorder, batch, pad_id)
+                if cfg.generate:
+                    records, keep = run_greedy_batch(loaded, recorder, batch, cfg.generate)
+                else:
+                    records, keep = run_batch(loaded, recorder, batch, pad_id)
                 buffer.add(batch, records, keep)
                 bar.update(int(keep.sum()))
             table, hidden = buffer.finish()

@@ -52,6 +52,9 @@ class CollectionInfo(BaseModel):
     hidden: list[str] = []
     """Which hidden-state kinds were saved (subset of ``router_input``, ``residual_out``)."""
     mode: str = "prefill"
+    """``prefill``: the text's tokens; ``greedy``: prompts continued by the model's own choices."""
+    generated_tokens: int = 0
+    """In ``greedy`` mode, how many of each window's tokens the model chose (the last ones)."""
     decoder_input: str = ""
     """For encoder-decoder models: how the decoder input was formed."""
     fingerprint: str

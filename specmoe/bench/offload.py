@@ -22,26 +22,50 @@ from tqdm import tqdm
 
 from specmoe.bench.progress import FinishedRuns
 from specmoe.errors import InputError
+from specmoe.models.loading import load_model
 from specmoe.offload.fast_tier import EVICTIONS
+from specmoe.offload.next_token import LogitLens, NextTokenPlanner
 from specmoe.offload.replay_engine import PLANNING, ReplayResult, interference, random_experts, replay
 from specmoe.offload.simulator import oracle_reach
 from specmoe.predictors.base import load_predictor
 from specmoe.predictors.data import TraceDataset
 from specmoe.traces.store import TraceStore
 
-POLICIES = ("on-demand", "lru", "lfu", "belady", "prefetch", "oracle")
+POLICIES = ("on-demand", "lru", "lfu", "belady", "prefetch", "prefetch+next-token", "oracle")
 
 
-def _test_tokens(store: TraceStore, tokens: int, split_seed: int):
-    data = TraceDataset(store, "test", seed=split_seed)
-    ids, weights, token_ids = [], [], []
+def _test_tokens(store: TraceStore, tokens: int, split_seed: int, residual_layer: int | None = None):
+    """The test split's first ``tokens`` tokens in order: routing, gate weights, token ids and,
+    with ``residual_layer``, the residual stream after that layer. Of a ``greedy`` store only
+    the decoded tokens are taken (prompts are prefilled, not decoded)."""
+    collection = store.manifest.collection
+    if residual_layer is not None and "residual_out" not in collection.hidden:
+        raise InputError(f"{store.directory} holds no residual stream; collect it with --save-residuals")
+    prompt_len = collection.seq_len - collection.generated_tokens if collection.mode == "greedy" else 0
+    data = TraceDataset(store, "test", seed=split_seed, hidden=None if residual_layer is None else "residual_out")
+    parts: dict[str, list] = {"ids": [], "weights": [], "token_ids": [], "residuals": []}
     for batch in data.iter_batches(4096):
-        ids.append(batch.expert_ids.numpy())
-        weights.append(batch.gate_weights.numpy())
-        token_ids.append(batch.token_ids.numpy())
-        if sum(len(i) for i in ids) >= tokens:
+        decoded = torch.from_numpy(batch.positions >= prompt_len)
+        parts["ids"].append(batch.expert_ids[decoded].numpy())
+        parts["weights"].append(batch.gate_weights[decoded].numpy())
+        parts["token_ids"].append(batch.token_ids[decoded].numpy())
+        if residual_layer is not None:
+            parts["residuals"].append(batch.hidden[decoded][:, residual_layer])
+        if sum(len(i) for i in parts["ids"]) >= tokens:
             break
-    return (np.concatenate(ids)[:tokens], np.concatenate(weights)[:tokens], np.concatenate(token_ids)[:tokens])
+    routing, weights, token_ids = (np.concatenate(parts[k])[:tokens] for k in ("ids", "weights", "token_ids"))
+    residuals = torch.cat(parts["residuals"])[:tokens] if residual_layer is not None else None
+    return routing, weights, token_ids, residuals
+
+
+def _next_token_planners(store: TraceStore, predictors: list, layers: int, budget: int, **settings):
+    """A factory of fresh next-token planners (each run counts its own guesses): the lens of
+    the model the traces came from, the first token table among the predictors."""
+    table = next((p for p in predictors if hasattr(p, "token_rows")), None)
+    if table is None:
+        raise InputError("--next-token-layer looks experts up by token: give a token predictor as a --predictor-dir")
+    lens = LogitLens.of(load_model(store.manifest.model.id).model)
+    return lambda: NextTokenPlanner(lens, table, num_layers=layers, budget=budget, **settings)
 
 
 def benchmark_offload(
@@ -64,6 +88,9 @@ def benchmark_offload(
     planning: str = "background",
     policies: tuple[str, ...] | None = None,
     prefetch_eviction: str = "lru",
+    next_token_layer: int | None = None,
+    next_token_depth: int = 2,
+    next_token_candidates: int = 1,
     progress_file: Path | None = None,
 ) -> dict:
     """``progress_file``: where finished runs are kept as they finish, so that an
@@ -79,8 +106,10 @@ def benchmark_offload(
             raise InputError(
                 f"--policies must be a non-empty subset of {','.join(POLICIES)}, got {','.join(policies)!r}"
             )
-        if "prefetch" in policies and not predictor_dirs:
+        if {"prefetch", "prefetch+next-token"} & set(policies) and not predictor_dirs:
             raise InputError("--policies prefetch needs at least one --predictor-dir")
+        if "prefetch+next-token" in policies and next_token_layer is None:
+            raise InputError("--policies prefetch+next-token needs --next-token-layer")
     if prefetch_eviction not in EVICTIONS:
         raise InputError(f"--prefetch-eviction must be one of {', '.join(EVICTIONS)}, got {prefetch_eviction!r}")
     if planning not in PLANNING:
@@ -88,7 +117,7 @@ def benchmark_offload(
     store = TraceStore.open(traces)
     model = store.manifest.model
     layers = model.stacks[store.default_stack()].num_layers
-    routing, gate_weights, token_ids = _test_tokens(store, warmup + tokens, split_seed)
+    routing, gate_weights, token_ids, residuals = _test_tokens(store, warmup + tokens, split_seed, next_token_layer)
     if len(routing) <= warmup:
         raise InputError(f"the test split has {len(routing)} tokens, not enough for --warmup {warmup} + tokens")
     try:  # checked here, before gigabytes of experts are written for the replay
@@ -101,6 +130,18 @@ def benchmark_offload(
     for predictor in predictors:
         predictor.check_fits(layers, model.num_experts, f"the traces in {store.directory} ({model.id})")
     budget = budget or 2 * model.top_k
+    next_token = None
+    if next_token_layer is not None:
+        next_token = _next_token_planners(
+            store,
+            predictors,
+            layers,
+            budget,
+            guess_layer=next_token_layer,
+            depth=next_token_depth,
+            candidates=next_token_candidates,
+        )
+        next_token()  # settings checked now, before the experts are written
     slow_tier = "disk" if device == "cpu" else "host"
     rows = []
     with tempfile.TemporaryDirectory(dir=experts_dir) as tmp:
@@ -112,7 +153,10 @@ def benchmark_offload(
         total = layers * model.num_experts * expert_bytes
         runs = [("on-demand", None, "lru"), ("lru", None, "lru"), ("lfu", None, "lfu")]
         runs += [("belady", None, "belady")]
-        runs += [("prefetch", p, prefetch_eviction) for p in predictors] + [("oracle", None, "belady")]
+        runs += [("prefetch", p, prefetch_eviction) for p in predictors]
+        if next_token is not None:
+            runs += [("prefetch+next-token", p, prefetch_eviction) for p in predictors]
+        runs += [("oracle", None, "belady")]
         runs = [run for run in runs if run[0] in (policies or POLICIES)]
         configs = [(fraction, *run) for fraction in cache_fractions for run in runs]
         timings: dict[int, list] = {i: [] for i in range(len(configs))}
@@ -126,7 +170,9 @@ def benchmark_offload(
                 continue
             fraction, label, predictor, eviction = configs[i]
             budget_bytes = max(expert_bytes * model.top_k, int(fraction * total))
-            policy = label if label in ("on-demand", "prefetch", "oracle") else "cache"
+            policy = (
+                "prefetch" if label.startswith("prefetch") else label if label in ("on-demand", "oracle") else "cache"
+            )
             result = replay(
                 files,
                 routing,
@@ -144,6 +190,8 @@ def benchmark_offload(
                 warmup=warmup,
                 oracle_lookahead=oracle_lookahead,
                 planning=planning,
+                next_token=next_token() if label == "prefetch+next-token" else None,
+                residuals=residuals,
             )
             result.policy, result.eviction = label, eviction
             timings[i].append(result)
@@ -180,7 +228,11 @@ def benchmark_offload(
             "planning": planning,
             "eviction": prefetch_eviction,
         },
+        "next_token": None
+        if next_token is None
+        else {"layer": next_token_layer, "depth": next_token_depth, "candidates": next_token_candidates},
         "oracle_lookahead": oracle_lookahead,
+        "traces_mode": store.manifest.collection.mode,
         "repeats": repeats,
         "slow_tier": "disk, O_DIRECT or page cache dropped" if slow_tier == "disk" else "pinned host memory",
         "fast_tier": "RAM" if device == "cpu" else f"GPU memory ({torch.cuda.get_device_name(device)})",

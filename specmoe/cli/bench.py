@@ -94,9 +94,23 @@ def bench_offload(
     ] = "background",
     policies: Annotated[
         str | None,
-        typer.Option(help="Comma-separated subset of on-demand,lru,lfu,belady,prefetch,oracle (default: all)."),
+        typer.Option(
+            help="Comma-separated subset of on-demand,lru,lfu,belady,prefetch,prefetch+next-token,oracle (default: all)."
+        ),
     ] = None,
     prefetch_eviction: Annotated[str, typer.Option(help="Eviction with prefetch: lru, lfu or belady.")] = "lru",
+    next_token_layer: Annotated[
+        int | None,
+        typer.Option(
+            help="Also run prefetch+next-token: after this MoE layer, guess the next token from the residual "
+            "stream (final norm + unembedding) and prefetch its first layers from a token table "
+            "(decoder-only models; traces from `collect --generate --save-residuals`)."
+        ),
+    ] = None,
+    next_token_depth: Annotated[int, typer.Option(help="How many of the next token's first layers to prefetch.")] = 2,
+    next_token_candidates: Annotated[
+        int, typer.Option(help="Guessed tokens whose experts are pooled, weighted by probability.")
+    ] = 1,
 ) -> None:
     """Measured tokens/s per policy: real recorded routing, experts of a real shape in a slow tier.
     Interrupted, it resumes on the same command: finished runs wait in JSON.partial.jsonl."""
@@ -122,6 +136,9 @@ def bench_offload(
         oracle_lookahead=oracle_lookahead,
         planning=planning,
         prefetch_eviction=prefetch_eviction,
+        next_token_layer=next_token_layer,
+        next_token_depth=next_token_depth,
+        next_token_candidates=next_token_candidates,
         progress_file=json_out.with_name(json_out.name + ".partial.jsonl"),
         policies=None if policies is None else tuple(name.strip() for name in policies.split(",") if name.strip()),
     )
@@ -129,13 +146,13 @@ def bench_offload(
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(report, indent=2))
     typer.echo(
-        f"{'cache':>6} {'policy':<22} {'tok/s':>8} {'ms/tok':>8} {'stall':>6} {'hit':>6} {'MB read':>9} {'of oracle':>9} {'predict':>7} {'pr. CPU':>7} {'bg CPU':>7}"
+        f"{'cache':>6} {'policy':<32} {'tok/s':>8} {'ms/tok':>8} {'stall':>6} {'hit':>6} {'MB read':>9} {'of oracle':>9} {'predict':>7} {'pr. CPU':>7} {'bg CPU':>7}"
     )
     for r in report["rows"]:
         label = r["policy"] + (f":{r['predictor']}" if r["predictor"] else "")
-        label += f"/{r['eviction']}" if r["policy"] == "prefetch" and r["eviction"] != "lru" else ""
+        label += f"/{r['eviction']}" if r["policy"].startswith("prefetch") and r["eviction"] != "lru" else ""
         typer.echo(
-            f"{r['cache_fraction']:>6.2f} {label:<22} {r['tokens_per_s']:>8.2f} {r['time_per_token_ms']:>8.1f} "
+            f"{r['cache_fraction']:>6.2f} {label:<32} {r['tokens_per_s']:>8.2f} {r['time_per_token_ms']:>8.1f} "
             f"{r['stall_fraction']:>6.3f} {r['hit_rate']:>6.3f} {r['bytes_read'] / 2**20:>9.1f} "
             f"{_ratio(r['fraction_of_oracle']):>9} {r['predictor_fraction']:>7.2%} {r['predictor_cpu_fraction']:>7.2%} "
             f"{r['predictor_background_cpu_fraction']:>7.2%}"

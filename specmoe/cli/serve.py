@@ -26,6 +26,14 @@ def serve_command(
     device: Annotated[
         str, typer.Option(help="cpu: experts on disk, cache in RAM. cuda: experts in pinned RAM, cache on the GPU.")
     ] = "cpu",
+    next_token_layer: Annotated[
+        int | None,
+        typer.Option(
+            help="After this MoE layer, guess the next token (final norm + unembedding on the residual "
+            "stream) and prefetch its first layers; --predictor-dir must be a token table. Decoder-only models."
+        ),
+    ] = None,
+    next_token_depth: Annotated[int, typer.Option(help="How many of the next token's first layers to prefetch.")] = 2,
     trust_remote_code: Annotated[bool, typer.Option()] = False,
 ) -> None:
     """Greedy generation with routed experts offloaded to a slow tier (disk read with the page
@@ -48,6 +56,8 @@ def serve_command(
             predictor=predictor,
             predictor_stack=predictor_stack,
             lookahead=lookahead,
+            next_token_layer=next_token_layer,
+            next_token_depth=next_token_depth,
         )
         try:
             ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids.to(runtime.device)
@@ -70,4 +80,9 @@ def serve_command(
             "tokens_per_s": round(len(new) / seconds, 2),
         }
     )
+    if runtime.next_token is not None:  # step s guessed generated token s (step 0: the prompt)
+        chosen = new.tolist()
+        judged = [guesses[0] == chosen[step] for step, guesses in runtime.guess_log if step < len(chosen)]
+        stats["next_token_guesses"] = len(judged)
+        stats["next_token_guess_accuracy"] = sum(judged) / len(judged) if judged else None
     typer.echo(json.dumps(stats), err=True)

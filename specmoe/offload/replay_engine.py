@@ -29,6 +29,7 @@ from specmoe.offload.fast_tier import (
     fetch_expert,
     finish_layer,
 )
+from specmoe.offload.next_token import NextTokenPlanner
 from specmoe.offload.planner import PrefetchPlanner
 from specmoe.offload.prefetcher import Prefetcher
 from specmoe.offload.simulator import oracle_reach
@@ -84,6 +85,7 @@ class ReplayResult:
             "predictor_cpu_fraction": self.stats["predict_cpu_s"] / self.seconds,
             "predictor_background_cpu_fraction": self.stats["plan_cpu_s"] / self.seconds,
             "plan_memo_hit_rate": self.stats.get("plan_memo_hit_rate"),
+            "next_token_guess_accuracy": self.stats.get("next_token_guess_accuracy"),
             "hit_rate": self.stats["hit_rate"],
             "late_prefetches": self.stats["late"],
             "demand_reads": self.stats["demand_reads"],
@@ -113,6 +115,8 @@ def replay(
     warmup: int = 0,
     oracle_lookahead: int | None = None,
     planning: str = "background",
+    next_token: NextTokenPlanner | None = None,
+    residuals: torch.Tensor | None = None,
 ) -> ReplayResult:
     """Decode ``routing`` (T tokens, L layers, k) one token at a time on ``device``. The first
     ``warmup`` tokens fill the cache and are neither timed nor counted.
@@ -124,6 +128,10 @@ def replay(
     compute. L-1 is the limit because a prefetch is keyed by layer and expires when its
     layer next runs, which is then its own token.
 
+    ``next_token`` (with ``policy="prefetch"``): after its guess layer, also prefetch the
+    next token's first layers from a guess of that token made from ``residuals`` (T, D), the
+    recorded residual stream after the guess layer.
+
     ``planning``: ``background`` hands each plan to the prefetch thread (what the runtime
     does); ``inline`` plans on the decoding thread, to measure what that costs."""
     tokens, layers, _ = routing.shape
@@ -131,6 +139,8 @@ def replay(
         raise ValueError(f"planning must be one of {PLANNING}, got {planning!r}")
     if not 0 <= warmup < tokens:
         raise ValueError(f"warmup must be in [0, {tokens}) for {tokens} tokens, got {warmup}")
+    if next_token is not None and (policy != "prefetch" or residuals is None or len(residuals) != tokens):
+        raise ValueError("next_token needs policy 'prefetch' and the guess layer's residuals of every token")
     if policy == "oracle":
         default = min(lookahead, max(layers - 1, 1))  # a predictor's lookahead stops at the token's end
         oracle_lookahead = oracle_reach(layers, default if oracle_lookahead is None else oracle_lookahead)
@@ -154,10 +164,16 @@ def replay(
         ahead = range(now + 1, min(now + 1 + oracle_lookahead, tokens * layers))
         return [(p % layers, int(e)) for p in ahead for e in routing[p // layers, p % layers] if e >= 0]
 
+    correct_guesses = [0]
+
     def plan(t: int, layer: int) -> list[tuple[int, int]]:
-        return planner.plan(
+        keys = planner.plan(
             layer, expert_ids[t : t + 1, : layer + 1], weights[t : t + 1, : layer + 1], token_ids[t : t + 1]
         )
+        if next_token is not None and layer == next_token.guess_layer and t + 1 < tokens:
+            keys = keys + next_token.plan(residuals[t : t + 1])  # this token's own layers first
+            correct_guesses[0] += next_token.last_guesses[0] == token_ids[t + 1]
+        return keys
 
     x = torch.randn(1, hidden, device=transfer.device).bfloat16()
     # What prediction costs the decoding thread: handing a plan over, or (inline) planning.
@@ -173,6 +189,8 @@ def replay(
                 predict_s = predict_cpu_s = 0.0
                 if planner is not None:  # like the cache, the memo keeps what warm-up put there
                     planner.hits = planner.misses = 0
+                if next_token is not None:
+                    next_token.guesses = correct_guesses[0] = 0
                 start = time.perf_counter()
             for layer in range(layers):
                 needed = sorted({int(e) for e in routing[t, layer] if e >= 0})
@@ -205,6 +223,9 @@ def replay(
         "predict_cpu_s": predict_cpu_s,
         **(planner.stats() if planner is not None else {}),
     }
+    if next_token is not None:  # how often the guess named the token that came next
+        result["next_token_guesses"] = next_token.guesses
+        result["next_token_guess_accuracy"] = correct_guesses[0] / max(next_token.guesses, 1)
     return ReplayResult(
         policy, getattr(predictor, "name", None), budget_bytes, tokens - warmup, seconds, result, eviction
     )

@@ -30,6 +30,7 @@ from specmoe.offload.fast_tier import (
     fetch_expert,
     finish_layer,
 )
+from specmoe.offload.next_token import LogitLens, NextTokenPlanner
 from specmoe.offload.planner import PrefetchPlanner
 from specmoe.offload.prefetcher import Prefetcher
 from specmoe.offload.tiers import HostExperts, Key, Transfer
@@ -84,6 +85,11 @@ class OffloadRuntime:
         oracle: a ``routing_log`` recorded by an earlier run of the same prompt, prefetched
             instead of predicting.
         eviction: ``lru``, ``lfu`` or ``belady`` (needs ``oracle``: the future it evicts by).
+        next_token_layer, next_token_depth, next_token_candidates: also prefetch the next
+            token's first ``depth`` layers once this layer (counted in the predictor's stack)
+            has run, from a guess of that token (see :mod:`specmoe.offload.next_token`);
+            decoder-only models. ``next_token_table``: the token table to look the guess up
+            in (default: ``predictor``, which must then be one).
     """
 
     def __init__(
@@ -101,6 +107,10 @@ class OffloadRuntime:
         threshold: float = 0.0,
         oracle=None,
         eviction: str = "lru",
+        next_token_layer: int | None = None,
+        next_token_depth: int = 2,
+        next_token_candidates: int = 1,
+        next_token_table=None,
     ):
         self.predictor_stack = predictor_stack or next(iter(loaded.stacks))
         if self.predictor_stack not in loaded.stacks:
@@ -123,6 +133,22 @@ class OffloadRuntime:
         self.stats = RuntimeStats()
         self.predictor, self.lookahead, self.oracle = predictor, lookahead, oracle
         self.budget = budget or 2 * loaded.top_k
+        self.next_token = None
+        self.guess_log: list[tuple[int, list[int]]] = []
+        """(step, guessed next token per sequence) of every next-token plan that ran."""
+        self._regular_plan = None
+        if next_token_layer is not None:
+            if predictor is None:
+                raise InputError("next-token prefetch runs beside a predictor's: pass predictor=")
+            self.next_token = NextTokenPlanner(
+                LogitLens.of(loaded.model),
+                next_token_table or predictor,
+                guess_layer=next_token_layer,
+                num_layers=loaded.stacks[self.predictor_stack],
+                depth=next_token_depth,
+                budget=self.budget,
+                candidates=next_token_candidates,
+            )
         self._layouts = [discover_layout(loaded.adapter, layer, self.num_experts) for layer in self.layers]
         experts = {
             g: [loaded.adapter.expert_parameters(layer, e) for e in range(self.num_experts)]
@@ -151,6 +177,8 @@ class OffloadRuntime:
             if predictor is not None
             else None
         )
+        if self.next_token is not None:  # LogitLens.of refused encoder-decoders: one stack, numbered from 0
+            self._guess_hook = self.layers[next_token_layer].residual_parent.register_forward_hook(self._on_guess_layer)
         self.loaded.model.config._experts_implementation = "eager"
         self._swap_in()
         self.loaded.model.to(self.device)  # everything but the routed experts is resident
@@ -210,9 +238,25 @@ class OffloadRuntime:
             if self.step < len(self.oracle):
                 self.prefetcher.request([(t, e) for t in targets for e in self.oracle[self.step][t]])
         elif targets:  # planned on the prefetch thread, from this layer's routing history
-            self.prefetcher.plan(
-                functools.partial(self._plan, layer - first, first, list(self._history), self._token_ids)
-            )
+            plan = functools.partial(self._plan, layer - first, first, list(self._history), self._token_ids)
+            self.prefetcher.plan(plan)
+            self._regular_plan = plan
+        else:
+            self._regular_plan = None
+
+    def _on_guess_layer(self, _module, _args, output) -> None:
+        """The guess layer has run: plan the next token's first layers from its residual
+        output, together with the plan its routing made (which this replaces if not started)."""
+        hidden = output[0] if isinstance(output, tuple) else output
+        residual = hidden[:, -1] if hidden.dim() == 3 else hidden[-1:]  # each sequence's newest token
+        regular, step = self._regular_plan, self.step
+        self.prefetcher.plan(functools.partial(self._plan_with_next_token, regular, residual.detach(), step))
+
+    def _plan_with_next_token(self, regular, residual: torch.Tensor, step: int) -> list[Key]:
+        keys = regular() if regular is not None else []
+        guessed = self.next_token.plan(residual)
+        self.guess_log.append((step, self.next_token.last_guesses))
+        return keys + guessed
 
     def _plan(self, layer: int, first: int, history: list, token_ids: torch.Tensor) -> list[Key]:
         ids = torch.stack([h[0] for h in history], 1)  # (N, l+1, k)
@@ -224,6 +268,8 @@ class OffloadRuntime:
     def close(self) -> None:
         for hook in self._input_hooks:
             hook.remove()
+        if self.next_token is not None:
+            self._guess_hook.remove()
         if self.prefetcher is not None:
             self.prefetcher.close()
         self.transfer.close()

@@ -276,7 +276,7 @@ class TokenTablePredictor(_CountingPredictor):
         self.table_.freeze()
         self._last_rows = None
 
-    def _rows(self, token_ids: np.ndarray) -> np.ndarray:
+    def token_rows(self, token_ids: np.ndarray) -> np.ndarray:
         """(N, L, E): every layer's smoothed distribution for these tokens. It does not depend
         on the layer asking, so one lookup serves all the layers of a token (or a batch)."""
         last = getattr(self, "_last_rows", None)
@@ -297,7 +297,7 @@ class TokenTablePredictor(_CountingPredictor):
         out = self._prior_for(context)
         targets = range(context.layer + 1, min(context.layer + self.horizons, self.num_layers_ - 1) + 1)
         if targets:
-            out[:, : len(targets)] = self._rows(context.token_ids.numpy())[:, targets.start : targets.stop]
+            out[:, : len(targets)] = self.token_rows(context.token_ids.numpy())[:, targets.start : targets.stop]
         return torch.from_numpy(out)
 
     def state_tensors(self):

@@ -10,6 +10,7 @@ import pytest
 from specmoe.bench.offload import benchmark_offload
 from specmoe.errors import InputError
 from tests.predictors.synthetic import save_popularity
+from tests.tiny_runs import write_run_corpus
 
 
 def test_the_oracle_reaches_to_the_layer_before_its_own_in_the_next_token(finished_run):
@@ -104,3 +105,75 @@ def test_an_interrupted_benchmark_resumes_without_rerunning_finished_runs(finish
     assert len(calls) == 1, "finished runs were run again"
     assert [len(r["seconds_all_repeats"]) for r in report["rows"]] == [2, 2]
     assert not progress.exists()
+
+
+@pytest.fixture(scope="module")
+def greedy_traces(tiny_checkpoints, tmp_path_factory):
+    """Greedy-decoding traces of the tiny OLMoE model with their residual stream, and a token
+    table fitted on them."""
+    from specmoe.predictors.data import TraceDataset
+    from specmoe.predictors.registry import make_predictor
+    from specmoe.traces.collector import CollectConfig, collect
+
+    root = tmp_path_factory.mktemp("greedy")
+    store = collect(
+        CollectConfig(
+            model=str(tiny_checkpoints["olmoe"]),
+            texts=[str(write_run_corpus(root / "corpus.jsonl"))],
+            out=root / "traces",
+            seq_len=32,
+            generate=24,
+            save_residuals=True,
+            progress=False,
+        )
+    )
+    make_predictor("token").fit(TraceDataset(store, "train")).save(root / "token")
+    return root
+
+
+def test_next_token_guesses_from_the_last_layer_are_the_models_own_choices(greedy_traces, tmp_path):
+    report = benchmark_offload(
+        greedy_traces / "traces",
+        predictor_dirs=[greedy_traces / "token"],
+        hidden=8,
+        ffn=8,
+        tokens=8,  # inside one window's 24 decoded tokens: each next token is the model's choice
+        cache_fractions=(0.5,),
+        repeats=1,
+        policies=("prefetch", "prefetch+next-token"),
+        next_token_layer=1,  # the last layer: its lens is the model's own output
+        planning="inline",
+        experts_dir=tmp_path,
+    )
+    assert report["traces_mode"] == "greedy" and report["next_token"]["layer"] == 1
+    rows = {r["policy"]: r for r in report["rows"]}
+    assert rows["prefetch"]["next_token_guess_accuracy"] is None
+    assert rows["prefetch+next-token"]["next_token_guess_accuracy"] == 1.0
+
+
+def test_next_token_prefetch_needs_residuals_a_token_table_and_a_layer(greedy_traces, tmp_path):
+    from tests.predictors.synthetic import make_synthetic_store
+
+    no_residuals = make_synthetic_store(tmp_path / "synthetic").directory
+    with pytest.raises(InputError, match="no residual stream; collect it with --save-residuals"):
+        benchmark_offload(no_residuals, predictor_dirs=[], hidden=8, ffn=8, next_token_layer=1, experts_dir=tmp_path)
+    popularity = save_popularity(tmp_path / "popularity", 2, 8)
+    with pytest.raises(InputError, match="give a token predictor as a --predictor-dir"):
+        benchmark_offload(
+            greedy_traces / "traces",
+            predictor_dirs=[popularity],
+            hidden=8,
+            ffn=8,
+            next_token_layer=1,
+            experts_dir=tmp_path,
+        )
+    with pytest.raises(InputError, match="prefetch\\+next-token needs --next-token-layer"):
+        benchmark_offload(
+            greedy_traces / "traces",
+            predictor_dirs=[popularity],
+            hidden=8,
+            ffn=8,
+            policies=("prefetch+next-token",),
+            experts_dir=tmp_path,
+        )
+    assert not list(tmp_path.glob("tmp*")), "experts were written before the checks"

@@ -166,3 +166,41 @@ def test_a_predictor_failing_on_the_prefetch_thread_fails_decoding_instead_of_ha
             runtime.loaded.model.generate(prompt, max_new_tokens=6, do_sample=False)
     finally:
         runtime.close()
+
+
+def test_next_token_prefetch_keeps_the_output_and_its_last_layer_guesses_are_the_choices_made(tmp_path):
+    from specmoe.predictors.data import TraceDataset
+    from specmoe.predictors.registry import make_predictor
+    from tests.predictors.synthetic import make_synthetic_store
+
+    prompt = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = _resident("olmoe").generate(prompt, max_new_tokens=6, do_sample=False)
+    store = make_synthetic_store(tmp_path / "s", num_layers=2, num_experts=8, top_k=2)
+    table = make_predictor("token").fit(TraceDataset(store, "all"))
+    runtime = OffloadRuntime(
+        wrap_model("olmoe", tiny_model("olmoe")),
+        3 * _expert_bytes("olmoe"),
+        experts_dir=tmp_path / "experts",
+        predictor=table,
+        next_token_layer=1,  # the last layer: its lens is the model's output, so guesses are exact
+    )
+    try:
+        with torch.no_grad():
+            out = runtime.loaded.model.generate(prompt, max_new_tokens=6, do_sample=False)
+    finally:
+        runtime.close()
+    assert torch.equal(out, expected)
+    new = out[0, prompt.shape[1] :].tolist()
+    assert runtime.guess_log, "no next-token plan ran"
+    # step s (0: the prompt's prefill) guesses generated token s; a plan overtaken by a newer one never ran
+    assert all(guesses == [new[step]] for step, guesses in runtime.guess_log)
+    assert runtime.stats.peak_bytes <= 3 * _expert_bytes("olmoe")
+
+
+def test_next_token_prefetch_needs_a_decoder_only_model_and_a_token_table(tmp_path):
+    common = {"experts_dir": tmp_path / "experts", "next_token_layer": 0}
+    with pytest.raises(InputError, match="beside a predictor's"):
+        OffloadRuntime(wrap_model("olmoe", tiny_model("olmoe")), 10**9, **common)
+    with pytest.raises(InputError, match="needs a token table predictor, got 'random-test'"):
+        OffloadRuntime(wrap_model("olmoe", tiny_model("olmoe")), 10**9, predictor=RandomPredictor(), **common)

@@ -1,0 +1,102 @@
+"""Prefetch the next token's first layers before the token exists, by guessing it early.
+
+A routing predictor sees token t's layers and predicts t's later ones; when t's last layer
+runs, nothing it knows names token t+1's first experts, and a read started then arrives
+late. In greedy decoding token t+1 is the argmax of t's final logits, and the residual
+stream a few layers before the end, put through the final norm and the unembedding (the
+"logit lens"), already names that argmax most of the time; a token table then says which
+experts that token routes to in its first layers. Decoder-only models only: an encoder
+knows all its input tokens up front.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from specmoe.errors import InputError
+from specmoe.offload.planner import prefetch_keys
+from specmoe.offload.tiers import Key
+
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_layer_norm")
+
+
+@dataclass
+class LogitLens:
+    """The model's final norm and unembedding, applied to a residual stream taken early."""
+
+    norm: nn.Module
+    head: nn.Module
+
+    @classmethod
+    def of(cls, model: nn.Module) -> LogitLens:
+        """The lens of a Hugging Face causal LM (the modules are shared, not copied)."""
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise InputError("next-token guessing needs a decoder-only model; this one is encoder-decoder")
+        head = model.get_output_embeddings()
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        norm = next(
+            (getattr(decoder, n) for n in FINAL_NORM_NAMES if isinstance(getattr(decoder, n, None), nn.Module)), None
+        )
+        if head is None or norm is None:
+            raise InputError(
+                f"{type(model).__name__}: cannot find its final norm ({', '.join(FINAL_NORM_NAMES)} on the "
+                "decoder) and output embeddings, which next-token guessing applies to a late layer"
+            )
+        return cls(norm, head)
+
+    def guess(self, residual: torch.Tensor, candidates: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """The ``candidates`` likeliest next tokens for each row of ``residual`` (N, D), and
+        their probabilities renormalised over the candidates, both (N, candidates)."""
+        param = next(self.head.parameters())
+        with torch.no_grad():
+            logits = self.head(self.norm(residual.to(param.device, param.dtype))).float()
+            top = logits.topk(candidates, dim=-1)
+            probs = torch.softmax(top.values, dim=-1)  # softmax over the candidates' logits
+        return top.indices.cpu().numpy(), probs.cpu().numpy()
+
+
+@dataclass
+class NextTokenPlanner:
+    """Once layer ``guess_layer`` of token t has run, guess t+1 from its residual output and
+    prefetch, for layers 0..``depth``-1 of t+1, the ``budget`` experts per layer the guessed
+    tokens route to most (weighted by the guesses' probabilities). ``table`` is a fitted token
+    table (anything with ``token_rows(ids) -> (N, L, E)``). Targets stop at ``guess_layer``:
+    a layer-keyed prefetch of a later layer would be taken by token t's own pass."""
+
+    lens: LogitLens
+    table: object
+    guess_layer: int
+    num_layers: int
+    depth: int = 2
+    budget: int = 2
+    candidates: int = 1
+    guesses: int = 0
+    last_guesses: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not 0 <= self.guess_layer < self.num_layers:
+            raise InputError(f"--next-token-layer must be in [0, {self.num_layers}), got {self.guess_layer}")
+        if self.depth < 1 or self.candidates < 1:
+            raise InputError("--next-token-depth and --next-token-candidates must be positive")
+        if not hasattr(self.table, "token_rows"):
+            raise InputError(
+                f"next-token prefetch looks experts up by token: it needs a token table predictor, "
+                f"got {getattr(self.table, 'name', type(self.table).__name__)!r}"
+            )
+
+    def plan(self, residual: torch.Tensor) -> list[Key]:
+        """Keys for the next tokens of the N sequences whose residuals (N, D) are given,
+        pooled over the batch like any plan."""
+        ids, probs = self.lens.guess(residual, self.candidates)
+        self.guesses += 1
+        self.last_guesses = ids[:, 0].tolist()
+        n, candidates = ids.shape
+        rows = self.table.token_rows(ids.reshape(-1))  # (N * candidates, L, E)
+        targets = range(min(self.depth, self.guess_layer + 1))
+        rows = rows[:, : len(targets)].reshape(n, candidates, len(targets), -1)
+        expected = (probs[:, :, None, None] * rows).sum(1)  # (N, targets, E)
+        return prefetch_keys(torch.from_numpy(expected), targets, self.budget)

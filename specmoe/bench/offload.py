@@ -137,6 +137,7 @@ def benchmark_offload(
             predictors,
             layers,
             budget,
+            threshold=threshold,
             guess_layer=next_token_layer,
             depth=next_token_depth,
             candidates=next_token_candidates,

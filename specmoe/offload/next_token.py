@@ -63,9 +63,10 @@ class LogitLens:
 class NextTokenPlanner:
     """Once layer ``guess_layer`` of token t has run, guess t+1 from its residual output and
     prefetch, for layers 0..``depth``-1 of t+1, the ``budget`` experts per layer the guessed
-    tokens route to most (weighted by the guesses' probabilities). ``table`` is a fitted token
-    table (anything with ``token_rows(ids) -> (N, L, E)``). Targets stop at ``guess_layer``:
-    a layer-keyed prefetch of a later layer would be taken by token t's own pass."""
+    tokens route to most (weighted by the guesses' probabilities), each with probability >=
+    ``threshold``. ``table`` is a fitted token table (anything with ``token_rows(ids) ->
+    (N, L, E)``). Targets stop at ``guess_layer``: a layer-keyed prefetch of a later layer
+    would be taken by token t's own pass."""
 
     lens: LogitLens
     table: object
@@ -73,6 +74,7 @@ class NextTokenPlanner:
     num_layers: int
     depth: int = 2
     budget: int = 2
+    threshold: float = 0.0
     candidates: int = 1
     guesses: int = 0
     last_guesses: list[int] = field(default_factory=list)
@@ -99,4 +101,4 @@ class NextTokenPlanner:
         targets = range(min(self.depth, self.guess_layer + 1))
         rows = rows[:, : len(targets)].reshape(n, candidates, len(targets), -1)
         expected = (probs[:, :, None, None] * rows).sum(1)  # (N, targets, E)
-        return prefetch_keys(torch.from_numpy(expected), targets, self.budget)
+        return prefetch_keys(torch.from_numpy(expected), targets, self.budget, self.threshold)

@@ -147,6 +147,7 @@ class OffloadRuntime:
                 num_layers=loaded.stacks[self.predictor_stack],
                 depth=next_token_depth,
                 budget=self.budget,
+                threshold=threshold,
                 candidates=next_token_candidates,
             )
         self._layouts = [discover_layout(loaded.adapter, layer, self.num_experts) for layer in self.layers]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from specmoe.offload.cache import LFU, LRU, Belady, expire_prefetches
@@ -41,10 +41,22 @@ class RuntimeStats:
     plan_s: float = 0.0
     plan_cpu_s: float = 0.0
     """Wall and CPU time of planning on the prefetch thread (off the decoding path)."""
+    stall_s_by_layer: dict[int, float] = field(default_factory=dict)
+    """Where the stall was: which layers' experts came late."""
+
+    def stalled(self, layer: int, since: float) -> None:
+        waited = time.perf_counter() - since
+        self.stall_s += waited
+        self.stall_s_by_layer[layer] = self.stall_s_by_layer.get(layer, 0.0) + waited
 
     def to_dict(self) -> dict:
         accesses = self.hits + self.misses + self.late
-        return {**self.__dict__, "hit_rate": self.hits / max(accesses, 1)}
+        by_layer = self.stall_s_by_layer
+        return {
+            **self.__dict__,
+            "stall_s_by_layer": [by_layer.get(layer, 0.0) for layer in range(max(by_layer, default=-1) + 1)],
+            "hit_rate": self.hits / max(accesses, 1),
+        }
 
 
 class FastTier:
@@ -150,13 +162,13 @@ def fetch_expert(
         if loaded is not None:
             stats.late += 1
             loaded.wait_host()
-            stats.stall_s += time.perf_counter() - began
+            stats.stalled(key[0], began)
             return loaded.for_compute()
     if loaded is not None:
         if loaded.in_flight():  # a GPU copy queued by the prefetcher has not landed yet
             stats.late += 1
             loaded.wait_host()
-            stats.stall_s += time.perf_counter() - began
+            stats.stalled(key[0], began)
         else:
             stats.hits += 1
         return loaded.for_compute()
@@ -164,7 +176,7 @@ def fetch_expert(
     with prefetcher.demand_read() if prefetcher is not None else nullcontext():
         loaded = transfer.load(key, demand=True)
         loaded.wait_host()
-    stats.stall_s += time.perf_counter() - began
+    stats.stalled(key[0], began)
     stats.misses += 1
     stats.demand_reads += 1
     stats.bytes_read += nbytes

@@ -81,6 +81,9 @@ class ReplayResult:
             "tokens_per_s": self.tokens / self.seconds,
             "time_per_token_ms": 1e3 * self.seconds / self.tokens,
             "stall_fraction": self.stats["stall_s"] / self.seconds,
+            "stall_ms_per_token_by_layer": [
+                round(1e3 * s / self.tokens, 3) for s in self.stats.get("stall_s_by_layer", [])
+            ],
             "predictor_fraction": self.stats["predict_s"] / self.seconds,
             "predictor_cpu_fraction": self.stats["predict_cpu_s"] / self.seconds,
             "predictor_background_cpu_fraction": self.stats["plan_cpu_s"] / self.seconds,

@@ -54,8 +54,12 @@ def test_policies_stay_within_budget(setup, policy, planning):
     assert row["predictor_cpu_fraction"] == result.stats["predict_cpu_s"] / result.seconds
     accesses = result.stats["hits"] + result.stats["misses"] + result.stats["late"]
     assert accesses == routing.size
+    by_layer = row["stall_ms_per_token_by_layer"]  # where the stall was, summing to all of it
+    assert len(by_layer) <= routing.shape[1]
+    assert sum(by_layer) == pytest.approx(1e3 * result.stats["stall_s"] / result.tokens, abs=1e-3 * len(by_layer))
     if policy == "on-demand":  # nothing kept between layers, nothing prefetched
         assert (row["demand_reads"], row["late_prefetches"]) == (routing.size, 0)
+        assert len(by_layer) == routing.shape[1] and min(by_layer) > 0
     if policy == "prefetch":  # popularity answers by layer alone: asked once per layer, then memoised
         plans = result.stats["plans"]
         assert row["plan_memo_hit_rate"] == (plans - 2) / plans

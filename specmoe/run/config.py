@@ -40,6 +40,8 @@ class CollectSection(_Section):
     save_router_inputs: bool = False
     save_residuals: bool = True
     """Residual streams, for the training-free lookahead and hidden-state predictors."""
+    generate: int = Field(default=0, ge=0)
+    """Decode mode (decoder-only models): as ``specmoe collect --generate``."""
 
 
 class PredictorSpec(_Section):

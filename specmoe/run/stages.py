@@ -47,6 +47,7 @@ def collect(config: RunConfig, out: Path) -> dict:
             batch_size=c.batch_size,
             save_router_inputs=c.save_router_inputs,
             save_residuals=c.save_residuals,
+            generate=c.generate,
             dtype=config.model.dtype,
             trust_remote_code=config.model.trust_remote_code,
         )
@@ -60,6 +61,7 @@ def collect(config: RunConfig, out: Path) -> dict:
         f"--dtype {config.model.dtype}",
     ]
     flags += [f"--max-tokens {c.max_tokens}"] if c.max_tokens else []
+    flags += [f"--generate {c.generate}"] if c.generate else []
     flags += ["--save-router-inputs"] * c.save_router_inputs + ["--save-residuals"] * c.save_residuals
     flags += ["--trust-remote-code"] * config.model.trust_remote_code
     return {"tokens": store.manifest.num_tokens, "command": "specmoe collect " + " ".join(flags)}

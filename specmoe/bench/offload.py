@@ -34,28 +34,36 @@ from specmoe.traces.store import TraceStore
 POLICIES = ("on-demand", "lru", "lfu", "belady", "prefetch", "prefetch+next-token", "oracle")
 
 
-def _test_tokens(store: TraceStore, tokens: int, split_seed: int, residual_layer: int | None = None):
-    """The test split's first ``tokens`` tokens in order: routing, gate weights, token ids and,
-    with ``residual_layer``, the residual stream after that layer. Of a ``greedy`` store only
-    the decoded tokens are taken (prompts are prefilled, not decoded)."""
+def _test_tokens(store: TraceStore, tokens: int, split_seed: int, hidden_kinds=()):
+    """The test split's first ``tokens`` tokens in order: routing, gate weights, token ids and
+    the hidden states (T, L, D) of each of ``hidden_kinds``. Of a ``greedy`` store only the
+    decoded tokens are taken (prompts are prefilled, not decoded)."""
     collection = store.manifest.collection
-    if residual_layer is not None and "residual_out" not in collection.hidden:
-        raise InputError(f"{store.directory} holds no residual stream; collect it with --save-residuals")
+    missing = [kind for kind in hidden_kinds if kind not in collection.hidden]
+    if missing:
+        flag = {"residual_out": "--save-residuals", "router_input": "--save-router-inputs"}
+        raise InputError(
+            f"{store.directory} holds no {missing[0]} states, which next-token prefetch or a predictor "
+            f"reads; collect it with {flag.get(missing[0], missing[0])}"
+        )
     prompt_len = collection.seq_len - collection.generated_tokens if collection.mode == "greedy" else 0
-    data = TraceDataset(store, "test", seed=split_seed, hidden=None if residual_layer is None else "residual_out")
-    parts: dict[str, list] = {"ids": [], "weights": [], "token_ids": [], "residuals": []}
-    for batch in data.iter_batches(4096):
-        decoded = torch.from_numpy(batch.positions >= prompt_len)
-        parts["ids"].append(batch.expert_ids[decoded].numpy())
-        parts["weights"].append(batch.gate_weights[decoded].numpy())
-        parts["token_ids"].append(batch.token_ids[decoded].numpy())
-        if residual_layer is not None:
-            parts["residuals"].append(batch.hidden[decoded][:, residual_layer])
-        if sum(len(i) for i in parts["ids"]) >= tokens:
-            break
-    routing, weights, token_ids = (np.concatenate(parts[k])[:tokens] for k in ("ids", "weights", "token_ids"))
-    residuals = torch.cat(parts["residuals"])[:tokens] if residual_layer is not None else None
-    return routing, weights, token_ids, residuals
+
+    def take(hidden: str | None) -> list:
+        parts, count = [], 0
+        for batch in TraceDataset(store, "test", seed=split_seed, hidden=hidden).iter_batches(4096):
+            decoded = torch.from_numpy(batch.positions >= prompt_len)
+            if hidden is None:
+                parts.append((batch.expert_ids[decoded], batch.gate_weights[decoded], batch.token_ids[decoded]))
+            else:
+                parts.append(batch.hidden[decoded])
+            count += int(decoded.sum())
+            if count >= tokens:
+                break
+        return parts
+
+    routing, weights, token_ids = (torch.cat(column)[:tokens].numpy() for column in zip(*take(None)))
+    states = {kind: torch.cat(take(kind))[:tokens] for kind in hidden_kinds}
+    return routing, weights, token_ids, states
 
 
 def _next_token_planners(store: TraceStore, predictors: list, layers: int, budget: int, **settings):
@@ -117,7 +125,14 @@ def benchmark_offload(
     store = TraceStore.open(traces)
     model = store.manifest.model
     layers = model.stacks[store.default_stack()].num_layers
-    routing, gate_weights, token_ids, residuals = _test_tokens(store, warmup + tokens, split_seed, next_token_layer)
+    predictors = [load_predictor(d) for d in predictor_dirs]
+    for predictor in predictors:
+        predictor.check_fits(layers, model.num_experts, f"the traces in {store.directory} ({model.id})")
+        if predictor.previous_tokens:
+            raise InputError(f"the replay gives predictors no earlier tokens; {predictor.name} reads them")
+    kinds = {p.needs_hidden for p in predictors if p.needs_hidden}
+    kinds |= {"residual_out"} if next_token_layer is not None else set()  # what the guess reads
+    routing, gate_weights, token_ids, states = _test_tokens(store, warmup + tokens, split_seed, sorted(kinds))
     if len(routing) <= warmup:
         raise InputError(f"the test split has {len(routing)} tokens, not enough for --warmup {warmup} + tokens")
     try:  # checked here, before gigabytes of experts are written for the replay
@@ -126,9 +141,6 @@ def benchmark_offload(
         )
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    predictors = [load_predictor(d) for d in predictor_dirs]
-    for predictor in predictors:
-        predictor.check_fits(layers, model.num_experts, f"the traces in {store.directory} ({model.id})")
     budget = budget or 2 * model.top_k
     next_token = None
     if next_token_layer is not None:
@@ -192,7 +204,8 @@ def benchmark_offload(
                 oracle_lookahead=oracle_lookahead,
                 planning=planning,
                 next_token=next_token() if label == "prefetch+next-token" else None,
-                residuals=residuals,
+                residuals=None if next_token_layer is None else states["residual_out"][:, next_token_layer],
+                states=states.get(getattr(predictor, "needs_hidden", None)),
             )
             result.policy, result.eviction = label, eviction
             timings[i].append(result)

@@ -61,11 +61,18 @@ class PrefetchPlanner:
     _memo: dict = field(default_factory=dict, repr=False)
 
     def plan(
-        self, layer: int, expert_ids: np.ndarray, gate_weights: np.ndarray, token_ids: np.ndarray, offset: int = 0
+        self,
+        layer: int,
+        expert_ids: np.ndarray,
+        gate_weights: np.ndarray,
+        token_ids: np.ndarray,
+        offset: int = 0,
+        hidden: torch.Tensor | None = None,
     ) -> list[Key]:
         """Keys to prefetch once ``layer`` (counted in the stack; ``offset`` turns it into a
         global layer number) has routed N tokens: their experts (N, layer+1, k) and gate
-        weights so far, and their token ids (N,), in numpy. A repeated question touches no
+        weights so far, and their token ids (N,), in numpy; for a predictor that reads hidden
+        states, those of layers <= ``layer`` (N, layer+1, D). A repeated question touches no
         torch op: on a decoding loop's hot path each one costs microseconds."""
         targets = range(layer + 1, min(layer + 1 + self.lookahead, self.num_layers))
         if not targets:
@@ -82,6 +89,7 @@ class PrefetchPlanner:
                 torch.from_numpy(token_ids),
                 self.num_layers,
                 self.num_experts,
+                hidden,
             )
             keys = prefetch_keys(self.predictor.predict_proba(context), targets, self.budget, self.threshold)
             if key is not None:

@@ -120,6 +120,7 @@ def replay(
     planning: str = "background",
     next_token: NextTokenPlanner | None = None,
     residuals: torch.Tensor | None = None,
+    states: torch.Tensor | None = None,
 ) -> ReplayResult:
     """Decode ``routing`` (T tokens, L layers, k) one token at a time on ``device``. The first
     ``warmup`` tokens fill the cache and are neither timed nor counted.
@@ -131,9 +132,12 @@ def replay(
     compute. L-1 is the limit because a prefetch is keyed by layer and expires when its
     layer next runs, which is then its own token.
 
-    ``next_token`` (with ``policy="prefetch"``): after its guess layer, also prefetch the
-    next token's first layers from a guess of that token made from ``residuals`` (T, D), the
-    recorded residual stream after the guess layer.
+    A predictor that reads hidden states gets them from ``states`` (T, L, D), recorded, of
+    its kind (``predictor.needs_hidden``), and plans when they exist: a router input at the
+    layer's routing, a residual output once the layer has run. ``next_token`` (with
+    ``policy="prefetch"``): once its guess layer has run, also prefetch the next token's
+    first layers from a guess made from ``residuals`` (T, D), the recorded residual stream
+    after that layer.
 
     ``planning``: ``background`` hands each plan to the prefetch thread (what the runtime
     does); ``inline`` plans on the decoding thread, to measure what that costs."""
@@ -144,6 +148,13 @@ def replay(
         raise ValueError(f"warmup must be in [0, {tokens}) for {tokens} tokens, got {warmup}")
     if next_token is not None and (policy != "prefetch" or residuals is None or len(residuals) != tokens):
         raise ValueError("next_token needs policy 'prefetch' and the guess layer's residuals of every token")
+    needs = getattr(predictor, "needs_hidden", None) if policy == "prefetch" else None
+    if needs and (states is None or tuple(states.shape[:2]) != (tokens, layers)):
+        raise ValueError(
+            f"predictor {predictor.name} reads {needs} states: pass states of shape ({tokens}, {layers}, D)"
+        )
+    states = states if needs else None
+    plan_after_output = needs == "residual_out"
     if policy == "oracle":
         default = min(lookahead, max(layers - 1, 1))  # a predictor's lookahead stops at the token's end
         oracle_lookahead = oracle_reach(layers, default if oracle_lookahead is None else oracle_lookahead)
@@ -169,20 +180,35 @@ def replay(
 
     correct_guesses = [0]
 
-    def plan(t: int, layer: int) -> list[tuple[int, int]]:
+    def plan(t: int, layer: int, guess: bool) -> list[tuple[int, int]]:
         keys = planner.plan(
-            layer, expert_ids[t : t + 1, : layer + 1], weights[t : t + 1, : layer + 1], token_ids[t : t + 1]
+            layer,
+            expert_ids[t : t + 1, : layer + 1],
+            weights[t : t + 1, : layer + 1],
+            token_ids[t : t + 1],
+            hidden=None if states is None else states[t : t + 1, : layer + 1],
         )
-        if next_token is not None and layer == next_token.guess_layer and t + 1 < tokens:
-            keys = keys + next_token.plan(residuals[t : t + 1])  # this token's own layers first
+        if guess:  # this token's own layers first
+            keys = keys + next_token.plan(residuals[t : t + 1])
             correct_guesses[0] += next_token.last_guesses[0] == token_ids[t + 1]
         return keys
 
-    x = torch.randn(1, hidden, device=transfer.device).bfloat16()
     # What prediction costs the decoding thread: handing a plan over, or (inline) planning.
     # Wall time includes waiting for a core or the GIL; CPU time is the thread's own work.
     # Planning on the prefetch thread is counted there (stats plan_s, plan_cpu_s).
     predict_s = predict_cpu_s = 0.0
+
+    def submit(t: int, layer: int, guess: bool = False) -> None:
+        nonlocal predict_s, predict_cpu_s
+        began, began_cpu = time.perf_counter(), time.thread_time()
+        if planning == "inline":
+            prefetcher.request(plan(t, layer, guess))
+        else:  # a plan made after the layer's output replaces the one its routing made, if unstarted
+            prefetcher.plan(functools.partial(plan, t, layer, guess))
+        predict_s += time.perf_counter() - began
+        predict_cpu_s += time.thread_time() - began_cpu
+
+    x = torch.randn(1, hidden, device=transfer.device).bfloat16()
     start = time.perf_counter()
     try:
         for t in range(tokens):
@@ -200,18 +226,16 @@ def replay(
                 tier.position = t * layers + layer
                 if policy == "oracle":
                     prefetcher.request(oracle_keys(t, layer))
-                elif policy == "prefetch":
-                    began, began_cpu = time.perf_counter(), time.thread_time()
-                    if planning == "inline":
-                        prefetcher.request(plan(t, layer))
-                    else:
-                        prefetcher.plan(functools.partial(plan, t, layer))
-                    predict_s += time.perf_counter() - began
-                    predict_cpu_s += time.thread_time() - began_cpu
+                elif policy == "prefetch" and not plan_after_output:  # the layer's routing is known
+                    submit(t, layer)
                 keys = [(layer, e) for e in needed]
                 with tier.lock:
                     tier.pinned = set(keys)
                 x = _layer(x, dense, (fetch_expert(tier, prefetcher, transfer, stats, key) for key in keys))
+                # the layer's output is known: what reads it plans now
+                guess = next_token is not None and layer == next_token.guess_layer and t + 1 < tokens
+                if policy == "prefetch" and (plan_after_output or guess):
+                    submit(t, layer, guess)
                 finish_layer(tier, prefetcher, layer)
                 if policy == "on-demand":
                     tier.clear()

@@ -178,8 +178,7 @@ class OffloadRuntime:
             if predictor is not None
             else None
         )
-        if self.next_token is not None:  # LogitLens.of refused encoder-decoders: one stack, numbered from 0
-            self._guess_hook = self.layers[next_token_layer].residual_parent.register_forward_hook(self._on_guess_layer)
+        self._hooks = self._state_hooks(getattr(predictor, "needs_hidden", None) if oracle is None else None)
         self.loaded.model.config._experts_implementation = "eager"
         self._swap_in()
         self.loaded.model.to(self.device)  # everything but the routed experts is resident
@@ -240,18 +239,50 @@ class OffloadRuntime:
                 self.prefetcher.request([(t, e) for t in targets for e in self.oracle[self.step][t]])
         elif targets:  # planned on the prefetch thread, from this layer's routing history
             plan = functools.partial(self._plan, layer - first, first, list(self._history), self._token_ids)
-            self.prefetcher.plan(plan)
-            self._regular_plan = plan
+            if self._needs == "residual_out":  # completed, and handed over, at the layer's output
+                self._regular_plan = plan
+            else:
+                self._regular_plan = functools.partial(plan, list(self._states))
+                self.prefetcher.plan(self._regular_plan)
         else:
             self._regular_plan = None
 
-    def _on_guess_layer(self, _module, _args, output) -> None:
-        """The guess layer has run: plan the next token's first layers from its residual
-        output, together with the plan its routing made (which this replaces if not started)."""
+    # --- hidden states: what a predictor reads besides routing, and the next-token guess -----
+    def _state_hooks(self, needs: str | None) -> list:
+        """Hooks on the predictor stack's layers: router inputs are kept as they enter each
+        block; a layer's residual output is kept, and planned from, when the layer has run."""
+        self._needs, self._states = needs, []
+        hooks, guess = [], None if self.next_token is None else self.next_token.guess_layer
+        for g, layer in enumerate(self.layers):
+            if layer.stack != self.predictor_stack:
+                continue
+            local = g - self._stack_range[g][0]
+            if needs == "router_input":
+                hooks.append(layer.block.register_forward_pre_hook(functools.partial(self._on_router_input, g)))
+            if needs == "residual_out" or local == guess:
+                hooks.append(layer.residual_parent.register_forward_hook(functools.partial(self._on_output, g)))
+        return hooks
+
+    def _on_router_input(self, layer: int, _module, args) -> None:
+        if layer == self._stack_range[layer][0]:
+            self._states = []
+        self._states.append(args[0].reshape(-1, args[0].shape[-1]).detach())
+
+    def _on_output(self, layer: int, _module, _args, output) -> None:
+        """``layer`` has run: a residual-reading predictor plans now; at the guess layer the
+        next-token guess joins the plan (replacing the routing's plan if not yet started)."""
         hidden = output[0] if isinstance(output, tuple) else output
-        residual = hidden[:, -1] if hidden.dim() == 3 else hidden[-1:]  # each sequence's newest token
-        regular, step = self._regular_plan, self.step
-        self.prefetcher.plan(functools.partial(self._plan_with_next_token, regular, residual.detach(), step))
+        plan = self._regular_plan
+        if self._needs == "residual_out":
+            if layer == self._stack_range[layer][0]:
+                self._states = []
+            self._states.append(hidden.reshape(-1, hidden.shape[-1]).detach())
+            plan = None if plan is None else functools.partial(plan, list(self._states))
+        if self.next_token is not None and layer - self._stack_range[layer][0] == self.next_token.guess_layer:
+            residual = hidden[:, -1] if hidden.dim() == 3 else hidden[-1:]  # each sequence's newest token
+            plan = functools.partial(self._plan_with_next_token, plan, residual.detach(), self.step)
+        if plan is not None and self.prefetcher is not None:
+            self.prefetcher.plan(plan)
 
     def _plan_with_next_token(self, regular, residual: torch.Tensor, step: int) -> list[Key]:
         keys = regular() if regular is not None else []
@@ -259,18 +290,19 @@ class OffloadRuntime:
         self.guess_log.append((step, self.next_token.last_guesses))
         return keys + guessed
 
-    def _plan(self, layer: int, first: int, history: list, token_ids: torch.Tensor) -> list[Key]:
+    def _plan(self, layer: int, first: int, history: list, token_ids: torch.Tensor, states: list) -> list[Key]:
         ids = torch.stack([h[0] for h in history], 1)  # (N, l+1, k)
         weights = torch.stack([h[1] for h in history], 1).float()
         n = ids.shape[0]
         tokens = token_ids if len(token_ids) == n else torch.zeros(n, dtype=torch.long)
-        return self.planner.plan(layer, ids.numpy(), weights.numpy(), tokens.numpy(), offset=first)
+        hidden = torch.stack(states, 1).cpu() if self._needs else None  # (N, l+1, D)
+        return self.planner.plan(layer, ids.numpy(), weights.numpy(), tokens.numpy(), offset=first, hidden=hidden)
 
     def close(self) -> None:
         for hook in self._input_hooks:
             hook.remove()
-        if self.next_token is not None:
-            self._guess_hook.remove()
+        for hook in self._hooks:
+            hook.remove()
         if self.prefetcher is not None:
             self.prefetcher.close()
         self.transfer.close()
@@ -289,10 +321,10 @@ def _check_predictor(predictor, loaded: LoadedModel, stack: str) -> None:
     if predictor is None:
         return
     predictor.check_fits(loaded.stacks[stack], loaded.num_experts, f"the {stack} of {loaded.model_id}")
-    if predictor.needs_hidden or predictor.previous_tokens:
-        raise InputError(
-            f"runtime prefetch uses routing-only predictors; {predictor.name} needs hidden states or earlier tokens"
-        )
+    if predictor.previous_tokens:
+        raise InputError(f"runtime prefetch gives predictors no earlier tokens; {predictor.name} reads them")
+    if predictor.needs_hidden not in (None, "router_input", "residual_out"):
+        raise InputError(f"runtime prefetch keeps router_input or residual_out states, not {predictor.needs_hidden!r}")
 
 
 def _fast_device(device) -> torch.device:

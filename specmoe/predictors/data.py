@@ -48,12 +48,13 @@ class Context:
         token_ids: torch.Tensor,
         num_layers: int,
         num_experts: int,
+        hidden: torch.Tensor | None = None,
     ) -> Context:
-        """What a decoding loop knows: these tokens' routing so far, no earlier tokens and no
-        hidden states (the context of routing-only predictors)."""
+        """What a decoding loop knows: these tokens' routing so far and, if it kept them, their
+        hidden states (N, layer+1, D) of layers <= ``layer``; no earlier tokens."""
         n, _, top_k = expert_ids.shape
         empty = torch.full((n, 0, num_layers, top_k), IGNORE)
-        return cls(layer, expert_ids, gate_weights, token_ids, empty, None, num_layers, num_experts)
+        return cls(layer, expert_ids, gate_weights, token_ids, empty, hidden, num_layers, num_experts)
 
 
 @dataclass(frozen=True)

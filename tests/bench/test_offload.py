@@ -155,7 +155,7 @@ def test_next_token_prefetch_needs_residuals_a_token_table_and_a_layer(greedy_tr
     from tests.predictors.synthetic import make_synthetic_store
 
     no_residuals = make_synthetic_store(tmp_path / "synthetic").directory
-    with pytest.raises(InputError, match="no residual stream; collect it with --save-residuals"):
+    with pytest.raises(InputError, match="no residual_out states, .*; collect it with --save-residuals"):
         benchmark_offload(no_residuals, predictor_dirs=[], hidden=8, ffn=8, next_token_layer=1, experts_dir=tmp_path)
     popularity = save_popularity(tmp_path / "popularity", 2, 8)
     with pytest.raises(InputError, match="give a token predictor as a --predictor-dir"):

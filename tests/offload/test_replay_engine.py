@@ -147,3 +147,56 @@ def test_interference_probe_times_compute_alone_and_beside_a_loader(setup):
     # 24 experts: 6 to compute with, 6 timed alone, at most 12 for the loader (its first untimed)
     assert 0 <= probe["loads_while_computing"] <= 3 * 8 - 6 - 6 - 1  # each expert read once: no re-reads
     assert files.read(2, 7)[0].shape == (32, 32)  # the probe leaves the slow tier open
+
+
+class _HiddenRecorder:
+    """A predictor that reads hidden states and records which it was shown."""
+
+    name = "hidden-recorder"
+    previous_tokens = 0
+
+    def __init__(self, kind):
+        self.needs_hidden, self.seen = kind, []
+
+    def decode_key(self, *args):
+        return None
+
+    def predict_proba(self, context):
+        self.seen.append((context.layer, context.hidden.clone()))
+        return torch.full((len(context), 1, 8), 1 / 8)
+
+
+@pytest.mark.parametrize("kind", ["router_input", "residual_out"])
+def test_a_hidden_state_predictor_sees_the_states_of_its_token_up_to_its_layer(setup, kind):
+    files, routing, weights, tokens = setup
+    t_count, layers = routing.shape[:2]
+    # state (t, l) holds 100 t + l everywhere: what a predictor was shown says where it came from
+    states = (100 * torch.arange(t_count)[:, None] + torch.arange(layers)).float()[:, :, None].expand(-1, -1, 4)
+    predictor = _HiddenRecorder(kind)
+    replay(
+        files,
+        routing,
+        weights,
+        tokens,
+        policy="prefetch",
+        budget_bytes=1 << 30,
+        predictor=predictor,
+        num_experts=8,
+        planning="inline",
+        states=states,
+    )
+    assert len(predictor.seen) == t_count * (layers - 1)  # every layer but the last, whose targets are past the end
+    for call, (layer, shown) in enumerate(predictor.seen):
+        t = call // (layers - 1)
+        assert torch.equal(shown, states[t : t + 1, : layer + 1])
+    with pytest.raises(ValueError, match="reads residual_out states: pass states"):
+        replay(
+            files,
+            routing,
+            weights,
+            tokens,
+            policy="prefetch",
+            budget_bytes=1 << 30,
+            predictor=_HiddenRecorder("residual_out"),
+            num_experts=8,
+        )

@@ -204,3 +204,31 @@ def test_next_token_prefetch_needs_a_decoder_only_model_and_a_token_table(tmp_pa
         OffloadRuntime(wrap_model("olmoe", tiny_model("olmoe")), 10**9, **common)
     with pytest.raises(InputError, match="needs a token table predictor, got 'random-test'"):
         OffloadRuntime(wrap_model("olmoe", tiny_model("olmoe")), 10**9, predictor=RandomPredictor(), **common)
+
+
+@pytest.mark.parametrize("kind", ["router_input", "residual_out"])
+def test_a_hidden_state_predictor_prefetches_from_the_states_of_the_step_so_far(tiny_checkpoints, tmp_path, kind):
+    from specmoe.models.loading import load_model
+    from specmoe.predictors.lookahead import RouterLookaheadPredictor, extract_routers
+
+    checkpoint = str(tiny_checkpoints["olmoe"])
+    predictor = RouterLookaheadPredictor(hidden=kind, horizons=1)
+    routers = extract_routers(checkpoint, "decoder")
+    predictor.load_state_tensors({**routers, "temperature": torch.ones(1)}, {"num_layers": 2, "num_experts": 8})
+    shown = []
+    real = predictor.predict_proba
+    predictor.predict_proba = lambda context: shown.append((context.layer, context.hidden.shape)) or real(context)
+    prompt = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    resident = load_model(checkpoint)
+    with torch.no_grad():
+        expected = resident.model.generate(prompt, max_new_tokens=5, do_sample=False)
+    runtime = OffloadRuntime(load_model(checkpoint), 10**9, experts_dir=tmp_path / "experts", predictor=predictor)
+    try:
+        with torch.no_grad():
+            out = runtime.loaded.model.generate(prompt, max_new_tokens=5, do_sample=False)
+    finally:
+        runtime.close()
+    assert torch.equal(out, expected)
+    # layer 0 plans for layer 1 with layer 0's state of every token of the step (8 prefill, then 1)
+    assert shown and all(layer == 0 and shape[1:] == (1, 32) for layer, shape in shown)
+    assert {shape[0] for _, shape in shown} <= {8, 1}

@@ -19,8 +19,9 @@ class Prefetcher:
     Planning runs here, not on the decoding thread (:meth:`plan`): the decoder hands over a
     plan and goes on computing, and a plan not yet started when a newer one arrives is
     dropped (the newer one has seen more routing, and the older one's nearest layer is
-    already running). Plans run before the next read and between a read's chunks, so a plan
-    waits for at most one chunk.
+    already running), unless it was handed over with ``keep=True`` (a plan for the next
+    token, which no later plan of this token covers). Plans run before the next read and
+    between a read's chunks, so a plan waits for at most one chunk.
 
     A demand read goes first: while one runs (:meth:`demand_read`), a prefetch read pauses
     at its next chunk boundary. (The simulator's link lets a demand load overtake queued
@@ -40,6 +41,7 @@ class Prefetcher:
         self.failure: BaseException | None = None
         self.demands = 0
         self.pending_plan: Callable[[], list[Key]] | None = None
+        self.kept_plans: deque[Callable[[], list[Key]]] = deque()
         self.thread = threading.Thread(target=self._run, name="specmoe-prefetch", daemon=True)
         self.thread.start()
 
@@ -53,11 +55,15 @@ class Prefetcher:
                     self.stats.prefetch_requests += 1
             self.cond.notify_all()
 
-    def plan(self, make_keys: Callable[[], list[Key]]) -> None:
-        """Call ``make_keys`` on the prefetch thread and request what it returns."""
+    def plan(self, make_keys: Callable[[], list[Key]], *, keep: bool = False) -> None:
+        """Call ``make_keys`` on the prefetch thread and request what it returns; unless
+        ``keep``, a newer plan replaces it if it has not started."""
         with self.cond:
             self._raise_failure()
-            self.pending_plan = make_keys
+            if keep:
+                self.kept_plans.append(make_keys)
+            else:
+                self.pending_plan = make_keys
             self.cond.notify_all()
 
     def drop_stale(self, layer: int) -> None:
@@ -96,6 +102,9 @@ class Prefetcher:
                 self.demands -= 1
                 self.cond.notify_all()
 
+    def _has_plans(self) -> bool:
+        return self.pending_plan is not None or bool(self.kept_plans)
+
     def _raise_failure(self) -> None:
         if self.failure is not None:
             raise RuntimeError(f"the prefetch thread failed: {self.failure!r}") from self.failure
@@ -109,9 +118,13 @@ class Prefetcher:
                 self.cond.wait()
 
     def _run_plan(self) -> None:
+        """Run the latest plan, then the kept ones, in the order handed over."""
         with self.cond:
-            make_keys, self.pending_plan = self.pending_plan, None
-        if make_keys is not None:
+            plans = [self.pending_plan] if self.pending_plan is not None else []
+            plans += self.kept_plans
+            self.pending_plan = None
+            self.kept_plans.clear()
+        for make_keys in plans:
             began, began_cpu = time.perf_counter(), time.thread_time()
             keys = make_keys()
             self.stats.plan_s += time.perf_counter() - began
@@ -122,11 +135,11 @@ class Prefetcher:
         try:
             while True:
                 with self.cond:
-                    while not self.queue and self.pending_plan is None and not self.stopped:
+                    while not self.queue and not self._has_plans() and not self.stopped:
                         self.cond.wait()
                     if self.stopped:
                         return
-                    key = self.queue.popleft() if self.pending_plan is None else None
+                    key = None if self._has_plans() else self.queue.popleft()
                 if key is None:
                     self._run_plan()
                     continue

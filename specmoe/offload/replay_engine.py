@@ -180,17 +180,18 @@ def replay(
 
     correct_guesses = [0]
 
-    def plan(t: int, layer: int, guess: bool) -> list[tuple[int, int]]:
-        keys = planner.plan(
+    def plan(t: int, layer: int) -> list[tuple[int, int]]:
+        return planner.plan(
             layer,
             expert_ids[t : t + 1, : layer + 1],
             weights[t : t + 1, : layer + 1],
             token_ids[t : t + 1],
             hidden=None if states is None else states[t : t + 1, : layer + 1],
         )
-        if guess:  # this token's own layers first
-            keys = keys + next_token.plan(residuals[t : t + 1])
-            correct_guesses[0] += next_token.last_guesses[0] == token_ids[t + 1]
+
+    def guess_plan(t: int) -> list[tuple[int, int]]:
+        keys = next_token.plan(residuals[t : t + 1])
+        correct_guesses[0] += next_token.last_guesses[0] == token_ids[t + 1]
         return keys
 
     # What prediction costs the decoding thread: handing a plan over, or (inline) planning.
@@ -198,13 +199,13 @@ def replay(
     # Planning on the prefetch thread is counted there (stats plan_s, plan_cpu_s).
     predict_s = predict_cpu_s = 0.0
 
-    def submit(t: int, layer: int, guess: bool = False) -> None:
+    def submit(make_keys, keep: bool = False) -> None:
         nonlocal predict_s, predict_cpu_s
         began, began_cpu = time.perf_counter(), time.thread_time()
         if planning == "inline":
-            prefetcher.request(plan(t, layer, guess))
-        else:  # a plan made after the layer's output replaces the one its routing made, if unstarted
-            prefetcher.plan(functools.partial(plan, t, layer, guess))
+            prefetcher.request(make_keys())
+        else:
+            prefetcher.plan(make_keys, keep=keep)
         predict_s += time.perf_counter() - began
         predict_cpu_s += time.thread_time() - began_cpu
 
@@ -227,15 +228,16 @@ def replay(
                 if policy == "oracle":
                     prefetcher.request(oracle_keys(t, layer))
                 elif policy == "prefetch" and not plan_after_output:  # the layer's routing is known
-                    submit(t, layer)
+                    submit(functools.partial(plan, t, layer))
                 keys = [(layer, e) for e in needed]
                 with tier.lock:
                     tier.pinned = set(keys)
                 x = _layer(x, dense, (fetch_expert(tier, prefetcher, transfer, stats, key) for key in keys))
                 # the layer's output is known: what reads it plans now
-                guess = next_token is not None and layer == next_token.guess_layer and t + 1 < tokens
-                if policy == "prefetch" and (plan_after_output or guess):
-                    submit(t, layer, guess)
+                if policy == "prefetch" and plan_after_output:
+                    submit(functools.partial(plan, t, layer))
+                if next_token is not None and layer == next_token.guess_layer and t + 1 < tokens:
+                    submit(functools.partial(guess_plan, t), keep=True)  # no later plan of t covers t+1
                 finish_layer(tier, prefetcher, layer)
                 if policy == "on-demand":
                     tier.clear()

@@ -136,7 +136,7 @@ class OffloadRuntime:
         self.next_token = None
         self.guess_log: list[tuple[int, list[int]]] = []
         """(step, guessed next token per sequence) of every next-token plan that ran."""
-        self._regular_plan = None
+        self._awaiting_output = None
         if next_token_layer is not None:
             if predictor is None:
                 raise InputError("next-token prefetch runs beside a predictor's: pass predictor=")
@@ -240,12 +240,11 @@ class OffloadRuntime:
         elif targets:  # planned on the prefetch thread, from this layer's routing history
             plan = functools.partial(self._plan, layer - first, first, list(self._history), self._token_ids)
             if self._needs == "residual_out":  # completed, and handed over, at the layer's output
-                self._regular_plan = plan
+                self._awaiting_output = plan
             else:
-                self._regular_plan = functools.partial(plan, list(self._states))
-                self.prefetcher.plan(self._regular_plan)
+                self.prefetcher.plan(functools.partial(plan, list(self._states)))
         else:
-            self._regular_plan = None
+            self._awaiting_output = None
 
     # --- hidden states: what a predictor reads besides routing, and the next-token guess -----
     def _state_hooks(self, needs: str | None) -> list:
@@ -269,26 +268,24 @@ class OffloadRuntime:
         self._states.append(args[0].reshape(-1, args[0].shape[-1]).detach())
 
     def _on_output(self, layer: int, _module, _args, output) -> None:
-        """``layer`` has run: a residual-reading predictor plans now; at the guess layer the
-        next-token guess joins the plan (replacing the routing's plan if not yet started)."""
+        """``layer`` has run: a residual-reading predictor plans now, and at the guess layer
+        the next token is guessed."""
         hidden = output[0] if isinstance(output, tuple) else output
-        plan = self._regular_plan
         if self._needs == "residual_out":
             if layer == self._stack_range[layer][0]:
                 self._states = []
             self._states.append(hidden.reshape(-1, hidden.shape[-1]).detach())
-            plan = None if plan is None else functools.partial(plan, list(self._states))
+            if self._awaiting_output is not None:
+                self.prefetcher.plan(functools.partial(self._awaiting_output, list(self._states)))
         if self.next_token is not None and layer - self._stack_range[layer][0] == self.next_token.guess_layer:
             residual = hidden[:, -1] if hidden.dim() == 3 else hidden[-1:]  # each sequence's newest token
-            plan = functools.partial(self._plan_with_next_token, plan, residual.detach(), self.step)
-        if plan is not None and self.prefetcher is not None:
-            self.prefetcher.plan(plan)
+            # kept: no later plan of this step covers the next one
+            self.prefetcher.plan(functools.partial(self._guess, residual.detach(), self.step), keep=True)
 
-    def _plan_with_next_token(self, regular, residual: torch.Tensor, step: int) -> list[Key]:
-        keys = regular() if regular is not None else []
-        guessed = self.next_token.plan(residual)
+    def _guess(self, residual: torch.Tensor, step: int) -> list[Key]:
+        keys = self.next_token.plan(residual)
         self.guess_log.append((step, self.next_token.last_guesses))
-        return keys + guessed
+        return keys
 
     def _plan(self, layer: int, first: int, history: list, token_ids: torch.Tensor, states: list) -> list[Key]:
         ids = torch.stack([h[0] for h in history], 1)  # (N, l+1, k)

@@ -79,8 +79,8 @@ def test_the_planner_refuses_bad_settings_and_a_predictor_without_a_token_table(
         NextTokenPlanner(_GuessStored(), make_predictor("popularity"), guess_layer=1, num_layers=LAYERS)
 
 
-@pytest.mark.parametrize("offset", [0, 1])
-def test_replay_counts_right_and_wrong_guesses(token_table, tmp_path, offset):
+@pytest.mark.parametrize(("offset", "planning"), [(0, "inline"), (1, "inline"), (0, "background")])
+def test_replay_counts_right_and_wrong_guesses(token_table, tmp_path, offset, planning):
     tokens = np.arange(20) * 7 % 50
     routing = _routing_of(tokens)
     # the residual after the guess layer of token t holds token t+1 (+ offset: a wrong guess)
@@ -98,11 +98,12 @@ def test_replay_counts_right_and_wrong_guesses(token_table, tmp_path, offset):
         predictor=token_table,
         num_experts=EXPERTS,
         warmup=4,
-        planning="inline",
+        planning=planning,
         next_token=planner,
         residuals=residuals,
     )
-    assert result.stats["next_token_guesses"] == 20 - 4 - 1  # every timed token but the last
+    # every timed token but the last: a guess is kept, not replaced by the next layer's plan
+    assert result.stats["next_token_guesses"] == 20 - 4 - 1
     assert result.row(0.2)["next_token_guess_accuracy"] == (1.0 if offset == 0 else 0.0)
     assert result.stats["peak_bytes"] <= 12 * files.expert_nbytes(0)
     with pytest.raises(ValueError, match="residuals of every token"):

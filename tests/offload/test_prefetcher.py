@@ -85,6 +85,20 @@ def test_a_newer_plan_replaces_one_not_yet_started_and_plans_run_between_chunks(
     assert stats.plan_cpu_s > 0
 
 
+def test_a_kept_plan_is_not_replaced_and_runs_after_the_latest_plan(gated):
+    slow, stats, tier, prefetcher = gated
+    ran = []
+    prefetcher.request([(0, 0)])
+    assert slow.reading.wait(5)
+    prefetcher.plan(lambda: ran.append("next token") or [(0, 3)], keep=True)
+    prefetcher.plan(lambda: ran.append("older") or [(1, 1)])
+    prefetcher.plan(lambda: ran.append("newer") or [(2, 2)])
+    slow.gate.set()
+    assert prefetcher.wait_for((0, 0))
+    _eventually(lambda: (0, 3) in tier)
+    assert ran == ["newer", "next token"] and (0, 3) in tier and (1, 1) not in tier
+
+
 def test_a_failure_on_the_prefetch_thread_is_raised_to_the_decoder_not_waited_for():
     stats = RuntimeStats()
     prefetcher = Prefetcher(Transfer(HostExperts({0: [[torch.zeros(4)]]})), FastTier(10**6, stats), stats)

@@ -126,6 +126,11 @@ def benchmark_offload(
     model = store.manifest.model
     layers = model.stacks[store.default_stack()].num_layers
     predictors = [load_predictor(d) for d in predictor_dirs]
+    names = [p.name for p in predictors]  # a name given twice (e.g. two lookahead variants) gets its directory
+    labels = {
+        id(p): p.name if names.count(p.name) == 1 else f"{p.name}:{Path(d).name}"
+        for p, d in zip(predictors, predictor_dirs)
+    }
     for predictor in predictors:
         predictor.check_fits(layers, model.num_experts, f"the traces in {store.directory} ({model.id})")
         if predictor.previous_tokens:
@@ -208,6 +213,7 @@ def benchmark_offload(
                 states=states.get(getattr(predictor, "needs_hidden", None)),
             )
             result.policy, result.eviction = label, eviction
+            result.predictor = labels[id(predictor)] if predictor is not None else None
             timings[i].append(result)
             finished.add(run, dataclasses.asdict(result))
         for i, (fraction, *_rest) in enumerate(configs):

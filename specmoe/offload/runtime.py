@@ -77,7 +77,9 @@ class OffloadRuntime:
         slow_tier: ``disk`` (expert files in ``experts_dir``, read with the page cache
             bypassed) or ``host`` (host memory, pinned when ``device`` is a GPU). Default:
             disk on CPU, host on a GPU.
-        predictor: an :class:`ExpertPredictor` over routing (prefetch after each layer's routing).
+        predictor: an :class:`ExpertPredictor`; it plans after each layer's routing, or, if it
+            reads residual outputs, after the layer has run (router inputs and residual
+            outputs of the current step are kept by hooks for predictors that read them).
         predictor_stack: the stack the predictor was fitted on (default: the first, which is
             what ``specmoe train`` fits on); the other stack runs without prefetch.
         lookahead, budget, threshold: prefetch layers l+1..l+lookahead of the same stack, at

@@ -177,3 +177,21 @@ def test_next_token_prefetch_needs_residuals_a_token_table_and_a_layer(greedy_tr
             experts_dir=tmp_path,
         )
     assert not list(tmp_path.glob("tmp*")), "experts were written before the checks"
+
+
+def test_two_predictors_of_one_name_are_told_apart_by_their_directory(greedy_traces, tmp_path):
+    import shutil
+
+    twin = shutil.copytree(greedy_traces / "token", tmp_path / "twin")
+    report = benchmark_offload(
+        greedy_traces / "traces",
+        predictor_dirs=[greedy_traces / "token", twin],
+        hidden=8,
+        ffn=8,
+        tokens=4,
+        cache_fractions=(0.5,),
+        repeats=1,
+        policies=("prefetch",),
+        experts_dir=tmp_path,
+    )
+    assert sorted(r["predictor"] for r in report["rows"]) == ["token:token", "token:twin"]

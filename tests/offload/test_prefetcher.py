@@ -86,7 +86,7 @@ def test_a_newer_plan_replaces_one_not_yet_started_and_plans_run_between_chunks(
 
 
 def test_a_kept_plan_is_not_replaced_and_runs_after_the_latest_plan(gated):
-    slow, stats, tier, prefetcher = gated
+    slow, _stats, tier, prefetcher = gated
     ran = []
     prefetcher.request([(0, 0)])
     assert slow.reading.wait(5)

@@ -66,10 +66,11 @@ class Prefetcher:
                 self.pending_plan = make_keys
             self.cond.notify_all()
 
-    def drop_stale(self, layer: int) -> None:
-        """``layer`` has run: requests for it not yet started would only waste reads."""
+    def drop_stale(self, layer: int, needed: set[Key] = frozenset()) -> None:
+        """``layer``'s routing is known (``needed``: what it uses) or it has run (nothing):
+        requests for it not yet started, and not needed, would only waste reads."""
         with self.cond:
-            for key in [k for k in self.queue if k[0] == layer]:
+            for key in [k for k in self.queue if k[0] == layer and k not in needed]:
                 self.queue.remove(key)
                 self.in_flight.pop(key).set()
 

@@ -232,6 +232,8 @@ def replay(
                 keys = [(layer, e) for e in needed]
                 with tier.lock:
                     tier.pinned = set(keys)
+                if prefetcher is not None:
+                    prefetcher.drop_stale(layer, tier.pinned)
                 x = _layer(x, dense, (fetch_expert(tier, prefetcher, transfer, stats, key) for key in keys))
                 # the layer's output is known: what reads it plans now
                 if policy == "prefetch" and plan_after_output:

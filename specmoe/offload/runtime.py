@@ -217,6 +217,8 @@ class OffloadRuntime:
             fits = len(keys) * self.transfer.expert_nbytes(layer) <= self.tier.budget
             self.tier.pinned = set(keys) if fits else set()  # a layer wider than the tier streams through it
             self.tier.position = self.step * len(self.layers) + layer
+        if self.prefetcher is not None:
+            self.prefetcher.drop_stale(layer, set(keys))
         return {key[1]: fetch_expert(self.tier, self.prefetcher, self.transfer, self.stats, key) for key in keys}
 
     def release(self, layer: int) -> None:

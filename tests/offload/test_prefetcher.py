@@ -59,6 +59,15 @@ def test_requests_for_a_layer_that_ran_are_dropped_unread(gated):
     assert stats.prefetch_requests == 3 and stats.prefetch_reads == 1
 
 
+def test_requests_a_starting_layer_does_not_need_are_dropped_and_the_needed_kept(gated):
+    slow, _stats, _tier, prefetcher = gated
+    prefetcher.request([(1, 0), (2, 0), (2, 1), (3, 0)])
+    assert slow.reading.wait(5)
+    prefetcher.drop_stale(2, {(2, 1)})  # layer 2's routing: it needs expert 1, not 0
+    assert list(prefetcher.queue) == [(2, 1), (3, 0)]
+    slow.gate.set()
+
+
 def test_a_prefetch_read_pauses_between_chunks_while_a_demand_read_runs(gated):
     slow, stats, tier, prefetcher = gated
     with prefetcher.demand_read():

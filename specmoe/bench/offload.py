@@ -97,7 +97,7 @@ def benchmark_offload(
     policies: tuple[str, ...] | None = None,
     prefetch_eviction: str = "lru",
     next_token_layer: int | None = None,
-    next_token_depth: int = 2,
+    next_token_depth: int = 1,
     next_token_candidates: int = 1,
     progress_file: Path | None = None,
 ) -> dict:

@@ -107,7 +107,7 @@ def bench_offload(
             "(decoder-only models; traces from `collect --generate --save-residuals`)."
         ),
     ] = None,
-    next_token_depth: Annotated[int, typer.Option(help="How many of the next token's first layers to prefetch.")] = 2,
+    next_token_depth: Annotated[int, typer.Option(help="How many of the next token's first layers to prefetch.")] = 1,
     next_token_candidates: Annotated[
         int, typer.Option(help="Guessed tokens whose experts are pooled, weighted by probability.")
     ] = 1,

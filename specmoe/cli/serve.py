@@ -33,7 +33,7 @@ def serve_command(
             "stream) and prefetch its first layers; --predictor-dir must be a token table. Decoder-only models."
         ),
     ] = None,
-    next_token_depth: Annotated[int, typer.Option(help="How many of the next token's first layers to prefetch.")] = 2,
+    next_token_depth: Annotated[int, typer.Option(help="How many of the next token's first layers to prefetch.")] = 1,
     trust_remote_code: Annotated[bool, typer.Option()] = False,
 ) -> None:
     """Greedy generation with routed experts offloaded to a slow tier (disk read with the page

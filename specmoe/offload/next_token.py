@@ -72,7 +72,7 @@ class NextTokenPlanner:
     table: object
     guess_layer: int
     num_layers: int
-    depth: int = 2
+    depth: int = 1
     budget: int = 2
     threshold: float = 0.0
     candidates: int = 1

@@ -110,7 +110,7 @@ class OffloadRuntime:
         oracle=None,
         eviction: str = "lru",
         next_token_layer: int | None = None,
-        next_token_depth: int = 2,
+        next_token_depth: int = 1,
         next_token_candidates: int = 1,
         next_token_table=None,
     ):

@@ -178,7 +178,7 @@ def replay(
         ahead = range(now + 1, min(now + 1 + oracle_lookahead, tokens * layers))
         return [(p % layers, int(e)) for p in ahead for e in routing[p // layers, p % layers] if e >= 0]
 
-    correct_guesses = [0]
+    guessed = {"made": 0, "right": 0}  # for timed tokens only, whenever the plan runs
 
     def plan(t: int, layer: int) -> list[tuple[int, int]]:
         return planner.plan(
@@ -191,7 +191,9 @@ def replay(
 
     def guess_plan(t: int) -> list[tuple[int, int]]:
         keys = next_token.plan(residuals[t : t + 1])
-        correct_guesses[0] += next_token.last_guesses[0] == token_ids[t + 1]
+        if t >= warmup:
+            guessed["made"] += 1
+            guessed["right"] += next_token.last_guesses[0] == token_ids[t + 1]
         return keys
 
     # What prediction costs the decoding thread: handing a plan over, or (inline) planning.
@@ -219,8 +221,6 @@ def replay(
                 predict_s = predict_cpu_s = 0.0
                 if planner is not None:  # like the cache, the memo keeps what warm-up put there
                     planner.hits = planner.misses = 0
-                if next_token is not None:
-                    next_token.guesses = correct_guesses[0] = 0
                 start = time.perf_counter()
             for layer in range(layers):
                 needed = sorted({int(e) for e in routing[t, layer] if e >= 0})
@@ -233,7 +233,7 @@ def replay(
                 with tier.lock:
                     tier.pinned = set(keys)
                 if prefetcher is not None:
-                    prefetcher.drop_stale(layer, tier.pinned)
+                    prefetcher.drop_stale(layer, set(keys))
                 x = _layer(x, dense, (fetch_expert(tier, prefetcher, transfer, stats, key) for key in keys))
                 # the layer's output is known: what reads it plans now
                 if policy == "prefetch" and plan_after_output:
@@ -255,8 +255,8 @@ def replay(
         **(planner.stats() if planner is not None else {}),
     }
     if next_token is not None:  # how often the guess named the token that came next
-        result["next_token_guesses"] = next_token.guesses
-        result["next_token_guess_accuracy"] = correct_guesses[0] / max(next_token.guesses, 1)
+        result["next_token_guesses"] = guessed["made"]
+        result["next_token_guess_accuracy"] = guessed["right"] / max(guessed["made"], 1)
     return ReplayResult(
         policy, getattr(predictor, "name", None), budget_bytes, tokens - warmup, seconds, result, eviction
     )

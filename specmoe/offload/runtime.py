@@ -142,6 +142,7 @@ class OffloadRuntime:
         if next_token_layer is not None:
             if predictor is None:
                 raise InputError("next-token prefetch runs beside a predictor's: pass predictor=")
+            _check_predictor(next_token_table, loaded, self.predictor_stack)
             self.next_token = NextTokenPlanner(
                 LogitLens.of(loaded.model),
                 next_token_table or predictor,

@@ -102,7 +102,8 @@ def benchmark_offload(
     progress_file: Path | None = None,
 ) -> dict:
     """``progress_file``: where finished runs are kept as they finish, so that an
-    interrupted call with the same arguments resumes; removed when the report is complete."""
+    interrupted call with the same arguments resumes; the caller removes it
+    (:func:`specmoe.bench.progress.discard`) once it has saved the report."""
     settings = {k: v for k, v in locals().items() if k != "progress_file"}
     if device.split(":")[0] == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: this machine has no CUDA GPU")
@@ -222,7 +223,6 @@ def benchmark_offload(
             row["seconds_all_repeats"] = [round(r.seconds, 4) for r in timings[i]]
             rows.append(row)
         files.close()
-    finished.finish()
     for fraction in cache_fractions:
         group = [r for r in rows if r["cache_fraction"] == fraction]
         floor = next((r["tokens_per_s"] for r in group if r["policy"] == "on-demand"), None)

@@ -56,7 +56,8 @@ def benchmark_predictors(
     progress_file: Path | None = None,
 ) -> dict:
     """``progress_file``: where each predictor's result is kept as it finishes, so that an
-    interrupted call with the same arguments resumes; removed when the report is complete."""
+    interrupted call with the same arguments resumes; the caller removes it
+    (:func:`specmoe.bench.progress.discard`) once it has saved the report."""
     finished = FinishedRuns(
         progress_file, {k: v for k, v in locals().items() if k not in ("progress", "progress_file")}
     )
@@ -103,7 +104,6 @@ def benchmark_predictors(
             }
         results.append(result)
         finished.add(run, result)
-    finished.finish()
     manifest = store.manifest
     return {
         "benchmark": "predictors",

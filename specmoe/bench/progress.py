@@ -2,8 +2,8 @@
 
 One JSON line per finished run, after a first line holding the settings the runs were made
 with: a rerun with the same settings skips what is there; with other settings the old runs
-mean nothing for it, and the file starts over. The benchmark deletes the file once it has
-written its report.
+mean nothing for it, and the file starts over. Whoever writes the report deletes the file
+after writing it (:func:`discard`), so a kill between the two loses nothing.
 """
 
 from __future__ import annotations
@@ -41,9 +41,16 @@ class FinishedRuns:
             with self.path.open("a") as handle:
                 handle.write(json.dumps({"run": run, "result": result}) + "\n")
 
-    def finish(self) -> None:
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
+
+def progress_file_for(report: Path) -> Path:
+    """Where the finished runs of the benchmark writing ``report`` wait."""
+    return report.with_name(report.name + ".partial.jsonl")
+
+
+def discard(path: Path | None) -> None:
+    """The report is written: its finished runs are no longer needed."""
+    if path is not None:
+        Path(path).unlink(missing_ok=True)
 
 
 def _entry(line: str, field: str):

@@ -46,6 +46,7 @@ def bench_predictors(
     """Train and score every predictor on the same document split; JSON + Markdown table.
     Interrupted, it resumes on the same command: finished predictors wait in JSON.partial.jsonl."""
     from specmoe.bench.predictors import DEFAULT_PREDICTORS, benchmark_predictors, markdown_table, write_report
+    from specmoe.bench.progress import discard, progress_file_for
     from specmoe.errors import InputError
 
     if budget not in ("cpu", "full"):
@@ -57,10 +58,11 @@ def bench_predictors(
         budget=budget,
         bootstrap=bootstrap,
         out_dir=save_dir,
-        progress_file=json_out.with_name(json_out.name + ".partial.jsonl"),
+        progress_file=progress_file_for(json_out),
     )
     report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     write_report(report, json_out)
+    discard(progress_file_for(json_out))
     typer.echo(markdown_table(report))
 
 
@@ -115,6 +117,7 @@ def bench_offload(
     """Measured tokens/s per policy: real recorded routing, experts of a real shape in a slow tier.
     Interrupted, it resumes on the same command: finished runs wait in JSON.partial.jsonl."""
     from specmoe.bench.offload import benchmark_offload
+    from specmoe.bench.progress import discard, progress_file_for
     from specmoe.cli.params import parse_list
 
     hidden, ffn = parse_list(expert_shape, int, "--expert-shape", length=2)
@@ -139,12 +142,13 @@ def bench_offload(
         next_token_layer=next_token_layer,
         next_token_depth=next_token_depth,
         next_token_candidates=next_token_candidates,
-        progress_file=json_out.with_name(json_out.name + ".partial.jsonl"),
+        progress_file=progress_file_for(json_out),
         policies=None if policies is None else tuple(name.strip() for name in policies.split(",") if name.strip()),
     )
     report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(report, indent=2))
+    discard(progress_file_for(json_out))
     typer.echo(
         f"{'cache':>6} {'policy':<32} {'tok/s':>8} {'ms/tok':>8} {'stall':>6} {'hit':>6} {'MB read':>9} {'of oracle':>9} {'predict':>7} {'pr. CPU':>7} {'bg CPU':>7}"
     )

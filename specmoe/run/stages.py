@@ -219,6 +219,7 @@ def _csv(values) -> str:
 
 def offload(config: RunConfig, out: Path) -> dict:
     from specmoe.bench.offload import benchmark_offload
+    from specmoe.bench.progress import discard, progress_file_for
 
     o = config.offload
     predictors = _usable_predictors(config, out, o.prefetch_predictors, routing_only=True)
@@ -236,7 +237,7 @@ def offload(config: RunConfig, out: Path) -> dict:
         experts_dir=out,
         warmup=o.warmup,
         device=o.device,
-        progress_file=out / "offload" / "offload.partial.jsonl",  # an interrupted stage resumes its runs
+        progress_file=progress_file_for(out / "offload" / "offload.json"),  # an interrupted stage resumes its runs
     )
     report["command"] = (
         f"specmoe bench offload --traces {out / 'traces'} --json {out / 'offload' / 'offload.json'} "
@@ -247,4 +248,5 @@ def offload(config: RunConfig, out: Path) -> dict:
     )
     (out / "offload").mkdir(exist_ok=True)
     (out / "offload" / "offload.json").write_text(json.dumps(report, indent=2))
+    discard(progress_file_for(out / "offload" / "offload.json"))
     return {"rows": len(report["rows"]), "command": report["command"]}

@@ -2,7 +2,7 @@
 dropped under others or when the file is unreadable, and a line cut short by a kill is
 ignored."""
 
-from specmoe.bench.progress import FinishedRuns
+from specmoe.bench.progress import FinishedRuns, discard, progress_file_for
 
 
 def test_runs_are_read_back_only_under_the_same_settings(tmp_path):
@@ -17,12 +17,14 @@ def test_runs_are_read_back_only_under_the_same_settings(tmp_path):
     assert FinishedRuns(path, {"tokens": 8, "fractions": (0.25,)}).done == {}, "other settings started the file over"
 
 
-def test_finish_removes_the_file_and_no_path_keeps_nothing(tmp_path):
-    path = tmp_path / "bench.partial.jsonl"
+def test_discard_removes_the_file_and_no_path_keeps_nothing(tmp_path):
+    path = progress_file_for(tmp_path / "bench.json")
+    assert path.name == "bench.json.partial.jsonl"
     runs = FinishedRuns(path, {})
     runs.add(0, {})
-    runs.finish()
+    discard(path)
     assert not path.exists()
+    discard(None)
     memory_only = FinishedRuns(None, {})
     memory_only.add(1, {"seconds": 1.0})
     assert memory_only.done == {1: {"seconds": 1.0}}

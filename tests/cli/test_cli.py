@@ -75,3 +75,14 @@ def test_malformed_list_options_are_clear_errors(tmp_path):
         result = runner.invoke(app, args)
         assert isinstance(result.exception, InputError), result.output
         assert str(result.exception) == expected
+
+
+def test_bench_offload_writes_its_report_then_drops_its_finished_runs(finished_run, tmp_path):
+    out, _ = finished_run
+    report = tmp_path / "o.json"
+    args = ["bench", "offload", "--traces", str(out / "traces"), "--json", str(report), "--expert-shape", "8,8"]
+    args += ["--tokens", "4", "--cache-fractions", "0.5", "--repeats", "1", "--policies", "lru"]
+    result = runner.invoke(app, [*args, "--experts-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["rows"]
+    assert not (tmp_path / "o.json.partial.jsonl").exists()

@@ -137,7 +137,8 @@ def benchmark_offload(
         if predictor.previous_tokens:
             raise InputError(f"the replay gives predictors no earlier tokens; {predictor.name} reads them")
     kinds = {p.needs_hidden for p in predictors if p.needs_hidden}
-    kinds |= {"residual_out"} if next_token_layer is not None else set()  # what the guess reads
+    guessing = next_token_layer is not None and "prefetch+next-token" in (policies or POLICIES)
+    kinds |= {"residual_out"} if guessing else set()  # what the guess reads
     routing, gate_weights, token_ids, states = _test_tokens(store, warmup + tokens, split_seed, sorted(kinds))
     if len(routing) <= warmup:
         raise InputError(f"the test split has {len(routing)} tokens, not enough for --warmup {warmup} + tokens")
@@ -149,7 +150,7 @@ def benchmark_offload(
         raise InputError(str(exc)) from None
     budget = budget or 2 * model.top_k
     next_token = None
-    if next_token_layer is not None:
+    if guessing:  # the lens loads the model: only when its runs are asked for
         next_token = _next_token_planners(
             store,
             predictors,
@@ -210,7 +211,7 @@ def benchmark_offload(
                 oracle_lookahead=oracle_lookahead,
                 planning=planning,
                 next_token=next_token() if label == "prefetch+next-token" else None,
-                residuals=None if next_token_layer is None else states["residual_out"][:, next_token_layer],
+                residuals=states["residual_out"][:, next_token_layer] if guessing else None,
                 states=states.get(getattr(predictor, "needs_hidden", None)),
             )
             result.policy, result.eviction = label, eviction

@@ -84,6 +84,11 @@ class NextTokenPlanner:
             raise InputError(f"--next-token-layer must be in [0, {self.num_layers}), got {self.guess_layer}")
         if self.depth < 1 or self.candidates < 1:
             raise InputError("--next-token-depth and --next-token-candidates must be positive")
+        if self.depth > self.guess_layer + 1:
+            raise InputError(
+                f"--next-token-depth {self.depth} reaches past the guess layer {self.guess_layer}: a guess "
+                f"made after layer {self.guess_layer} can key layers 0..{self.guess_layer} of the next token"
+            )
         if not hasattr(self.table, "token_rows"):
             raise InputError(
                 f"next-token prefetch looks experts up by token: it needs a token table predictor, "
@@ -98,7 +103,7 @@ class NextTokenPlanner:
         self.last_guesses = ids[:, 0].tolist()
         n, candidates = ids.shape
         rows = self.table.token_rows(ids.reshape(-1))  # (N * candidates, L, E)
-        targets = range(min(self.depth, self.guess_layer + 1))
+        targets = range(self.depth)
         rows = rows[:, : len(targets)].reshape(n, candidates, len(targets), -1)
         expected = (probs[:, :, None, None] * rows).sum(1)  # (N, targets, E)
         return prefetch_keys(torch.from_numpy(expected), targets, self.budget, self.threshold)

@@ -194,7 +194,8 @@ def replay(
         if t >= warmup:
             guessed["made"] += 1
             guessed["right"] += next_token.last_guesses[0] == token_ids[t + 1]
-        return keys
+        # a plan run late keeps only the layers token t+1 has not reached
+        return [key for key in keys if (t + 1) * layers + key[0] > tier.position]
 
     # What prediction costs the decoding thread: handing a plan over, or (inline) planning.
     # Wall time includes waiting for a core or the GIL; CPU time is the thread's own work.
@@ -238,9 +239,9 @@ def replay(
                 # the layer's output is known: what reads it plans now
                 if policy == "prefetch" and plan_after_output:
                     submit(functools.partial(plan, t, layer))
+                finish_layer(tier, prefetcher, layer)
                 if next_token is not None and layer == next_token.guess_layer and t + 1 < tokens:
                     submit(functools.partial(guess_plan, t), keep=True)  # no later plan of t covers t+1
-                finish_layer(tier, prefetcher, layer)
                 if policy == "on-demand":
                     tier.clear()
         _synchronize(transfer.device)
@@ -256,7 +257,7 @@ def replay(
     }
     if next_token is not None:  # how often the guess named the token that came next
         result["next_token_guesses"] = guessed["made"]
-        result["next_token_guess_accuracy"] = guessed["right"] / max(guessed["made"], 1)
+        result["next_token_guess_accuracy"] = guessed["right"] / guessed["made"] if guessed["made"] else None
     return ReplayResult(
         policy, getattr(predictor, "name", None), budget_bytes, tokens - warmup, seconds, result, eviction
     )

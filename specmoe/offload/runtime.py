@@ -290,7 +290,8 @@ class OffloadRuntime:
     def _guess(self, residual: torch.Tensor, step: int) -> list[Key]:
         keys = self.next_token.plan(residual)
         self.guess_log.append((step, self.next_token.last_guesses))
-        return keys
+        # a plan run late keeps only the layers the next step has not reached
+        return [key for key in keys if (step + 1) * len(self.layers) + key[0] > self.tier.position]
 
     def _plan(self, layer: int, first: int, history: list, token_ids: torch.Tensor, states: list) -> list[Key]:
         ids = torch.stack([h[0] for h in history], 1)  # (N, l+1, k)

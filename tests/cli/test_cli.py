@@ -82,7 +82,20 @@ def test_bench_offload_writes_its_report_then_drops_its_finished_runs(finished_r
     report = tmp_path / "o.json"
     args = ["bench", "offload", "--traces", str(out / "traces"), "--json", str(report), "--expert-shape", "8,8"]
     args += ["--tokens", "4", "--cache-fractions", "0.5", "--repeats", "1", "--policies", "lru"]
-    result = runner.invoke(app, [*args, "--experts-dir", str(tmp_path)])
+    from specmoe.bench import progress
+
+    seen, real_discard = [], progress.discard
+
+    def discard(path):  # what is on disk when the finished runs are let go
+        seen.append((report.exists(), path.exists()))
+        real_discard(path)
+
+    progress.discard = discard
+    try:
+        result = runner.invoke(app, [*args, "--experts-dir", str(tmp_path)])
+    finally:
+        progress.discard = real_discard
     assert result.exit_code == 0, result.output
+    assert seen == [(True, True)], "the finished runs were let go before the report was written"
     assert json.loads(report.read_text())["rows"]
     assert not (tmp_path / "o.json.partial.jsonl").exists()

@@ -65,9 +65,11 @@ def test_the_plan_holds_the_guessed_tokens_experts_for_its_first_layers(token_ta
     expected = _routing_of(np.array([21]))[0]
     assert sorted(keys) == sorted((layer, int(e)) for layer in (0, 1) for e in expected[layer])
     assert (planner.guesses, planner.last_guesses) == (1, [21])
-    # targets stop at the guess layer: after layer 0 only the next token's layer 0 is safe to key
-    early = NextTokenPlanner(_GuessStored(), token_table, guess_layer=0, num_layers=LAYERS, depth=3, budget=2)
+    # targets stop at the guess layer: after layer 0 only the next token's layer 0 may be keyed
+    early = NextTokenPlanner(_GuessStored(), token_table, guess_layer=0, num_layers=LAYERS, depth=1, budget=2)
     assert {layer for layer, _ in early.plan(torch.tensor([[21.0, 0.0]]))} == {0}
+    with pytest.raises(InputError, match="reaches past the guess layer 0"):
+        NextTokenPlanner(_GuessStored(), token_table, guess_layer=0, num_layers=LAYERS, depth=2)
 
 
 def test_the_planner_refuses_bad_settings_and_a_predictor_without_a_token_table(token_table):

@@ -4,7 +4,9 @@ Routing comes from a trace store's test split (recorded from a real model); expe
 real model's shape with random bf16 weights (see :mod:`specmoe.offload.replay_engine`). On
 ``device="cpu"`` they sit on this machine's disk, read with the page cache bypassed, into a
 RAM cache; on ``cuda`` they sit in pinned host memory and the cache is on the GPU. The
-oracle prefetches the recorded future and evicts by it (Belady); it reads ahead in decode
+oracle prefetches the recorded future and evicts by it (Belady); ``oracle-prefetch``
+prefetches it but evicts as the prefetch runs do, which separates what better prediction
+could gain from what better eviction could. Both read ahead in decode
 order, by default L-1 layers, into the next token (see :func:`replay`): as far as a
 layer-keyed fast tier allows. Where one read outlasts even that, it is not a ceiling.
 """
@@ -23,7 +25,7 @@ from tqdm import tqdm
 from specmoe.bench.progress import FinishedRuns
 from specmoe.errors import InputError
 from specmoe.models.loading import load_model
-from specmoe.offload.fast_tier import EVICTIONS
+from specmoe.offload.cache import EVICTIONS
 from specmoe.offload.next_token import LogitLens, NextTokenPlanner
 from specmoe.offload.replay_engine import PLANNING, ReplayResult, interference, random_experts, replay
 from specmoe.offload.simulator import oracle_reach
@@ -31,7 +33,7 @@ from specmoe.predictors.base import load_predictor
 from specmoe.predictors.data import TraceDataset
 from specmoe.traces.store import TraceStore
 
-POLICIES = ("on-demand", "lru", "lfu", "belady", "prefetch", "prefetch+next-token", "oracle")
+POLICIES = ("on-demand", "lru", "lfu", "lrfu", "belady", "prefetch", "prefetch+next-token", "oracle-prefetch", "oracle")
 
 
 def _test_tokens(store: TraceStore, tokens: int, split_seed: int, hidden_kinds=()):
@@ -171,12 +173,13 @@ def benchmark_offload(
         files.reserve_buffers(int(max(cache_fractions) * layers * model.num_experts) + 2)
         machine_interference = interference(files, layers, model.num_experts, device)
         total = layers * model.num_experts * expert_bytes
-        runs = [("on-demand", None, "lru"), ("lru", None, "lru"), ("lfu", None, "lfu")]
+        runs = [("on-demand", None, "lru"), ("lru", None, "lru"), ("lfu", None, "lfu"), ("lrfu", None, "lrfu")]
         runs += [("belady", None, "belady")]
         runs += [("prefetch", p, prefetch_eviction) for p in predictors]
         if next_token is not None:
             runs += [("prefetch+next-token", p, prefetch_eviction) for p in predictors]
-        runs += [("oracle", None, "belady")]
+        # the recorded future prefetched but not evicted by: what prediction alone could reach
+        runs += [("oracle-prefetch", None, prefetch_eviction), ("oracle", None, "belady")]
         runs = [run for run in runs if run[0] in (policies or POLICIES)]
         configs = [(fraction, *run) for fraction in cache_fractions for run in runs]
         timings: dict[int, list] = {i: [] for i in range(len(configs))}
@@ -191,7 +194,13 @@ def benchmark_offload(
             fraction, label, predictor, eviction = configs[i]
             budget_bytes = max(expert_bytes * model.top_k, int(fraction * total))
             policy = (
-                "prefetch" if label.startswith("prefetch") else label if label in ("on-demand", "oracle") else "cache"
+                "prefetch"
+                if label.startswith("prefetch")
+                else "oracle"
+                if label.startswith("oracle")
+                else label
+                if label == "on-demand"
+                else "cache"
             )
             result = replay(
                 files,

@@ -97,10 +97,14 @@ def bench_offload(
     policies: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated subset of on-demand,lru,lfu,belady,prefetch,prefetch+next-token,oracle (default: all)."
+            help="Comma-separated subset of on-demand,lru,lfu,lrfu,belady,prefetch,prefetch+next-token,"
+            "oracle-prefetch,oracle (default: all). oracle-prefetch: the recorded future, evicted by "
+            "--prefetch-eviction; oracle: evicted by it (Belady)."
         ),
     ] = None,
-    prefetch_eviction: Annotated[str, typer.Option(help="Eviction with prefetch: lru, lfu or belady.")] = "lru",
+    prefetch_eviction: Annotated[
+        str, typer.Option(help="Eviction with prefetch and oracle-prefetch: lru, lfu, lrfu or belady.")
+    ] = "lru",
     next_token_layer: Annotated[
         int | None,
         typer.Option(
@@ -154,7 +158,9 @@ def bench_offload(
     )
     for r in report["rows"]:
         label = r["policy"] + (f":{r['predictor']}" if r["predictor"] else "")
-        label += f"/{r['eviction']}" if r["policy"].startswith("prefetch") and r["eviction"] != "lru" else ""
+        label += (
+            f"/{r['eviction']}" if r["policy"].startswith(("prefetch", "oracle-")) and r["eviction"] != "lru" else ""
+        )
         typer.echo(
             f"{r['cache_fraction']:>6.2f} {label:<32} {r['tokens_per_s']:>8.2f} {r['time_per_token_ms']:>8.1f} "
             f"{r['stall_fraction']:>6.3f} {r['hit_rate']:>6.3f} {r['bytes_read'] / 2**20:>9.1f} "

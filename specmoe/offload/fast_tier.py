@@ -14,13 +14,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from specmoe.offload.cache import LFU, LRU, Belady, expire_prefetches
+from specmoe.offload.cache import eviction_policy, expire_prefetches
 from specmoe.offload.tiers import Key, Loaded, Transfer
 
 if TYPE_CHECKING:
     from specmoe.offload.prefetcher import Prefetcher
-
-EVICTIONS = ("lru", "lfu", "belady")
 
 
 @dataclass
@@ -69,23 +67,18 @@ class FastTier:
         stats: RuntimeStats,
         eviction: str = "lru",
         future_uses: dict[Key, list[int]] | None = None,
+        num_layers: int = 1,
     ):
-        if eviction not in EVICTIONS:
-            raise ValueError(f"eviction must be one of {EVICTIONS}, got {eviction!r}")
+        self.policy = eviction_policy(eviction, num_layers, future_uses)
         self.budget = budget_bytes
         self.stats = stats
         self.entries: dict[Key, tuple[Loaded, int]] = {}
         self.used = 0
         self.pinned: set[Key] = set()
         self.unused_prefetch: set[Key] = set()
-        if eviction == "belady":
-            if future_uses is None:
-                raise ValueError("Belady eviction needs the future: pass future_uses")
-            self.policy = Belady(future_uses)
-        else:
-            self.policy = {"lru": LRU, "lfu": LFU}[eviction]()
         self.position = 0
-        """Where decoding is (step * layers + layer); Belady measures next uses from here."""
+        """Where decoding is (step * layers + layer): the time of policies that measure in
+        positions (Belady's next uses, LRFU's decay); the others count cache events."""
         self.clock = 0
         self.lock = threading.RLock()
 
@@ -94,9 +87,12 @@ class FastTier:
             entry = self.entries.get(key)
             if entry is not None:
                 self.clock += 1
-                self.policy.on_use(key, self.clock)
+                self.policy.on_use(key, self._now())
                 self.unused_prefetch.discard(key)
             return None if entry is None else entry[0]
+
+    def _now(self) -> int:
+        return self.position if self.policy.by_position else self.clock
 
     def __contains__(self, key: Key) -> bool:
         """Presence without counting a use (for the prefetcher's checks)."""
@@ -122,8 +118,7 @@ class FastTier:
                 candidates = [k for k in self.entries if k not in self.pinned]
                 if not candidates:
                     return False
-                now = self.position if isinstance(self.policy, Belady) else self.clock
-                victim = self.policy.victim(candidates, now)
+                victim = self.policy.choose(candidates, self._now())
                 self.used -= self.entries.pop(victim)[1]
                 if victim in self.unused_prefetch:
                     self.unused_prefetch.discard(victim)
@@ -132,10 +127,10 @@ class FastTier:
             self.used += nbytes
             self.clock += 1
             if prefetch:
-                self.policy.on_insert(key, self.clock)
+                self.policy.on_insert(key, self._now())
                 self.unused_prefetch.add(key)
             else:
-                self.policy.on_use(key, self.clock)
+                self.policy.on_use(key, self._now())
             self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
             return True
 

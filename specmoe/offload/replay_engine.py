@@ -161,7 +161,7 @@ def replay(
     stats = RuntimeStats()
     future = future_uses(routing, layers) if eviction == "belady" else None
     transfer = Transfer(slow, device)
-    tier = FastTier(budget_bytes, stats, eviction, future)
+    tier = FastTier(budget_bytes, stats, eviction, future, layers)
     prefetcher = Prefetcher(transfer, tier, stats) if policy in ("prefetch", "oracle") else None
     hidden = slow.read(0, 0)[0].shape[1]
     dense = _dense_stand_in(hidden, transfer.device)

@@ -20,11 +20,10 @@ from torch.func import functional_call
 
 from specmoe.errors import InputError
 from specmoe.models.loading import LoadedModel
-from specmoe.offload.cache import future_uses
+from specmoe.offload.cache import EVICTIONS, future_uses
 from specmoe.offload.expert_files import ExpertFiles
 from specmoe.offload.expert_layout import ExpertLayout, discover_layout, empty_parameters
 from specmoe.offload.fast_tier import (
-    EVICTIONS,
     FastTier,
     RuntimeStats,
     fetch_expert,
@@ -86,7 +85,8 @@ class OffloadRuntime:
             most ``budget`` experts per layer, each with probability >= ``threshold``.
         oracle: a ``routing_log`` recorded by an earlier run of the same prompt, prefetched
             instead of predicting.
-        eviction: ``lru``, ``lfu`` or ``belady`` (needs ``oracle``: the future it evicts by).
+        eviction: ``lru``, ``lfu``, ``lrfu`` (frequency that decays with a half-life of 16
+            tokens) or ``belady`` (needs ``oracle``: the future it evicts by).
         next_token_layer, next_token_depth, next_token_candidates: also prefetch the next
             token's first ``depth`` layers once this layer (counted in the predictor's stack)
             has run, from a guess of that token (see :mod:`specmoe.offload.next_token`);
@@ -172,7 +172,7 @@ class OffloadRuntime:
         held = min(budget_bytes // min(sizes), len(self.layers) * self.num_experts) if self.device.type == "cpu" else 0
         slow.reserve_buffers(held + 2)
         future = future_uses(oracle, len(self.layers)) if eviction == "belady" else None
-        self.tier = FastTier(budget_bytes, self.stats, eviction, future)
+        self.tier = FastTier(budget_bytes, self.stats, eviction, future, len(self.layers))
         self.prefetcher = Prefetcher(self.transfer, self.tier, self.stats) if (predictor or oracle) else None
         self.planner = (
             PrefetchPlanner(

@@ -20,13 +20,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from specmoe.offload.cache import LFU, LRU, Belady, ExpertCache, Key, future_uses
+from specmoe.offload.cache import EVICTIONS, ExpertCache, Key, eviction_policy, future_uses
 from specmoe.offload.cost import HardwareProfile
 
 POLICIES = ("on-demand", "cache", "prefetch", "oracle")
 NO_TOKEN = -2
 """Routing value for a batch slot with no token (a sequence that already ended)."""
-EVICTIONS = ("lru", "lfu", "belady")
 
 
 @dataclass(frozen=True)
@@ -115,8 +114,7 @@ def simulate(
     steps, _, layers, _ = routing.shape
     reach = None if config.oracle_lookahead is None else oracle_reach(layers, config.oracle_lookahead)
     uses = _uses(routing)
-    policy = {"lru": LRU, "lfu": LFU}.get(config.eviction)
-    cache = ExpertCache(config.capacity, policy() if policy else Belady(uses))
+    cache = ExpertCache(config.capacity, eviction_policy(config.eviction, layers, uses))
     transfer = profile.transfer_s(expert_bytes)
     now = link_free = stall = 0.0
     pending: deque[tuple[Key, int, float]] = deque()  # (expert, position it is for, time requested)

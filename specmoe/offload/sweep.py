@@ -35,7 +35,7 @@ class SweepConfig:
     max_windows: int | None = 64
     split: str = "test"
     split_seed: int = 0
-    cache_evictions: tuple[str, ...] = field(default=("lru", "lfu", "belady"))
+    cache_evictions: tuple[str, ...] = field(default=("lru", "lfu", "lrfu", "belady"))
     oracle_lookahead: int | None = None
     """Layers the oracle reads ahead in decode order, into the next token (None: L-1, as far
     as a layer-keyed fast tier allows; the measured benchmark's oracle does the same)."""

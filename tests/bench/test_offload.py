@@ -54,11 +54,19 @@ def test_policies_can_be_chosen_and_unknown_ones_are_refused(finished_run, tmp_p
         tokens=4,
         cache_fractions=(0.5,),
         repeats=1,
-        policies=("lru", "oracle"),
+        policies=("lru", "lrfu", "oracle-prefetch", "oracle"),
+        prefetch_eviction="lfu",
         experts_dir=tmp_path,
     )
-    assert [(r["policy"], r["eviction"]) for r in report["rows"]] == [("lru", "lru"), ("oracle", "belady")]
-    assert report["rows"][0]["speedup_vs_on_demand"] is None and report["rows"][1]["fraction_of_oracle"] == 1.0
+    rows = report["rows"]
+    assert [(r["policy"], r["eviction"]) for r in rows] == [
+        ("lru", "lru"),
+        ("lrfu", "lrfu"),
+        ("oracle-prefetch", "lfu"),  # the future prefetched, evicted as prefetch runs are
+        ("oracle", "belady"),
+    ]
+    assert rows[0]["speedup_vs_on_demand"] is None and rows[3]["fraction_of_oracle"] == 1.0
+    assert rows[2]["demand_reads"] == report["top_k"]  # the first token's first layer: nothing came before
     with pytest.raises(InputError, match="--policies must be a non-empty subset of .*got 'lru,fifo'"):
         benchmark_offload(out / "traces", predictor_dirs=[], hidden=8, ffn=8, policies=("lru", "fifo"))
     with pytest.raises(InputError, match="--policies prefetch needs at least one --predictor-dir"):
@@ -67,7 +75,7 @@ def test_policies_can_be_chosen_and_unknown_ones_are_refused(finished_run, tmp_p
 
 def test_an_unknown_prefetch_eviction_is_refused(finished_run, tmp_path):
     out, _ = finished_run
-    with pytest.raises(InputError, match="--prefetch-eviction must be one of lru, lfu, belady, got 'fifo'"):
+    with pytest.raises(InputError, match="--prefetch-eviction must be one of lru, lfu, lrfu, belady, got 'fifo'"):
         benchmark_offload(out / "traces", predictor_dirs=[], hidden=8, ffn=8, prefetch_eviction="fifo")
 
 

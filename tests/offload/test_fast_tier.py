@@ -1,5 +1,5 @@
-"""The measured fast tier: a prefetch whose layer ran without it is evicted first, and LFU
-does not count a prefetch as a use."""
+"""The measured fast tier: a prefetch whose layer ran without it is evicted first, LFU
+does not count a prefetch as a use, and LRFU decays with decoding positions."""
 
 import torch
 
@@ -30,3 +30,15 @@ def test_lfu_does_not_count_a_prefetch_as_a_use():
     tier.put((0, 0), _loaded(), 16, prefetch=False)
     tier.put((1, 0), _loaded(), 16, prefetch=True)
     assert tier.policy.count[(1, 0)] == 0 and tier.policy.count[(0, 0)] == 1
+
+
+def test_lrfu_measures_its_decay_in_decoding_positions():
+    tier = FastTier(2 * 16, RuntimeStats(), "lrfu", num_layers=4)  # half-life: 16 tokens of 4 layers
+    for step in range(3):  # expert (0, 0) used by three tokens in a row
+        tier.position = 4 * step
+        tier.put((0, 0), _loaded(), 16, prefetch=False) if step == 0 else tier.get((0, 0))
+    tier.position = 4 * 200  # long after: one use now outweighs the three then
+    tier.put((1, 0), _loaded(), 16, prefetch=False)
+    tier.position += 1
+    tier.put((2, 0), _loaded(), 16, prefetch=False)
+    assert (0, 0) not in tier and (1, 0) in tier

@@ -68,7 +68,7 @@ def test_perfect_predictions_match_the_oracle_and_wrong_ones_are_wasted():
     assert ignored["prefetch_loads"] == 0  # nothing clears the threshold
 
 
-@pytest.mark.parametrize("eviction", ["lru", "lfu", "belady"])
+@pytest.mark.parametrize("eviction", ["lru", "lfu", "lrfu", "belady"])
 @pytest.mark.parametrize("policy", ["on-demand", "cache", "oracle"])
 def test_fast_tier_never_exceeds_capacity(eviction, policy):
     rng = np.random.default_rng(1)
@@ -82,11 +82,11 @@ def test_fast_tier_never_exceeds_capacity(eviction, policy):
         assert result["tokens"] == 40 * 3 - 5
 
 
-def test_belady_hits_at_least_as_often_as_lru_and_lfu():
+def test_belady_hits_at_least_as_often_as_lru_lfu_and_lrfu():
     rng = np.random.default_rng(2)
     routing = rng.zipf(1.5, (200, 1, 3, 1)) % 12
     hits = {
         e: simulate(routing, PROFILE, BYTES, SimulationConfig(policy="cache", eviction=e, capacity=5)).hits
-        for e in ("lru", "lfu", "belady")
+        for e in ("lru", "lfu", "lrfu", "belady")
     }
-    assert hits["belady"] >= max(hits["lru"], hits["lfu"])
+    assert hits["belady"] >= max(hits["lru"], hits["lfu"], hits["lrfu"])

@@ -1,0 +1,80 @@
+"""Eviction policies: LRFU's score is the decayed count of uses, it keeps what is used often
+lately and forgets what was used often long ago; a prefetch counts as no use; the factory
+refuses unknown names and a Belady without its future; a prefetch awaiting its layer is
+evicted only when nothing else can be."""
+
+import math
+
+import numpy as np
+import pytest
+
+from specmoe.offload.cache import LFU, LRFU, LRFU_HALF_LIFE_TOKENS, ExpertCache, eviction_policy
+
+
+def test_the_lrfu_score_is_the_sum_of_uses_halved_every_half_life():
+    rng = np.random.default_rng(0)
+    policy = LRFU(half_life=10)
+    uses = np.sort(rng.integers(0, 200, 30))
+    for position in uses:
+        policy.on_use((0, 0), int(position))
+    now = 250
+    expected = sum(0.5 ** ((now - p) / 10) for p in uses)
+    assert 2.0 ** (policy.log_score[(0, 0)] - now / 10) == pytest.approx(expected, rel=1e-9)
+
+
+def test_lrfu_keeps_recent_frequency_and_forgets_old_frequency():
+    old, recent, once = (0, 0), (0, 1), (0, 2)
+    for policy in (LRFU(half_life=8), LFU()):
+        for position in range(5):
+            policy.on_use(old, position)  # often, long ago
+        for position in (100, 101, 102):
+            policy.on_use(recent, position)  # often, lately
+        policy.on_use(once, 103)  # once, last
+        victims = {policy.victim([old, recent, once], 104)}
+        if isinstance(policy, LRFU):
+            assert victims == {old}, "12 half-lives on, five old uses weigh less than one fresh use"
+            assert policy.victim([recent, once], 104) == once
+        else:
+            assert victims == {once}, "LFU never forgets: the contrast LRFU exists for"
+
+
+def test_an_lrfu_prefetch_is_no_use_and_goes_first_once_demoted():
+    policy = LRFU(half_life=8)
+    policy.on_use((0, 0), 0)
+    policy.on_insert((1, 0), 5)  # prefetched, not used yet
+    assert policy.log_score[(1, 0)] == -math.inf
+    assert policy.victim([(0, 0), (1, 0)], 6) == (1, 0)
+    policy.on_use((1, 0), 7)
+    assert policy.victim([(0, 0), (1, 0)], 8) == (0, 0)  # used later, same count
+    policy.demote((1, 0))
+    assert policy.victim([(0, 0), (1, 0)], 9) == (1, 0)
+
+
+def test_the_factory_builds_each_policy_and_refuses_what_it_cannot():
+    policy = eviction_policy("lrfu", num_layers=6)
+    assert isinstance(policy, LRFU) and policy.half_life == LRFU_HALF_LIFE_TOKENS * 6
+    assert eviction_policy("belady", 6, future={}).by_position
+    with pytest.raises(ValueError, match="eviction must be one of lru, lfu, lrfu, belady, got 'fifo'"):
+        eviction_policy("fifo", 6)
+    with pytest.raises(ValueError, match="Belady eviction needs the future"):
+        eviction_policy("belady", 6)
+    with pytest.raises(ValueError, match="half-life must be positive"):
+        LRFU(0)
+
+
+@pytest.mark.parametrize("name", ["lru", "lfu", "lrfu"])
+def test_a_prefetch_awaiting_its_layer_is_not_evicted_for_the_next_one(name):
+    cache = ExpertCache(3, eviction_policy(name, num_layers=4))
+    for position, expert in enumerate((0, 1, 2)):
+        cache.admit((0, expert), 0.0, position, prefetch=False)
+        cache.use((0, expert), position)
+    # At count zero a fresh prefetch is a frequency policy's first victim, but it waits for
+    # its layer: the used experts go first, then the oldest prefetch.
+    for position, expert in enumerate((5, 6, 7, 8), start=3):
+        cache.admit((1, expert), 0.0, position, prefetch=True)
+    assert sorted(cache.ready_at) == [(1, 6), (1, 7), (1, 8)]
+    cache.expire(1)  # layer 1 ran without them: they go before anything used
+    cache.admit((2, 0), 0.0, 8, prefetch=False)
+    cache.use((2, 0), 8)
+    cache.admit((2, 1), 0.0, 9, prefetch=False)
+    assert sorted(cache.ready_at)[-2:] == [(2, 0), (2, 1)]

@@ -27,6 +27,7 @@ def simulate_command(
     threshold: Annotated[float, typer.Option(help="Minimum predicted probability to prefetch.")] = 0.0,
     prefetch_eviction: Annotated[str, typer.Option(help="Eviction policy used with prefetch.")] = "lru",
     max_windows: Annotated[int, typer.Option(help="Sequences replayed from the split.")] = 64,
+    split: Annotated[str, typer.Option(help="Split the sequences come from: train, val or test.")] = "test",
     split_seed: Annotated[int, typer.Option()] = 0,
     oracle_lookahead: Annotated[
         int | None,
@@ -42,6 +43,8 @@ def simulate_command(
     from specmoe.report.plots import png_bytes, simulated_speed
     from specmoe.traces.store import TraceStore
 
+    if split not in ("train", "val", "test"):
+        raise typer.BadParameter(f"must be train, val or test, got {split!r}", param_hint="--split")
     store = TraceStore.open(traces)
     bytes_per_expert = expert_bytes or expert_size(store.manifest.model.id, dtype)
     if hardware == "measured":
@@ -62,6 +65,7 @@ def simulate_command(
         threshold=threshold,
         prefetch_eviction=prefetch_eviction,
         max_windows=max_windows,
+        split=split,
         split_seed=split_seed,
         oracle_lookahead=oracle_lookahead,
     )

@@ -10,8 +10,8 @@ Key = tuple[int, int]  # (layer_idx, expert_idx)
 
 EVICTIONS = ("lru", "lfu", "lrfu", "belady")
 LRFU_HALF_LIFE_TOKENS = 16
-"""Chosen on the validation split of decoding traces of olmoe-64e (README, "Measured"):
-half-lives of 16 and 32 tokens read the fewest experts; 8 and 64 about 3% more."""
+"""Picked from 8, 16, 32 and 64 on the validation split of olmoe-64e decoding traces
+(docs/benchmarks.md, "Where the gap to the oracle is")."""
 
 
 class EvictionPolicy:

@@ -99,3 +99,14 @@ def test_bench_offload_writes_its_report_then_drops_its_finished_runs(finished_r
     assert seen == [(True, True)], "the finished runs were let go before the report was written"
     assert json.loads(report.read_text())["rows"]
     assert not (tmp_path / "o.json.partial.jsonl").exists()
+
+
+def test_simulate_replays_the_split_asked_for_and_refuses_an_unknown_one(finished_run, tmp_path):
+    out, _ = finished_run
+    args = ["simulate", "--traces", str(out / "traces"), "--cache-fractions", "0.5", "--max-windows", "2"]
+    result = runner.invoke(app, [*args, "--split", "val", "--out", str(tmp_path / "sim")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "sim" / "simulation.json").read_text())
+    assert report["split"] == "val" and {"lru", "lfu", "lrfu", "belady"} <= {r["eviction"] for r in report["rows"]}
+    result = runner.invoke(app, [*args, "--split", "dev", "--out", str(tmp_path / "bad")])
+    assert result.exit_code != 0 and "must be train, val or test, got 'dev'" in result.output

@@ -3,9 +3,13 @@ commit 35e89de: an ablation for docs/benchmarks.md ("Where the gap to the oracle
 
     python scripts/bench-without-prefetch-protection.py bench offload ARGS...
 """
+
 import sys
-from specmoe.offload.cache import EvictionPolicy
-EvictionPolicy.protects_prefetches = False
+
 from specmoe.cli import app
-sys.argv = ["specmoe"] + sys.argv[1:]
-app()
+from specmoe.offload.cache import EvictionPolicy
+
+if __name__ == "__main__":
+    EvictionPolicy.protects_prefetches = False
+    sys.argv = ["specmoe", *sys.argv[1:]]
+    app()

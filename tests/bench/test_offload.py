@@ -66,7 +66,9 @@ def test_policies_can_be_chosen_and_unknown_ones_are_refused(finished_run, tmp_p
         ("oracle", "belady"),
     ]
     assert rows[0]["speedup_vs_on_demand"] is None and rows[3]["fraction_of_oracle"] == 1.0
-    assert rows[2]["demand_reads"] == report["top_k"]  # the first token's first layer: nothing came before
+    # it prefetched (how many of its reads the decoder took over first depends on thread timing)
+    assert rows[2]["bytes_read"] > rows[2]["demand_reads"] * report["expert_shape"]["bytes"]
+    assert rows[0]["bytes_read"] == rows[0]["demand_reads"] * report["expert_shape"]["bytes"]  # LRU: none
     with pytest.raises(InputError, match="--policies must be a non-empty subset of .*got 'lru,fifo'"):
         benchmark_offload(out / "traces", predictor_dirs=[], hidden=8, ffn=8, policies=("lru", "fifo"))
     with pytest.raises(InputError, match="--policies prefetch needs at least one --predictor-dir"):

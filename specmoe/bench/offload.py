@@ -34,6 +34,14 @@ from specmoe.predictors.data import TraceDataset
 from specmoe.traces.store import TraceStore
 
 POLICIES = ("on-demand", "lru", "lfu", "lrfu", "belady", "prefetch", "prefetch+next-token", "oracle-prefetch", "oracle")
+REPLAY_POLICY = {
+    "on-demand": "on-demand",
+    "prefetch": "prefetch",
+    "prefetch+next-token": "prefetch",
+    "oracle-prefetch": "oracle",
+    "oracle": "oracle",
+}
+"""How :func:`replay` runs each policy; the others are caches (``cache``) that differ in eviction."""
 
 
 def _test_tokens(store: TraceStore, tokens: int, split_seed: int, hidden_kinds=()):
@@ -193,15 +201,7 @@ def benchmark_offload(
                 continue
             fraction, label, predictor, eviction = configs[i]
             budget_bytes = max(expert_bytes * model.top_k, int(fraction * total))
-            policy = (
-                "prefetch"
-                if label.startswith("prefetch")
-                else "oracle"
-                if label.startswith("oracle")
-                else label
-                if label == "on-demand"
-                else "cache"
-            )
+            policy = REPLAY_POLICY.get(label, "cache")
             result = replay(
                 files,
                 routing,

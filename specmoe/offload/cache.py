@@ -29,15 +29,20 @@ class EvictionPolicy:
     def __init__(self):
         self.awaiting: set[Key] = set()
         """Prefetched, and its layer has not run since."""
+        self.last: dict[Key, int] = {}
+        """When each key was last inserted or used (-1: demoted); what ties break by."""
 
     def on_insert(self, key: Key, position: int) -> None:
         self.awaiting.add(key)
+        self.last[key] = position
 
     def on_use(self, key: Key, position: int) -> None:
         self.awaiting.discard(key)
+        self.last[key] = position
 
     def demote(self, key: Key) -> None:
         self.awaiting.discard(key)
+        self.last[key] = -1
 
     def victim(self, candidates: list[Key], position: int) -> Key:
         raise NotImplementedError
@@ -53,22 +58,6 @@ class EvictionPolicy:
 class LRU(EvictionPolicy):
     name = "lru"
 
-    def __init__(self):
-        super().__init__()
-        self.last: dict[Key, int] = {}
-
-    def on_insert(self, key, position):
-        super().on_insert(key, position)
-        self.last[key] = position
-
-    def on_use(self, key, position):
-        super().on_use(key, position)
-        self.last[key] = position
-
-    def demote(self, key):
-        super().demote(key)
-        self.last[key] = -1
-
     def victim(self, candidates, position):
         return min(candidates, key=lambda k: self.last.get(k, -1))
 
@@ -81,20 +70,14 @@ class LFU(EvictionPolicy):
     def __init__(self):
         super().__init__()
         self.count: dict[Key, int] = defaultdict(int)
-        self.last: dict[Key, int] = {}
-
-    def on_insert(self, key, position):
-        super().on_insert(key, position)
-        self.last[key] = position
 
     def on_use(self, key, position):
         super().on_use(key, position)
         self.count[key] += 1
-        self.last[key] = position
 
     def demote(self, key):
         super().demote(key)
-        self.count[key], self.last[key] = 0, -1
+        self.count[key] = 0
 
     def victim(self, candidates, position):
         return min(candidates, key=lambda k: (self.count.get(k, 0), self.last.get(k, -1)))
@@ -118,11 +101,9 @@ class LRFU(EvictionPolicy):
         super().__init__()
         self.half_life = half_life
         self.log_score: dict[Key, float] = {}
-        self.last: dict[Key, int] = {}
 
     def on_insert(self, key, position):
         super().on_insert(key, position)
-        self.last[key] = position
         self.log_score.setdefault(key, -math.inf)
 
     def on_use(self, key, position):
@@ -130,11 +111,10 @@ class LRFU(EvictionPolicy):
         now = position / self.half_life
         decayed = 2.0 ** (self.log_score.get(key, -math.inf) - now)  # the score now
         self.log_score[key] = math.log2(decayed + 1.0) + now
-        self.last[key] = position
 
     def demote(self, key):
         super().demote(key)
-        self.log_score[key], self.last[key] = -math.inf, -1
+        self.log_score[key] = -math.inf
 
     def victim(self, candidates, position):
         return min(candidates, key=lambda k: (self.log_score.get(k, -math.inf), self.last.get(k, -1)))

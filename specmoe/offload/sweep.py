@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from specmoe.errors import InputError
 from specmoe.evaluation.evaluate import dataset_for
+from specmoe.offload.cache import EVICTIONS
 from specmoe.offload.cost import HardwareProfile
 from specmoe.offload.replay import decode_order
 from specmoe.offload.simulator import SimulationConfig, oracle_reach, simulate
@@ -39,6 +40,12 @@ class SweepConfig:
     oracle_lookahead: int | None = None
     """Layers the oracle reads ahead in decode order, into the next token (None: L-1, as far
     as a layer-keyed fast tier allows; the measured benchmark's oracle does the same)."""
+
+    def __post_init__(self):
+        # checked here, not when the first run of the sweep builds its policy
+        for name in (self.prefetch_eviction, *self.cache_evictions):
+            if name not in EVICTIONS:
+                raise InputError(f"eviction must be one of {', '.join(EVICTIONS)}, got {name!r}")
 
 
 def run_sweep(

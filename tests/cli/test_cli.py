@@ -101,7 +101,7 @@ def test_bench_offload_writes_its_report_then_drops_its_finished_runs(finished_r
     assert not (tmp_path / "o.json.partial.jsonl").exists()
 
 
-def test_simulate_replays_the_split_asked_for_and_refuses_an_unknown_one(finished_run, tmp_path):
+def test_simulate_replays_the_split_asked_for_and_refuses_an_unknown_split_or_eviction(finished_run, tmp_path):
     out, _ = finished_run
     args = ["simulate", "--traces", str(out / "traces"), "--cache-fractions", "0.5", "--max-windows", "2"]
     result = runner.invoke(app, [*args, "--split", "val", "--out", str(tmp_path / "sim")])
@@ -110,3 +110,7 @@ def test_simulate_replays_the_split_asked_for_and_refuses_an_unknown_one(finishe
     assert report["split"] == "val" and {"lru", "lfu", "lrfu", "belady"} <= {r["eviction"] for r in report["rows"]}
     result = runner.invoke(app, [*args, "--split", "dev", "--out", str(tmp_path / "bad")])
     assert result.exit_code != 0 and "must be train, val or test, got 'dev'" in result.output
+    result = runner.invoke(app, [*args, "--prefetch-eviction", "fifo", "--out", str(tmp_path / "bad")])
+    assert isinstance(result.exception, InputError)  # the entry point prints it as one line
+    assert "eviction must be one of lru, lfu, lrfu, belady, got 'fifo'" in str(result.exception)
+    assert not (tmp_path / "bad").exists()

@@ -14,7 +14,7 @@ runner = CliRunner()
 def test_models_list_names_every_family_and_builtin():
     result = runner.invoke(app, ["models", "list"])
     assert result.exit_code == 0
-    for name in ("switch_transformers", "deepseek_v3", "llama4_text", "switch-128e", "olmoe-64e"):
+    for name in ("switch_transformers", "deepseek_v3", "llama4_text", "switch-128e", "olmoe-64e", "mixtral-32e"):
         assert name in result.output
 
 

@@ -60,26 +60,47 @@ def _switch_config(vocab_size: int):
     )
 
 
+# The trunk both decoders share, so that they differ only in their experts and routing.
+_SMALL_DECODER = {
+    "hidden_size": 128,
+    "intermediate_size": 64,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "bos_token_id": None,
+    "tie_word_embeddings": False,
+}
+
+
 def _olmoe_config(vocab_size: int):
     from transformers import OlmoeConfig
 
     # Today's fine-grained style: top-8 of 64 small experts in every one of 8 layers.
     return OlmoeConfig(
         vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=64,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
         num_experts=64,
         num_experts_per_tok=8,
         norm_topk_prob=False,
         router_aux_loss_coef=0.01,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-        tie_word_embeddings=False,
+        **_SMALL_DECODER,
+    )
+
+
+def _mixtral_config(vocab_size: int):
+    from transformers import MixtralConfig
+
+    # Coarse top-2 routing in a decoder (Mixtral's 2 of 8, with more experts to choose from):
+    # with so few experts per token, a prefetch's reach matters more than on top-8 routing.
+    return MixtralConfig(
+        vocab_size=vocab_size,
+        num_local_experts=32,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=0.05,
+        router_jitter_noise=0.0,
+        **_SMALL_DECODER,
     )
 
 
@@ -95,6 +116,13 @@ BUILTIN_SPECS: dict[str, BuiltinSpec] = {
         ),
         BuiltinSpec(
             "olmoe-64e", "OLMoE-style decoder, top-8 of 64 experts, 8 MoE layers", "causal_lm", 8192, _olmoe_config
+        ),
+        BuiltinSpec(
+            "mixtral-32e",
+            "Mixtral-style decoder, top-2 of 32 experts, 8 MoE layers",
+            "causal_lm",
+            8192,
+            _mixtral_config,
         ),
     )
 }

@@ -95,12 +95,19 @@ class NextTokenPlanner:
                 f"got {getattr(self.table, 'name', type(self.table).__name__)!r}"
             )
 
-    def plan(self, residual: torch.Tensor) -> list[Key]:
-        """Keys for the next tokens of the N sequences whose residuals (N, D) are given,
-        pooled over the batch like any plan."""
+    def guess(self, residual: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """The guessed next tokens of the N sequences whose residuals (N, D) are given, and
+        their weights, both (N, candidates). Called on the decoding thread: the lens is one
+        matrix product, and run on the prefetch thread, beside the layers computing, its
+        torch call slowed them by more than it saved (``docs/benchmarks.md``)."""
         ids, probs = self.lens.guess(residual, self.candidates)
         self.guesses += 1
         self.last_guesses = ids[:, 0].tolist()
+        return ids, probs
+
+    def plan(self, ids: np.ndarray, probs: np.ndarray) -> list[Key]:
+        """Keys for the guessed tokens (from :meth:`guess`), pooled over the batch like any
+        plan: a table lookup, cheap enough for the prefetch thread."""
         n, candidates = ids.shape
         rows = self.table.token_rows(ids.reshape(-1))  # (N * candidates, L, E)
         targets = range(self.depth)

@@ -178,7 +178,7 @@ def replay(
         ahead = range(now + 1, min(now + 1 + oracle_lookahead, tokens * layers))
         return [(p % layers, int(e)) for p in ahead for e in routing[p // layers, p % layers] if e >= 0]
 
-    guessed = {"made": 0, "right": 0}  # for timed tokens only, whenever the plan runs
+    guessed = {"made": 0, "right": 0}  # for timed tokens only
 
     def plan(t: int, layer: int) -> list[tuple[int, int]]:
         return planner.plan(
@@ -189,22 +189,26 @@ def replay(
             hidden=None if states is None else states[t : t + 1, : layer + 1],
         )
 
-    def guess_plan(t: int) -> list[tuple[int, int]]:
-        keys = next_token.plan(residuals[t : t + 1])
-        if t >= warmup:
-            guessed["made"] += 1
-            guessed["right"] += next_token.last_guesses[0] == token_ids[t + 1]
+    def guess_plan(t: int, ids: np.ndarray, probs: np.ndarray) -> list[tuple[int, int]]:
         # a plan run late keeps only the layers token t+1 has not reached
-        return [key for key in keys if (t + 1) * layers + key[0] > tier.position]
+        return [key for key in next_token.plan(ids, probs) if (t + 1) * layers + key[0] > tier.position]
 
     # What prediction costs the decoding thread: handing a plan over, or (inline) planning.
     # Wall time includes waiting for a core or the GIL; CPU time is the thread's own work.
     # Planning on the prefetch thread is counted there (stats plan_s, plan_cpu_s).
     predict_s = predict_cpu_s = 0.0
 
-    def submit(make_keys, keep: bool = False) -> None:
+    def submit(make_keys, keep: bool = False, t: int | None = None) -> None:
+        """Hand a plan over; with ``t``, guess token t+1 here first (the guess's cost counts
+        as the decoding thread's)."""
         nonlocal predict_s, predict_cpu_s
         began, began_cpu = time.perf_counter(), time.thread_time()
+        if t is not None:
+            ids, probs = next_token.guess(residuals[t : t + 1])
+            make_keys = functools.partial(make_keys, t, ids, probs)
+            if t >= warmup:
+                guessed["made"] += 1
+                guessed["right"] += int(ids[0, 0]) == token_ids[t + 1]
         if planning == "inline":
             prefetcher.request(make_keys())
         else:
@@ -241,7 +245,7 @@ def replay(
                     submit(functools.partial(plan, t, layer))
                 finish_layer(tier, prefetcher, layer)
                 if next_token is not None and layer == next_token.guess_layer and t + 1 < tokens:
-                    submit(functools.partial(guess_plan, t), keep=True)  # no later plan of t covers t+1
+                    submit(guess_plan, keep=True, t=t)  # kept: no later plan of t covers t+1
                 if policy == "on-demand":
                     tier.clear()
         _synchronize(transfer.device)

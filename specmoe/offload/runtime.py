@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -284,12 +285,13 @@ class OffloadRuntime:
                 self.prefetcher.plan(functools.partial(self._awaiting_output, list(self._states)))
         if self.next_token is not None and layer - self._stack_range[layer][0] == self.next_token.guess_layer:
             residual = hidden[:, -1] if hidden.dim() == 3 else hidden[-1:]  # each sequence's newest token
+            ids, probs = self.next_token.guess(residual.detach())  # here: see NextTokenPlanner.guess
+            self.guess_log.append((self.step, ids[:, 0].tolist()))
             # kept: no later plan of this step covers the next one
-            self.prefetcher.plan(functools.partial(self._guess, residual.detach(), self.step), keep=True)
+            self.prefetcher.plan(functools.partial(self._guess_keys, ids, probs, self.step), keep=True)
 
-    def _guess(self, residual: torch.Tensor, step: int) -> list[Key]:
-        keys = self.next_token.plan(residual)
-        self.guess_log.append((step, self.next_token.last_guesses))
+    def _guess_keys(self, ids: np.ndarray, probs: np.ndarray, step: int) -> list[Key]:
+        keys = self.next_token.plan(ids, probs)
         # a plan run late keeps only the layers the next step has not reached
         return [key for key in keys if (step + 1) * len(self.layers) + key[0] > self.tier.position]
 

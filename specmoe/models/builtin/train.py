@@ -2,9 +2,11 @@
 
     specmoe models train-builtin switch-128e --steps 1200
     specmoe models train-builtin olmoe-64e --steps 1200
+    specmoe models train-builtin mixtral-32e --steps 1200
 
-Both use transformers' own classes (``SwitchTransformersForConditionalGeneration`` with
-T5 span corruption, ``OlmoeForCausalLM`` with next-token prediction), so the result is an
+All use transformers' own classes (``SwitchTransformersForConditionalGeneration`` with
+T5 span corruption, ``OlmoeForCausalLM`` and ``MixtralForCausalLM`` with next-token
+prediction), so the result is an
 ordinary Hugging Face checkpoint: ``from_pretrained(dir)`` loads it like any other.
 The run writes ``training.json`` (loss curve, per-layer routing entropy) beside the weights.
 """

@@ -6,8 +6,8 @@
 
 All use transformers' own classes (``SwitchTransformersForConditionalGeneration`` with
 T5 span corruption, ``OlmoeForCausalLM`` and ``MixtralForCausalLM`` with next-token
-prediction), so the result is an
-ordinary Hugging Face checkpoint: ``from_pretrained(dir)`` loads it like any other.
+prediction), so the result is an ordinary Hugging Face checkpoint: ``from_pretrained(dir)``
+loads it like any other.
 The run writes ``training.json`` (loss curve, per-layer routing entropy) beside the weights.
 """
 

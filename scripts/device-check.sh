@@ -4,7 +4,7 @@
 #
 # Prepare, in this checkout, once (that machine cannot reach PyPI, and its image lacks pydantic):
 #   scripts/device-check.sh --download-wheels
-# The tool sends at most 64 MiB of working tree and the tracked files are 65.5 MiB, so keep
+# The tool sends at most 64 MiB of working tree and the tracked files are 83 MiB, so keep
 # the olmoe built-in (not needed here) from travelling for the call, and restore it after:
 #   git rm -q --cached -r specmoe/models/builtin/weights/olmoe-64e
 #   echo /specmoe/models/builtin/weights/olmoe-64e/ >> .git/info/exclude

@@ -193,7 +193,8 @@ def replay(
         # a plan run late keeps only the layers token t+1 has not reached
         return [key for key in next_token.plan(ids, probs) if (t + 1) * layers + key[0] > tier.position]
 
-    # What prediction costs the decoding thread: handing a plan over, or (inline) planning.
+    # What prediction costs the decoding thread: handing a plan over, or (inline) planning,
+    # and the next-token guess.
     # Wall time includes waiting for a core or the GIL; CPU time is the thread's own work.
     # Planning on the prefetch thread is counted there (stats plan_s, plan_cpu_s).
     predict_s = predict_cpu_s = 0.0

@@ -138,7 +138,7 @@ class OffloadRuntime:
         self.budget = budget or 2 * loaded.top_k
         self.next_token = None
         self.guess_log: list[tuple[int, list[int]]] = []
-        """(step, guessed next token per sequence) of every next-token plan that ran."""
+        """(step, guessed next token per sequence) of every guess made (on the decoding thread)."""
         self._awaiting_output = None
         if next_token_layer is not None:
             if predictor is None:

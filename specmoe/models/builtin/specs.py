@@ -60,7 +60,8 @@ def _switch_config(vocab_size: int):
     )
 
 
-# The trunk both decoders share, so that they differ only in their experts and routing.
+# The sizes and token ids both decoders share (their attention follows their families: OLMoE's
+# QK-norm, Mixtral's rope base).
 _SMALL_DECODER = {
     "hidden_size": 128,
     "intermediate_size": 64,

@@ -97,9 +97,10 @@ class NextTokenPlanner:
 
     def guess(self, residual: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """The guessed next tokens of the N sequences whose residuals (N, D) are given, and
-        their weights, both (N, candidates). Called on the decoding thread: the lens is one
-        matrix product, and run on the prefetch thread, beside the layers computing, its
-        torch call slowed them by more than it saved (``docs/benchmarks.md``)."""
+        their weights, both (N, candidates). Meant for the decoding thread: the lens is one
+        matrix product, and on the prefetch thread its torch call slowed the layers computing
+        beside it by more than the prefetch saved (``docs/benchmarks.md``, "Top-2 routing in
+        a decoder")."""
         ids, probs = self.lens.guess(residual, self.candidates)
         self.guesses += 1
         self.last_guesses = ids[:, 0].tolist()

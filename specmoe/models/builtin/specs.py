@@ -93,8 +93,8 @@ def _olmoe_config(vocab_size: int):
 def _mixtral_config(vocab_size: int):
     from transformers import MixtralConfig
 
-    # Coarse top-2 routing in a decoder (Mixtral's 2 of 8, with more experts to choose from):
-    # with so few experts per token, a prefetch's reach matters more than on top-8 routing.
+    # Coarse top-2 routing in a decoder (Mixtral's 2 of 8, with more experts to choose from),
+    # between switch-128e's top-1 and olmoe-64e's top-8.
     return MixtralConfig(
         vocab_size=vocab_size,
         num_local_experts=32,

@@ -103,7 +103,7 @@ def benchmark_offload(
     budget: int | None = None,
     threshold: float = 0.0,
     oracle_lookahead: int | None = None,
-    planning: str = "background",
+    planning: str | tuple[str, ...] = "background",
     policies: tuple[str, ...] | None = None,
     prefetch_eviction: str = "lru",
     next_token_layer: int | None = None,
@@ -131,8 +131,10 @@ def benchmark_offload(
             raise InputError("--policies prefetch+next-token needs --next-token-layer")
     if prefetch_eviction not in EVICTIONS:
         raise InputError(f"--prefetch-eviction must be one of {', '.join(EVICTIONS)}, got {prefetch_eviction!r}")
-    if planning not in PLANNING:
-        raise InputError(f"--planning must be one of {', '.join(PLANNING)}, got {planning!r}")
+    plannings = (planning,) if isinstance(planning, str) else tuple(planning)
+    for mode in plannings or ("",):
+        if mode not in PLANNING:
+            raise InputError(f"--planning must be one of {', '.join(PLANNING)}, got {mode!r}")
     store = TraceStore.open(traces)
     model = store.manifest.model
     layers = model.stacks[store.default_stack()].num_layers
@@ -181,13 +183,15 @@ def benchmark_offload(
         files.reserve_buffers(int(max(cache_fractions) * layers * model.num_experts) + 2)
         machine_interference = interference(files, layers, model.num_experts, device)
         total = layers * model.num_experts * expert_bytes
-        runs = [("on-demand", None, "lru"), ("lru", None, "lru"), ("lfu", None, "lfu"), ("lrfu", None, "lrfu")]
-        runs += [("belady", None, "belady")]
-        runs += [("prefetch", p, prefetch_eviction) for p in predictors]
+        first = plannings[0]  # policies that plan nothing run once
+        runs = [("on-demand", None, "lru", first), ("lru", None, "lru", first), ("lfu", None, "lfu", first)]
+        runs += [("lrfu", None, "lrfu", first), ("belady", None, "belady", first)]
+        # several planning modes: each predictor's runs once per mode, interleaved with the rest
+        runs += [("prefetch", p, prefetch_eviction, mode) for p in predictors for mode in plannings]
         if next_token is not None:
-            runs += [("prefetch+next-token", p, prefetch_eviction) for p in predictors]
+            runs += [("prefetch+next-token", p, prefetch_eviction, mode) for p in predictors for mode in plannings]
         # the recorded future prefetched but not evicted by: what prediction alone could reach
-        runs += [("oracle-prefetch", None, prefetch_eviction), ("oracle", None, "belady")]
+        runs += [("oracle-prefetch", None, prefetch_eviction, first), ("oracle", None, "belady", first)]
         runs = [run for run in runs if run[0] in (policies or POLICIES)]
         configs = [(fraction, *run) for fraction in cache_fractions for run in runs]
         timings: dict[int, list] = {i: [] for i in range(len(configs))}
@@ -199,7 +203,7 @@ def benchmark_offload(
             if run in finished.done:
                 timings[i].append(ReplayResult(**finished.done[run]))
                 continue
-            fraction, label, predictor, eviction = configs[i]
+            fraction, label, predictor, eviction, mode = configs[i]
             budget_bytes = max(expert_bytes * model.top_k, int(fraction * total))
             policy = REPLAY_POLICY.get(label, "cache")
             result = replay(
@@ -218,12 +222,13 @@ def benchmark_offload(
                 device=device,
                 warmup=warmup,
                 oracle_lookahead=oracle_lookahead,
-                planning=planning,
+                planning=mode,
                 next_token=next_token() if label == "prefetch+next-token" else None,
                 residuals=states["residual_out"][:, next_token_layer] if guessing else None,
                 states=states.get(getattr(predictor, "needs_hidden", None)),
             )
             result.policy, result.eviction = label, eviction
+            result.planning = mode if policy == "prefetch" else None
             result.predictor = labels[id(predictor)] if predictor is not None else None
             timings[i].append(result)
             finished.add(run, dataclasses.asdict(result))
@@ -255,7 +260,7 @@ def benchmark_offload(
             "lookahead": lookahead,
             "budget": budget,
             "threshold": threshold,
-            "planning": planning,
+            "planning": ",".join(plannings),
             "eviction": prefetch_eviction,
         },
         "next_token": None

@@ -92,7 +92,10 @@ def bench_offload(
     ] = None,
     planning: Annotated[
         str,
-        typer.Option(help="background: plans run on the prefetch thread. inline: on the decoding thread (to compare)."),
+        typer.Option(
+            help="background: plans run on the prefetch thread. inline: on the decoding thread. Both "
+            "(background,inline): each prefetch run once per mode, interleaved, to compare them in one pass."
+        ),
     ] = "background",
     policies: Annotated[
         str | None,
@@ -141,7 +144,7 @@ def bench_offload(
         budget=budget,
         threshold=threshold,
         oracle_lookahead=oracle_lookahead,
-        planning=planning,
+        planning=tuple(mode.strip() for mode in planning.split(",")),
         prefetch_eviction=prefetch_eviction,
         next_token_layer=next_token_layer,
         next_token_depth=next_token_depth,
@@ -161,6 +164,7 @@ def bench_offload(
         label += (
             f"/{r['eviction']}" if r["policy"].startswith(("prefetch", "oracle-")) and r["eviction"] != "lru" else ""
         )
+        label += "/inline" if r.get("planning") == "inline" else ""
         typer.echo(
             f"{r['cache_fraction']:>6.2f} {label:<32} {r['tokens_per_s']:>8.2f} {r['time_per_token_ms']:>8.1f} "
             f"{r['stall_fraction']:>6.3f} {r['hit_rate']:>6.3f} {r['bytes_read'] / 2**20:>9.1f} "

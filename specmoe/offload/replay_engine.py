@@ -68,12 +68,15 @@ class ReplayResult:
     seconds: float
     stats: dict
     eviction: str = "lru"
+    planning: str | None = None
+    """Where its plans ran (prefetch runs only): ``background`` or ``inline``."""
 
     def row(self, cache_fraction: float) -> dict:
         return {
             "policy": self.policy,
             "predictor": self.predictor,
             "eviction": self.eviction,
+            "planning": self.planning,
             "cache_fraction": cache_fraction,
             "budget_bytes": self.budget_bytes,
             "tokens": self.tokens,

@@ -152,13 +152,16 @@ def test_next_token_guesses_from_the_last_layer_are_the_models_own_choices(greed
         repeats=1,
         policies=("prefetch", "prefetch+next-token"),
         next_token_layer=1,  # the last layer: its lens is the model's own output
-        planning="inline",
+        planning=("background", "inline"),
         experts_dir=tmp_path,
     )
     assert report["traces_mode"] == "greedy" and report["next_token"]["layer"] == 1
-    rows = {r["policy"]: r for r in report["rows"]}
-    assert rows["prefetch"]["next_token_guess_accuracy"] is None
-    assert rows["prefetch+next-token"]["next_token_guess_accuracy"] == 1.0
+    # each prefetch policy once per planning mode, in one pass
+    assert report["prefetch"]["planning"] == "background,inline" and len(report["rows"]) == 4
+    rows = {(r["policy"], r["planning"]): r for r in report["rows"]}
+    for mode in ("background", "inline"):
+        assert rows["prefetch", mode]["next_token_guess_accuracy"] is None
+        assert rows["prefetch+next-token", mode]["next_token_guess_accuracy"] == 1.0
 
 
 def test_next_token_prefetch_needs_residuals_a_token_table_and_a_layer(greedy_traces, tmp_path):

@@ -132,9 +132,8 @@ def benchmark_offload(
     if prefetch_eviction not in EVICTIONS:
         raise InputError(f"--prefetch-eviction must be one of {', '.join(EVICTIONS)}, got {prefetch_eviction!r}")
     plannings = (planning,) if isinstance(planning, str) else tuple(planning)
-    for mode in plannings or ("",):
-        if mode not in PLANNING:
-            raise InputError(f"--planning must be one of {', '.join(PLANNING)}, got {mode!r}")
+    if not plannings or not set(plannings) <= set(PLANNING):
+        raise InputError(f"--planning must be one of {', '.join(PLANNING)}, got {','.join(plannings)!r}")
     store = TraceStore.open(traces)
     model = store.manifest.model
     layers = model.stacks[store.default_stack()].num_layers

@@ -11,7 +11,7 @@ knows all its input tokens up front.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -76,8 +76,6 @@ class NextTokenPlanner:
     budget: int = 2
     threshold: float = 0.0
     candidates: int = 1
-    guesses: int = 0
-    last_guesses: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         if not 0 <= self.guess_layer < self.num_layers:
@@ -101,10 +99,7 @@ class NextTokenPlanner:
         matrix product, and on the prefetch thread its torch call slowed the layers computing
         beside it by more than the prefetch saved (``docs/benchmarks.md``, "Top-2 routing in
         a decoder")."""
-        ids, probs = self.lens.guess(residual, self.candidates)
-        self.guesses += 1
-        self.last_guesses = ids[:, 0].tolist()
-        return ids, probs
+        return self.lens.guess(residual, self.candidates)
 
     def plan(self, ids: np.ndarray, probs: np.ndarray) -> list[Key]:
         """Keys for the guessed tokens (from :meth:`guess`), pooled over the batch like any

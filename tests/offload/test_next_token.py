@@ -61,10 +61,11 @@ def _routing_of(tokens: np.ndarray) -> np.ndarray:
 
 def test_the_plan_holds_the_guessed_tokens_experts_for_its_first_layers(token_table):
     planner = NextTokenPlanner(_GuessStored(), token_table, guess_layer=2, num_layers=LAYERS, depth=2, budget=2)
-    keys = planner.plan(*planner.guess(torch.tensor([[21.0, 0.0]])))
+    ids, probs = planner.guess(torch.tensor([[21.0, 0.0]]))
+    assert ids.tolist() == [[21]] and probs.tolist() == [[1.0]]
+    keys = planner.plan(ids, probs)
     expected = _routing_of(np.array([21]))[0]
     assert sorted(keys) == sorted((layer, int(e)) for layer in (0, 1) for e in expected[layer])
-    assert (planner.guesses, planner.last_guesses) == (1, [21])
     # targets stop at the guess layer: after layer 0 only the next token's layer 0 may be keyed
     early = NextTokenPlanner(_GuessStored(), token_table, guess_layer=0, num_layers=LAYERS, depth=1, budget=2)
     assert {layer for layer, _ in early.plan(*early.guess(torch.tensor([[21.0, 0.0]])))} == {0}

@@ -7,7 +7,7 @@ commit 35e89de: an ablation for docs/benchmarks.md ("Where the gap to the oracle
 import sys
 
 from specmoe.cli import app
-from specmoe.offload.cache import EvictionPolicy
+from specmoe.offload.eviction import EvictionPolicy
 
 if __name__ == "__main__":
     EvictionPolicy.protects_prefetches = False

@@ -15,7 +15,7 @@ from specmoe.errors import SpecmoeError
 from specmoe.evaluation.evaluate import dataset_for, evaluate
 from specmoe.evaluation.latency import model_time_per_token_us
 from specmoe.predictors.neural.base import TorchPredictor
-from specmoe.predictors.registry import make_predictor
+from specmoe.predictors.registry import make_predictor, parse_label
 from specmoe.traces.splits import assign_splits
 from specmoe.traces.store import TraceStore
 
@@ -35,12 +35,12 @@ BUDGETS = {"cpu": {"epochs": 2, "max_steps_per_epoch": 100, "batch_size": 128}, 
 
 
 def _make(spec: str, budget: str, horizons: int):
-    name, _, preset = spec.partition(":")
-    probe = make_predictor(name, preset or None, horizons=horizons)
+    name, preset = parse_label(spec)
+    probe = make_predictor(name, preset, horizons=horizons)
     overrides = BUDGETS[budget] if isinstance(probe, TorchPredictor) else {}
     if name == "ensemble" and budget == "cpu":
         overrides = {"member_params": {"interlayer:small": BUDGETS["cpu"]}}
-    return make_predictor(name, preset or None, horizons=horizons, **overrides)
+    return make_predictor(name, preset, horizons=horizons, **overrides)
 
 
 def benchmark_predictors(

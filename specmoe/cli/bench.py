@@ -10,6 +10,12 @@ from typing import Annotated
 
 import typer
 
+from specmoe.bench.settings import OffloadBenchSettings
+from specmoe.cli.params import default, option, parse_list
+from specmoe.offload.policy import PrefetchSettings
+from specmoe.offload.settings import NextTokenSettings
+from specmoe.settings import validated
+
 app = typer.Typer(help="Benchmarks (write JSON).", no_args_is_help=True)
 
 
@@ -66,112 +72,85 @@ def bench_predictors(
     typer.echo(markdown_table(report))
 
 
+B, P, N = OffloadBenchSettings, PrefetchSettings, NextTokenSettings
+
+
 @app.command("offload")
 def bench_offload(
     traces: Annotated[Path, typer.Option(help="Trace store whose test split supplies the routing.")],
     json_out: Annotated[Path, typer.Option("--json", help="Write rows here.")],
     predictor_dir: Annotated[list[Path] | None, typer.Option(help="Routing predictors for prefetch.")] = None,
-    expert_shape: Annotated[
-        str, typer.Option(help="hidden,ffn of a real model's expert (OLMoE-1B-7B: 2048,1024).")
-    ] = "2048,1024",
-    tokens: Annotated[int, typer.Option(help="Decode steps replayed.")] = 48,
-    cache_fractions: Annotated[str, typer.Option()] = "0.1,0.25,0.5",
-    lookahead: Annotated[int, typer.Option(help="Prefetch layers l+1..l+H.")] = 1,
-    budget: Annotated[int | None, typer.Option(help="Experts per target layer to prefetch (default 2k).")] = None,
-    threshold: Annotated[float, typer.Option(help="Minimum predicted probability to prefetch.")] = 0.0,
-    repeats: Annotated[int, typer.Option(help="Runs per configuration, in shuffled order; the median is kept.")] = 3,
-    experts_dir: Annotated[Path | None, typer.Option(help="Where the expert files go (a real disk).")] = None,
-    split_seed: Annotated[int, typer.Option(help="Seed of the document split whose test part is replayed.")] = 0,
-    warmup: Annotated[int, typer.Option(min=0, help="Decode steps before the clock starts (they fill the cache).")] = 0,
-    device: Annotated[
-        str, typer.Option(help="cpu: experts on disk, cache in RAM. cuda: experts in pinned RAM, cache on the GPU.")
-    ] = "cpu",
-    oracle_lookahead: Annotated[
-        int | None,
-        typer.Option(help="Layers the oracle reads ahead in decode order, into the next token (default: L-1)."),
-    ] = None,
-    planning: Annotated[
-        str,
-        typer.Option(
-            help="background: plans run on the prefetch thread. inline: on the decoding thread. Both "
-            "(background,inline): each prefetch run once per mode, interleaved, to compare them in one pass."
-        ),
-    ] = "background",
-    policies: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma-separated subset of on-demand,lru,lfu,lrfu,belady,prefetch,prefetch+next-token,"
-            "oracle-prefetch,oracle (default: all). oracle-prefetch: the recorded future, evicted by "
-            "--prefetch-eviction; oracle: evicted by it (Belady)."
-        ),
-    ] = None,
-    prefetch_eviction: Annotated[
-        str, typer.Option(help="Eviction with prefetch and oracle-prefetch: lru, lfu, lrfu or belady.")
-    ] = "lru",
+    expert_shape: Annotated[str, option(B, "expert_shape")] = default(B, "expert_shape"),
+    tokens: Annotated[int, option(B, "tokens")] = default(B, "tokens"),
+    warmup: Annotated[int, option(B, "warmup")] = default(B, "warmup"),
+    repeats: Annotated[int, option(B, "repeats")] = default(B, "repeats"),
+    cache_fractions: Annotated[str, option(B, "cache_fractions")] = default(B, "cache_fractions"),
+    policies: Annotated[str | None, option(B, "policies")] = None,
+    planning: Annotated[str, option(B, "planning")] = default(B, "planning"),
+    device: Annotated[str, option(B, "device")] = default(B, "device"),
+    layers_ahead: Annotated[int, option(P, "layers_ahead")] = default(P, "layers_ahead"),
+    experts_per_layer: Annotated[int | None, option(P, "experts_per_layer")] = None,
+    min_probability: Annotated[float, option(P, "min_probability")] = default(P, "min_probability"),
+    eviction: Annotated[str, option(P, "eviction")] = default(P, "eviction"),
+    oracle_reach: Annotated[int | None, option(P, "oracle_reach")] = None,
     next_token_layer: Annotated[
         int | None,
-        typer.Option(
+        option(
+            N,
+            "layer",
             help="Also run prefetch+next-token: after this MoE layer, guess the next token from the residual "
             "stream (final norm + unembedding) and prefetch its first layers from a token table "
-            "(decoder-only models; traces from `collect --generate --save-residuals`)."
+            "(decoder-only models; traces from `collect --generate --save-residuals`).",
         ),
     ] = None,
-    next_token_depth: Annotated[int, typer.Option(help="How many of the next token's first layers to prefetch.")] = 1,
-    next_token_candidates: Annotated[
-        int, typer.Option(help="Guessed tokens whose experts are pooled, weighted by probability.")
-    ] = 1,
+    next_token_depth: Annotated[int, option(N, "depth")] = default(N, "depth"),
+    next_token_candidates: Annotated[int, option(N, "candidates")] = default(N, "candidates"),
+    experts_dir: Annotated[Path | None, typer.Option(help="Where the expert files go (a real disk).")] = None,
+    split_seed: Annotated[int, typer.Option(help="Seed of the document split whose test part is replayed.")] = 0,
 ) -> None:
     """Measured tokens/s per policy: real recorded routing, experts of a real shape in a slow tier.
     Interrupted, it resumes on the same command: finished runs wait in JSON.partial.jsonl."""
-    from specmoe.bench.offload import benchmark_offload
+    from specmoe.bench.offload import benchmark_offload, offload_table
     from specmoe.bench.progress import discard, progress_file_for
-    from specmoe.cli.params import parse_list
 
-    hidden, ffn = parse_list(expert_shape, int, "--expert-shape", length=2)
+    next_token = None
+    if next_token_layer is not None:
+        next_token = {"layer": next_token_layer, "depth": next_token_depth, "candidates": next_token_candidates}
+    settings = validated(
+        OffloadBenchSettings,
+        {
+            "expert_shape": parse_list(expert_shape, int, "--expert-shape", length=2),
+            "tokens": tokens,
+            "warmup": warmup,
+            "repeats": repeats,
+            "cache_fractions": parse_list(cache_fractions, float, "--cache-fractions"),
+            "policies": None if policies is None else _names(policies),
+            "planning": _names(planning),
+            "device": device,
+            "prefetch": {
+                "layers_ahead": layers_ahead,
+                "experts_per_layer": experts_per_layer,
+                "min_probability": min_probability,
+                "eviction": eviction,
+                "oracle_reach": oracle_reach,
+            },
+            "next_token": next_token,
+        },
+    )
     report = benchmark_offload(
         traces,
-        predictor_dirs=predictor_dir or [],
-        hidden=hidden,
-        ffn=ffn,
-        tokens=tokens,
-        cache_fractions=parse_list(cache_fractions, float, "--cache-fractions"),
-        lookahead=lookahead,
-        experts_dir=experts_dir,
-        repeats=repeats,
+        predictor_dir or [],
+        settings,
         split_seed=split_seed,
-        warmup=warmup,
-        device=device,
-        budget=budget,
-        threshold=threshold,
-        oracle_lookahead=oracle_lookahead,
-        planning=tuple(mode.strip() for mode in planning.split(",")),
-        prefetch_eviction=prefetch_eviction,
-        next_token_layer=next_token_layer,
-        next_token_depth=next_token_depth,
-        next_token_candidates=next_token_candidates,
+        experts_dir=experts_dir,
         progress_file=progress_file_for(json_out),
-        policies=None if policies is None else tuple(name.strip() for name in policies.split(",") if name.strip()),
     )
     report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(report, indent=2))
     discard(progress_file_for(json_out))
-    typer.echo(
-        f"{'cache':>6} {'policy':<32} {'tok/s':>8} {'ms/tok':>8} {'stall':>6} {'hit':>6} {'MB read':>9} {'of oracle':>9} {'predict':>7} {'pr. CPU':>7} {'bg CPU':>7}"
-    )
-    for r in report["rows"]:
-        label = r["policy"] + (f":{r['predictor']}" if r["predictor"] else "")
-        label += (
-            f"/{r['eviction']}" if r["policy"].startswith(("prefetch", "oracle-")) and r["eviction"] != "lru" else ""
-        )
-        label += "/inline" if r.get("planning") == "inline" else ""
-        typer.echo(
-            f"{r['cache_fraction']:>6.2f} {label:<32} {r['tokens_per_s']:>8.2f} {r['time_per_token_ms']:>8.1f} "
-            f"{r['stall_fraction']:>6.3f} {r['hit_rate']:>6.3f} {r['bytes_read'] / 2**20:>9.1f} "
-            f"{_ratio(r['fraction_of_oracle']):>9} {r['predictor_fraction']:>7.2%} {r['predictor_cpu_fraction']:>7.2%} "
-            f"{r['predictor_background_cpu_fraction']:>7.2%}"
-        )
+    typer.echo(offload_table(report))
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())

@@ -1,10 +1,15 @@
-"""Option parsing shared by the commands: ``--param key=value`` and comma-separated lists."""
+"""Option parsing shared by the commands: ``--param key=value``, comma-separated lists, and
+options made from settings fields."""
 
 from __future__ import annotations
 
 import json
 
+import typer
+from pydantic import BaseModel
+
 from specmoe.errors import InputError
+from specmoe.settings import flag_name
 
 
 def parse_params(pairs: list[str] | None) -> dict:
@@ -29,3 +34,16 @@ def parse_list(text: str, kind: type, option: str, *, length: int | None = None)
     if length is not None and len(values) != length:
         raise InputError(f"{option} expects {length} comma-separated values, got {text!r}")
     return values
+
+
+def option(model: type[BaseModel], field: str, *, help: str | None = None, **kwargs):
+    """The typer option of settings field ``field`` (see :mod:`specmoe.settings`): its name,
+    and the field's description as help."""
+    description = help or model.model_fields[field].description
+    return typer.Option(flag_name(field, getattr(model, "flag_prefix", "")), help=description, **kwargs)
+
+
+def default(model: type[BaseModel], field: str):
+    """The field's default as the option takes it (lists comma-separated)."""
+    value = model.model_fields[field].get_default(call_default_factory=True)
+    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -10,31 +10,49 @@ from typing import Annotated
 
 import typer
 
+from specmoe.cli.params import default, option
+from specmoe.offload.policy import PrefetchSettings
+from specmoe.offload.settings import NextTokenSettings, TierSize
+from specmoe.settings import validated
+
+P, N = PrefetchSettings, NextTokenSettings
+
 
 def serve_command(
     model: Annotated[str, typer.Option(help="Hub id, local checkpoint directory or built-in model name.")],
     prompt: Annotated[str, typer.Option(help="Text to continue.")],
-    budget_mb: Annotated[float, typer.Option(help="Fast-tier budget for routed experts, MiB.")],
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate greedily.")] = 32,
+    fast_tier: Annotated[
+        str,
+        typer.Option(help="Memory for routed experts: a fraction of all of them (25%, 0.25) or a size (512MiB, 2GB)."),
+    ],
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate greedily.")] = 32,
     predictor_dir: Annotated[Path | None, typer.Option(help="Routing predictor that drives prefetch.")] = None,
     predictor_stack: Annotated[
         str | None,
         typer.Option(help="Stack the predictor was fitted on (encoder-decoder models); default: the first."),
     ] = None,
-    lookahead: Annotated[int, typer.Option(help="Prefetch layers l+1..l+H.")] = 1,
+    layers_ahead: Annotated[int, option(P, "layers_ahead")] = default(P, "layers_ahead"),
+    experts_per_layer: Annotated[int | None, option(P, "experts_per_layer")] = None,
+    min_probability: Annotated[float, option(P, "min_probability")] = default(P, "min_probability"),
+    eviction: Annotated[str, option(P, "eviction", help="Eviction policy of the fast tier: lru, lfu or lrfu.")] = "lru",
+    next_token_layer: Annotated[
+        int | None,
+        option(
+            N,
+            "layer",
+            help="After this MoE layer, guess the next token (final norm + unembedding on the residual "
+            "stream) and prefetch its first layers; --predictor-dir must be a token table. Decoder-only models.",
+        ),
+    ] = None,
+    next_token_depth: Annotated[int, option(N, "depth")] = default(N, "depth"),
+    next_token_candidates: Annotated[int, option(N, "candidates")] = default(N, "candidates"),
     experts_dir: Annotated[Path | None, typer.Option(help="Where expert files go (default: a temp dir).")] = None,
     device: Annotated[
         str, typer.Option(help="cpu: experts on disk, cache in RAM. cuda: experts in pinned RAM, cache on the GPU.")
     ] = "cpu",
-    next_token_layer: Annotated[
-        int | None,
-        typer.Option(
-            help="After this MoE layer, guess the next token (final norm + unembedding on the residual "
-            "stream) and prefetch its first layers; --predictor-dir must be a token table. Decoder-only models."
-        ),
-    ] = None,
-    next_token_depth: Annotated[int, typer.Option(help="How many of the next token's first layers to prefetch.")] = 1,
-    trust_remote_code: Annotated[bool, typer.Option()] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="Run the checkpoint's own Python code (only for checkpoints you trust).")
+    ] = False,
 ) -> None:
     """Greedy generation with routed experts offloaded to a slow tier (disk read with the page
     cache bypassed, or pinned host memory for a GPU) and a byte-budgeted fast-tier cache;
@@ -42,22 +60,39 @@ def serve_command(
     import torch
 
     from specmoe.models.loading import load_model
-    from specmoe.offload.runtime import OffloadRuntime
+    from specmoe.offload.live.runtime import OffloadRuntime
     from specmoe.predictors.base import load_predictor
 
+    size = TierSize.parse(fast_tier)
+    prefetch = validated(
+        PrefetchSettings,
+        {
+            "layers_ahead": layers_ahead,
+            "experts_per_layer": experts_per_layer,
+            "min_probability": min_probability,
+            "eviction": eviction,
+        },
+    )
+    next_token = None
+    if next_token_layer is not None:
+        values = {"layer": next_token_layer, "depth": next_token_depth, "candidates": next_token_candidates}
+        next_token = validated(NextTokenSettings, values)
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     predictor = load_predictor(predictor_dir) if predictor_dir else None
+    sizes = [
+        sum(p.numel() * p.element_size() for p in loaded.adapter.expert_parameters(layer, 0)) for layer in loaded.layers
+    ]
+    budget = size.bytes_for(sum(sizes) * loaded.num_experts, max(sizes))
     with tempfile.TemporaryDirectory() as tmp:
         runtime = OffloadRuntime(
             loaded,
-            int(budget_mb * 2**20),
+            budget,
             device=device,
             experts_dir=experts_dir or Path(tmp) / "experts",
             predictor=predictor,
             predictor_stack=predictor_stack,
-            lookahead=lookahead,
-            next_token_layer=next_token_layer,
-            next_token_depth=next_token_depth,
+            prefetch=prefetch,
+            next_token=next_token,
         )
         try:
             ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids.to(runtime.device)
@@ -71,15 +106,12 @@ def serve_command(
     # from its own start token.
     new = out[0, 1:] if loaded.model.config.is_encoder_decoder else out[0, ids.shape[1] :]
     typer.echo(loaded.tokenizer.decode(new, skip_special_tokens=True))
-    stats = (
-        runtime.stats.to_dict()
-        | (runtime.planner.stats() if runtime.planner else {})
-        | {
-            "tokens": len(new),
-            "seconds": round(seconds, 3),
-            "tokens_per_s": round(len(new) / seconds, 2),
-        }
-    )
+    stats = runtime.results() | {
+        "fast_tier_bytes": budget,
+        "tokens": len(new),
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(len(new) / seconds, 2),
+    }
     if runtime.next_token is not None:  # step s guessed generated token s (step 0: the prompt)
         chosen = new.tolist()
         judged = [guesses[0] == chosen[step] for step, guesses in runtime.guess_log if step < len(chosen)]

@@ -1,7 +1,7 @@
 """Documents and the text-file readers behind ``specmoe collect --text``.
 
 Every piece of text carries a document id, because splits are made by document
-(DESIGN.md, evaluation protocol): windows of one text must never straddle train and test.
+(docs/design.md, "Evaluation protocol"): windows of one text must never straddle train and test.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The metrics of DESIGN.md, defined once: ``top1_acc``, ``hit1``, ``recall@m``, per horizon
+"""The metrics of docs/design.md, defined once: ``top1_acc``, ``hit1``, ``recall@m``, per horizon
 and per target layer, with 95% bootstrap intervals over documents and chance levels."""
 
 from __future__ import annotations

@@ -112,3 +112,16 @@ def load_model(
         raise InputError(f"cannot load model weights or tokenizer from {name_or_path!r}: {exc}") from None
     model.to(device).eval()
     return wrap_model(name_or_path, model, tokenizer)
+
+
+def expert_nbytes(model_id: str, dtype: str = "bfloat16", *, trust_remote_code: bool = False) -> int:
+    """Bytes of one routed expert, from the model's config alone (built on the meta device)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    config = load_config(model_id, trust_remote_code=trust_remote_code)
+    auto = AutoModelForSeq2SeqLM if config.model_type in _SEQ2SEQ_FAMILIES else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config, trust_remote_code=trust_remote_code)
+    loaded = wrap_model(model_id, model)
+    numel = sum(p.numel() for p in loaded.adapter.expert_parameters(loaded.layers[0], 0))
+    return numel * torch.empty((), dtype=getattr(torch, dtype)).element_size()

@@ -1,6 +1,6 @@
 """What a predictor may see: the leak-free :class:`Context` and the datasets that make it.
 
-The prediction problem (DESIGN.md): at token t, once MoE layers 0..l have run, predict the
+The prediction problem (docs/design.md): at token t, once MoE layers 0..l have run, predict the
 experts of layers l+1..l+H. A predictor never receives a :class:`RoutingBatch` (which holds
 every layer); it receives ``batch.context(l)``, whose tensors are cut at layer l, and the
 earlier tokens' routing. Nothing of layers > l of the tokens under prediction is reachable
@@ -120,7 +120,7 @@ class TraceDataset:
     Args:
         store: an open :class:`TraceStore`.
         split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
-        seed: split seed (DESIGN.md: a hash of the document decides its side).
+        seed: split seed (docs/design.md: a hash of the document decides its side).
         stack: which stack's layers (default: the store's first).
         previous_tokens: how many earlier tokens' routing each Context carries.
         hidden: ``None``, ``"router_input"`` or ``"residual_out"``.

@@ -30,6 +30,18 @@ def predictor_class(name: str) -> type[ExpertPredictor]:
         raise InputError(f"unknown predictor {name!r}; available: {', '.join(sorted(PREDICTORS))}") from None
 
 
+def predictor_label(name: str, preset: str | None = None) -> str:
+    """How a predictor and its preset are written everywhere (options, configs, reports,
+    run directories): ``name`` or ``name:preset``."""
+    return f"{name}:{preset}" if preset else name
+
+
+def parse_label(label: str) -> tuple[str, str | None]:
+    """``name[:preset]`` -> (name, preset or None)."""
+    name, _, preset = label.partition(":")
+    return name, preset or None
+
+
 def make_predictor(name: str, preset: str | None = None, **overrides) -> ExpertPredictor:
     cls = predictor_class(name)
     params = {}

@@ -134,11 +134,8 @@ def calibration(metrics: dict[str, dict], horizon: int = 1) -> Figure:
 
 
 def policy_label(row: dict) -> str:
-    if row["policy"] == "prefetch":
-        return f"prefetch:{row['predictor']}"
-    if row["policy"] == "cache":
-        return row["eviction"]
-    return row["policy"]
+    """The policy's name, with the predictor driving it."""
+    return row["policy"] + (f":{row['predictor']}" if row.get("predictor") else "")
 
 
 def speed_vs_memory(rows: list[dict], title: str, ylabel: str) -> Figure:

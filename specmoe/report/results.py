@@ -9,7 +9,7 @@ import yaml
 
 from specmoe import __version__
 from specmoe.errors import InputError
-from specmoe.run.config import RunConfig
+from specmoe.predictors.registry import predictor_label
 
 HEADLINE_FRACTION = 0.25
 """The fast-tier size the issue's targets are stated at."""
@@ -25,8 +25,8 @@ def load_run(run_dir: str | Path) -> dict:
         raise InputError(f"{run_dir} is not a specmoe run directory (no stages.json); create one with `specmoe run`")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     metrics, skipped = {}, {}
-    for spec in RunConfig.model_validate(config).predictors.models:  # not leftovers of an earlier config
-        label = spec.label
+    for spec in config["predictors"]["models"]:  # not leftovers of an earlier config
+        label = predictor_label(spec["name"], spec.get("preset"))
         result = _json(run_dir / "metrics" / f"{label}.json")
         if result is not None:
             (skipped if "reason" in result else metrics)[label] = result

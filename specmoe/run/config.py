@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from specmoe.bench.settings import OffloadBenchSettings
 from specmoe.errors import InputError
+from specmoe.offload.simulated.settings import HardwareSettings, SweepSettings
 
 
 class _Section(BaseModel):
@@ -53,7 +55,9 @@ class PredictorSpec(_Section):
 
     @property
     def label(self) -> str:
-        return self.name + (f"-{self.preset}" if self.preset else "")
+        from specmoe.predictors.registry import predictor_label
+
+        return predictor_label(self.name, self.preset)
 
 
 class PredictorsSection(_Section):
@@ -87,44 +91,30 @@ class PredictorsSection(_Section):
         return self
 
 
-class SimulateSection(_Section):
-    hardware: Literal["pcie4", "pcie5", "nvme", "measured"] = "pcie4"
+class SimulateSection(SweepSettings, HardwareSettings):
+    """SIMULATION: :class:`SweepSettings` and :class:`HardwareSettings` (the options of
+    ``specmoe simulate``), with defaults sized for the run."""
+
     expert_bytes: int | None = Field(default=None, gt=0)
-    """Bytes per expert (None: from the model config and ``dtype``)."""
+    """Bytes per expert (None: the offload benchmark's experts, else the model's own in ``dtype``)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    compute_ms_per_layer: float | None = Field(default=None, gt=0)
-    cache_fractions: list[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5], min_length=1)
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
-    lookahead: int = Field(default=1, ge=1)
+    batch_sizes: tuple[int, ...] = Field((1, 8), min_length=1, description="Decode batch sizes.")
+    max_windows: int | None = Field(32, gt=0, description="Sequences replayed from the split.")
     prefetch_predictors: list[str] | None = Field(default_factory=lambda: ["token", "ngram", "lookahead"])
     """Labels of ``predictors.models`` that drive prefetch (None: all of them)."""
-    max_windows: int = Field(default=32, gt=0)
-    """Test-split sequences replayed."""
-    oracle_lookahead: int | None = Field(default=None, ge=1)
-    """Layers the oracle reads ahead in decode order, into the next token (None: L-1)."""
-
-    @field_validator("cache_fractions")
-    @classmethod
-    def _fractions(cls, value):
-        if any(not 0 < f <= 1 for f in value):
-            raise ValueError(f"cache fractions must lie in (0, 1], got {value}")
-        return value
 
 
-class OffloadSection(_Section):
+class OffloadSection(OffloadBenchSettings):
+    """MEASURED: :class:`OffloadBenchSettings` (the options of ``specmoe bench offload``),
+    with defaults sized for the run."""
+
     enabled: bool = True
-    expert_shape: tuple[int, int] | None = (768, 2048)
-    """hidden, ffn of the experts read from disk (random weights); None: the model's own shape."""
-    tokens: int = Field(default=48, gt=0)
-    warmup: int = Field(default=16, ge=0)
-    """Decode steps before the clock starts; they fill the cache and are not counted."""
-    repeats: int = Field(default=2, ge=1)
-    cache_fractions: list[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5], min_length=1)
+    expert_shape: tuple[int, int] | None = Field(
+        (768, 2048), description="hidden,ffn of the experts read from disk (random weights); None: the model's own."
+    )
+    repeats: int = Field(2, ge=1, description="Runs per configuration, in shuffled order; the median is kept.")
     prefetch_predictors: list[str] = Field(default_factory=lambda: ["token", "ngram"])
     """Labels of ``predictors.models`` that drive prefetch."""
-    lookahead: int = Field(default=1, ge=1)
-    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
-    """cpu: experts on disk, cache in RAM; cuda: experts in pinned host memory, cache on the GPU."""
 
 
 class RunConfig(_Section):

@@ -156,12 +156,11 @@ def expert_shape(config: RunConfig) -> tuple[int, int]:
     or one with the model's own expert byte size."""
     if config.offload.expert_shape is not None:
         return config.offload.expert_shape
-    from specmoe.models.loading import load_config
-    from specmoe.offload.cost import expert_bytes
+    from specmoe.models.loading import expert_nbytes, load_config
 
     model_config = load_config(config.model.id, trust_remote_code=config.model.trust_remote_code)
     hidden = getattr(model_config, "hidden_size", None) or model_config.d_model
-    size = expert_bytes(config.model.id, "bfloat16", trust_remote_code=config.model.trust_remote_code)
+    size = expert_nbytes(config.model.id, "bfloat16", trust_remote_code=config.model.trust_remote_code)
     return hidden, max(1, size // (3 * hidden * 2))
 
 
@@ -173,80 +172,56 @@ def bytes_per_expert(config: RunConfig) -> int:
     if config.offload.expert_shape is not None:
         hidden, ffn = config.offload.expert_shape
         return 3 * hidden * ffn * 2  # gate, up, down in bf16
-    from specmoe.offload.cost import expert_bytes
+    from specmoe.models.loading import expert_nbytes
 
-    return expert_bytes(config.model.id, config.simulate.dtype, trust_remote_code=config.model.trust_remote_code)
+    return expert_nbytes(config.model.id, config.simulate.dtype, trust_remote_code=config.model.trust_remote_code)
 
 
 def simulate(config: RunConfig, out: Path) -> dict:
-    from specmoe.offload.cost import measured_profile, preset
-    from specmoe.offload.sweep import SweepConfig, run_sweep, write_sweep
+    from specmoe.offload.simulated.settings import HardwareSettings, SweepSettings
+    from specmoe.offload.simulated.sweep import run_sweep, write_sweep
+    from specmoe.settings import command_line
 
     s = config.simulate
-    compute_s = None if s.compute_ms_per_layer is None else s.compute_ms_per_layer / 1e3
-    if s.hardware == "measured":
-        profile = measured_profile(compute_s or 0.25e-3)
-    else:
-        profile = preset(s.hardware, compute_s_per_layer=compute_s)
-    predictors = {
-        label: p for label, (p, _) in _usable_predictors(config, out, s.prefetch_predictors, routing_only=False).items()
-    }
-    sweep = SweepConfig(
-        cache_fractions=tuple(s.cache_fractions),
-        batch_sizes=tuple(s.batch_sizes),
-        lookahead=s.lookahead,
-        max_windows=s.max_windows,
-        split_seed=config.predictors.split_seed,
-        oracle_lookahead=s.oracle_lookahead,
-    )
+    chosen = _usable_predictors(config, out, s.prefetch_predictors, routing_only=False)
+    predictors = {label: predictor for label, (predictor, _) in chosen.items()}
     size = bytes_per_expert(config)
-    report = run_sweep(out / "traces", profile, size, predictors, sweep)
-    report["command"] = (
-        f"specmoe simulate --traces {out / 'traces'} --out {out / 'simulation'} --hardware {s.hardware} "
-        + "".join(f"--predictor-dir {out / 'predictors' / label} " for label in predictors)
-        + f"--expert-bytes {size} --cache-fractions {_csv(s.cache_fractions)} --batch-sizes {_csv(s.batch_sizes)} "
-        f"--lookahead {s.lookahead} --max-windows {s.max_windows} --split-seed {config.predictors.split_seed}"
-        + (f" --compute-ms {s.compute_ms_per_layer}" if s.compute_ms_per_layer else "")
-        + (f" --oracle-lookahead {s.oracle_lookahead}" if s.oracle_lookahead else "")
-    )
+    seed = config.predictors.split_seed
+    report = run_sweep(out / "traces", s.profile(), size, predictors, s, split_seed=seed)
+    words = ["simulate", "--traces", out / "traces", "--out", out / "simulation", "--expert-bytes", size]
+    words += [word for _, directory in chosen.values() for word in ("--predictor-dir", directory)]
+    words += ["--split-seed", seed]
+    report["command"] = command_line(words, (s, SweepSettings), (s, HardwareSettings))
     write_sweep(report, out / "simulation")
     return {"rows": len(report["rows"]), "command": report["command"]}
-
-
-def _csv(values) -> str:
-    return ",".join(str(v) for v in values)
 
 
 def offload(config: RunConfig, out: Path) -> dict:
     from specmoe.bench.offload import benchmark_offload
     from specmoe.bench.progress import discard, progress_file_for
+    from specmoe.bench.settings import OffloadBenchSettings
+    from specmoe.settings import command_line
 
     o = config.offload
     predictors = _usable_predictors(config, out, o.prefetch_predictors, routing_only=True)
-    hidden, ffn = expert_shape(config)
+    directories = [directory for _, directory in predictors.values()]
+    settings = OffloadBenchSettings.model_validate(
+        {name: getattr(o, name) for name in OffloadBenchSettings.model_fields} | {"expert_shape": expert_shape(config)}
+    )
+    json_out = out / "offload" / "offload.json"
     report = benchmark_offload(
         out / "traces",
-        predictor_dirs=[directory for _, directory in predictors.values()],
-        hidden=hidden,
-        ffn=ffn,
-        tokens=o.tokens,
-        cache_fractions=tuple(o.cache_fractions),
-        lookahead=o.lookahead,
+        directories,
+        settings,
         split_seed=config.predictors.split_seed,
-        repeats=o.repeats,
         experts_dir=out,
-        warmup=o.warmup,
-        device=o.device,
-        progress_file=progress_file_for(out / "offload" / "offload.json"),  # an interrupted stage resumes its runs
+        progress_file=progress_file_for(json_out),  # an interrupted stage resumes its runs
     )
-    report["command"] = (
-        f"specmoe bench offload --traces {out / 'traces'} --json {out / 'offload' / 'offload.json'} "
-        + "".join(f"--predictor-dir {directory} " for _, directory in predictors.values())
-        + f"--expert-shape {hidden},{ffn} --tokens {o.tokens} --warmup {o.warmup} --repeats {o.repeats} "
-        f"--cache-fractions {_csv(o.cache_fractions)} --lookahead {o.lookahead} --experts-dir {out} "
-        f"--split-seed {config.predictors.split_seed} --device {o.device}"
-    )
-    (out / "offload").mkdir(exist_ok=True)
-    (out / "offload" / "offload.json").write_text(json.dumps(report, indent=2))
-    discard(progress_file_for(out / "offload" / "offload.json"))
+    words = ["bench", "offload", "--traces", out / "traces", "--json", json_out, "--experts-dir", out]
+    words += [word for directory in directories for word in ("--predictor-dir", directory)]
+    words += ["--split-seed", config.predictors.split_seed]
+    report["command"] = command_line(words, (settings, None))
+    json_out.parent.mkdir(exist_ok=True)
+    json_out.write_text(json.dumps(report, indent=2))
+    discard(progress_file_for(json_out))
     return {"rows": len(report["rows"]), "command": report["command"]}

@@ -1,4 +1,4 @@
-"""Document-level train/val/test splits (DESIGN.md, evaluation protocol).
+"""Document-level train/val/test splits (docs/design.md, "Evaluation protocol").
 
 A seeded hash of each document's split key decides its side (80/10/10 by default). The
 split key is the document's group from the corpus (parallel texts share one), merged with

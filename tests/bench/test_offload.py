@@ -8,57 +8,63 @@ import json
 import pytest
 
 from specmoe.bench.offload import benchmark_offload
+from specmoe.bench.settings import OffloadBenchSettings
 from specmoe.errors import InputError
+from specmoe.settings import validated
 from tests.predictors.synthetic import save_popularity
 from tests.tiny_runs import write_run_corpus
+
+
+def _settings(prefetch=None, next_token=None, **values) -> OffloadBenchSettings:
+    """Tiny experts and no warm-up, unless told otherwise; invalid values fail as on the CLI."""
+    values = {"expert_shape": (8, 8), "warmup": 0, **values}
+    values |= {"prefetch": prefetch or {}, "next_token": next_token}
+    return validated(OffloadBenchSettings, values)
 
 
 def test_the_oracle_reaches_to_the_layer_before_its_own_in_the_next_token(finished_run):
     out, _ = finished_run
     report = json.loads((out / "offload" / "offload.json").read_text())
-    assert report["oracle_lookahead"] == report["num_layers"] - 1
+    assert report["prefetch"]["oracle_reach"] == report["num_layers"] - 1
     assert {r["policy"] for r in report["rows"]} >= {"on-demand", "oracle"}
 
 
-def test_an_oracle_lookahead_of_a_whole_token_is_refused(finished_run, tmp_path):
+def test_an_oracle_reach_of_a_whole_token_is_refused(finished_run, tmp_path):
     out, _ = finished_run
     layers = json.loads((out / "offload" / "offload.json").read_text())["num_layers"]
-    for bad in (layers, 0):  # a whole token ahead; and 0, which is no default
-        with pytest.raises(InputError, match=f"--oracle-lookahead must be in \\[1, {layers - 1}\\]"):
-            benchmark_offload(
-                out / "traces", predictor_dirs=[], hidden=8, ffn=8, oracle_lookahead=bad, experts_dir=tmp_path
-            )
+    with pytest.raises(InputError, match=f"--oracle-reach must be in \\[1, {layers - 1}\\]"):
+        benchmark_offload(out / "traces", [], _settings({"oracle_reach": layers}), experts_dir=tmp_path)
+    with pytest.raises(InputError, match="--oracle-reach: Input should be greater than or equal to 1"):
+        _settings({"oracle_reach": 0})  # 0 is no default
 
 
 def test_a_predictor_fitted_for_another_model_is_refused(finished_run, tmp_path):
     out, _ = finished_run
     alien = save_popularity(tmp_path / "alien", 7, 5)
     with pytest.raises(InputError, match="fitted for 7 MoE layers x 5 experts; the traces in .* has"):
-        benchmark_offload(out / "traces", predictor_dirs=[alien], hidden=8, ffn=8, experts_dir=tmp_path)
+        benchmark_offload(out / "traces", [alien], _settings(), experts_dir=tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name != "alien"], "experts were written before the check"
 
 
-def test_an_unknown_planning_mode_is_refused(finished_run, tmp_path):
-    out, _ = finished_run
-    with pytest.raises(InputError, match="--planning must be one of background, inline, got 'later'"):
-        benchmark_offload(out / "traces", predictor_dirs=[], hidden=8, ffn=8, planning="later", experts_dir=tmp_path)
+def test_unknown_planning_modes_policies_and_evictions_are_refused():
+    with pytest.raises(InputError, match="--planning.*'background', 'inline' or 'synchronous'"):
+        _settings(planning=("later",))
+    with pytest.raises(InputError, match="--policies: must be a non-empty subset of .*got 'lru,fifo'"):
+        _settings(policies=("lru", "fifo"))
+    with pytest.raises(InputError, match="--eviction: Input should be 'lru', 'lfu', 'lrfu' or 'belady'"):
+        _settings({"eviction": "fifo"})
 
 
-def test_policies_can_be_chosen_and_unknown_ones_are_refused(finished_run, tmp_path):
+def test_policies_can_be_chosen(finished_run, tmp_path):
     out, _ = finished_run
-    report = benchmark_offload(
-        out / "traces",
-        predictor_dirs=[],
-        hidden=8,
-        ffn=8,
+    settings = _settings(
+        {"eviction": "lfu"},
         tokens=4,
         cache_fractions=(0.5,),
         repeats=1,
         policies=("lru", "lrfu", "oracle-prefetch", "oracle"),
-        prefetch_eviction="lfu",
-        experts_dir=tmp_path,
     )
-    rows = report["rows"]
+    rows = benchmark_offload(out / "traces", [], settings, experts_dir=tmp_path)["rows"]
     assert [(r["policy"], r["eviction"]) for r in rows] == [
         ("lru", "lru"),
         ("lrfu", "lrfu"),
@@ -66,19 +72,13 @@ def test_policies_can_be_chosen_and_unknown_ones_are_refused(finished_run, tmp_p
         ("oracle", "belady"),
     ]
     assert rows[0]["speedup_vs_on_demand"] is None and rows[3]["fraction_of_oracle"] == 1.0
+    expert = 3 * 8 * 8 * 2
     # it prefetched (how many of its reads the decoder took over first depends on thread timing)
-    assert rows[2]["bytes_read"] > rows[2]["demand_reads"] * report["expert_shape"]["bytes"]
-    assert rows[0]["bytes_read"] == rows[0]["demand_reads"] * report["expert_shape"]["bytes"]  # LRU: none
-    with pytest.raises(InputError, match="--policies must be a non-empty subset of .*got 'lru,fifo'"):
-        benchmark_offload(out / "traces", predictor_dirs=[], hidden=8, ffn=8, policies=("lru", "fifo"))
+    assert rows[2]["bytes_read"] > rows[2]["demand_reads"] * expert
+    assert rows[0]["bytes_read"] == rows[0]["demand_reads"] * expert  # LRU: none
+    assert all(len(r["stall_ms_per_token_all_repeats"]) == 1 for r in rows)
     with pytest.raises(InputError, match="--policies prefetch needs at least one --predictor-dir"):
-        benchmark_offload(out / "traces", predictor_dirs=[], hidden=8, ffn=8, policies=("prefetch",))
-
-
-def test_an_unknown_prefetch_eviction_is_refused(finished_run, tmp_path):
-    out, _ = finished_run
-    with pytest.raises(InputError, match="--prefetch-eviction must be one of lru, lfu, lrfu, belady, got 'fifo'"):
-        benchmark_offload(out / "traces", predictor_dirs=[], hidden=8, ffn=8, prefetch_eviction="fifo")
+        benchmark_offload(out / "traces", [], _settings(policies=("prefetch",)))
 
 
 def test_an_interrupted_benchmark_resumes_without_rerunning_finished_runs(finished_run, tmp_path, monkeypatch):
@@ -95,23 +95,13 @@ def test_an_interrupted_benchmark_resumes_without_rerunning_finished_runs(finish
 
     monkeypatch.setattr(bench, "replay", replay)
     progress = tmp_path / "offload.json.partial.jsonl"
-    kwargs = {
-        "predictor_dirs": [],
-        "hidden": 8,
-        "ffn": 8,
-        "tokens": 4,
-        "cache_fractions": (0.5,),
-        "repeats": 2,
-        "policies": ("lru", "oracle"),
-        "experts_dir": tmp_path,
-        "progress_file": progress,
-    }
+    settings = _settings(tokens=4, cache_fractions=(0.5,), repeats=2, policies=("lru", "oracle"))
     with pytest.raises(KeyboardInterrupt):
-        benchmark_offload(out / "traces", **kwargs)
+        benchmark_offload(out / "traces", [], settings, experts_dir=tmp_path, progress_file=progress)
     assert len(progress.read_text().splitlines()) == 1 + 3  # the settings, then 3 finished runs
     calls.clear()
     monkeypatch.setattr(bench, "replay", lambda *a, **k: (calls.append(k["policy"]), real_replay(*a, **k))[1])
-    report = benchmark_offload(out / "traces", **kwargs)
+    report = benchmark_offload(out / "traces", [], settings, experts_dir=tmp_path, progress_file=progress)
     assert len(calls) == 1, "finished runs were run again"
     assert [len(r["seconds_all_repeats"]) for r in report["rows"]] == [2, 2]
     assert progress.exists(), "removed before the caller saved the report"
@@ -142,22 +132,18 @@ def greedy_traces(tiny_checkpoints, tmp_path_factory):
 
 
 def test_next_token_guesses_from_the_last_layer_are_the_models_own_choices(greedy_traces, tmp_path):
-    report = benchmark_offload(
-        greedy_traces / "traces",
-        predictor_dirs=[greedy_traces / "token"],
-        hidden=8,
-        ffn=8,
+    settings = _settings(
         tokens=8,  # inside one window's 24 decoded tokens: each next token is the model's choice
         cache_fractions=(0.5,),
         repeats=1,
         policies=("prefetch", "prefetch+next-token"),
-        next_token_layer=1,  # the last layer: its lens is the model's own output
+        next_token={"layer": 1},  # the last layer: its lens is the model's own output
         planning=("background", "inline"),
-        experts_dir=tmp_path,
     )
+    report = benchmark_offload(greedy_traces / "traces", [greedy_traces / "token"], settings, experts_dir=tmp_path)
     assert report["traces_mode"] == "greedy" and report["next_token"]["layer"] == 1
     # each prefetch policy once per planning mode, in one pass
-    assert report["prefetch"]["planning"] == "background,inline" and len(report["rows"]) == 4
+    assert report["planning"] == ["background", "inline"] and len(report["rows"]) == 4
     rows = {(r["policy"], r["planning"]): r for r in report["rows"]}
     for mode in ("background", "inline"):
         assert rows["prefetch", mode]["next_token_guess_accuracy"] is None
@@ -167,28 +153,16 @@ def test_next_token_guesses_from_the_last_layer_are_the_models_own_choices(greed
 def test_next_token_prefetch_needs_residuals_a_token_table_and_a_layer(greedy_traces, tmp_path):
     from tests.predictors.synthetic import make_synthetic_store
 
+    guessing = _settings(next_token={"layer": 1})
     no_residuals = make_synthetic_store(tmp_path / "synthetic").directory
     with pytest.raises(InputError, match="no residual_out states, .*; collect it with --save-residuals"):
-        benchmark_offload(no_residuals, predictor_dirs=[], hidden=8, ffn=8, next_token_layer=1, experts_dir=tmp_path)
+        benchmark_offload(no_residuals, [save_popularity(tmp_path / "p4", 4, 16)], guessing, experts_dir=tmp_path)
     popularity = save_popularity(tmp_path / "popularity", 2, 8)
     with pytest.raises(InputError, match="give a token predictor as a --predictor-dir"):
-        benchmark_offload(
-            greedy_traces / "traces",
-            predictor_dirs=[popularity],
-            hidden=8,
-            ffn=8,
-            next_token_layer=1,
-            experts_dir=tmp_path,
-        )
+        benchmark_offload(greedy_traces / "traces", [popularity], guessing, experts_dir=tmp_path)
     with pytest.raises(InputError, match="prefetch\\+next-token needs --next-token-layer"):
-        benchmark_offload(
-            greedy_traces / "traces",
-            predictor_dirs=[popularity],
-            hidden=8,
-            ffn=8,
-            policies=("prefetch+next-token",),
-            experts_dir=tmp_path,
-        )
+        asked = _settings(policies=("prefetch+next-token",))
+        benchmark_offload(greedy_traces / "traces", [popularity], asked, experts_dir=tmp_path)
     assert not list(tmp_path.glob("tmp*")), "experts were written before the checks"
 
 
@@ -196,15 +170,8 @@ def test_two_predictors_of_one_name_are_told_apart_by_their_directory(greedy_tra
     import shutil
 
     twin = shutil.copytree(greedy_traces / "token", tmp_path / "twin")
+    settings = _settings(tokens=4, cache_fractions=(0.5,), repeats=1, policies=("prefetch",))
     report = benchmark_offload(
-        greedy_traces / "traces",
-        predictor_dirs=[greedy_traces / "token", twin],
-        hidden=8,
-        ffn=8,
-        tokens=4,
-        cache_fractions=(0.5,),
-        repeats=1,
-        policies=("prefetch",),
-        experts_dir=tmp_path,
+        greedy_traces / "traces", [greedy_traces / "token", twin], settings, experts_dir=tmp_path
     )
     assert sorted(r["predictor"] for r in report["rows"]) == ["token:token", "token:twin"]

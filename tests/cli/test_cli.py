@@ -107,10 +107,12 @@ def test_simulate_replays_the_split_asked_for_and_refuses_an_unknown_split_or_ev
     result = runner.invoke(app, [*args, "--split", "val", "--out", str(tmp_path / "sim")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "sim" / "simulation.json").read_text())
-    assert report["split"] == "val" and {"lru", "lfu", "lrfu", "belady"} <= {r["eviction"] for r in report["rows"]}
-    result = runner.invoke(app, [*args, "--split", "dev", "--out", str(tmp_path / "bad")])
-    assert result.exit_code != 0 and "must be train, val or test, got 'dev'" in result.output
-    result = runner.invoke(app, [*args, "--prefetch-eviction", "fifo", "--out", str(tmp_path / "bad")])
-    assert isinstance(result.exception, InputError)  # the entry point prints it as one line
-    assert "eviction must be one of lru, lfu, lrfu, belady, got 'fifo'" in str(result.exception)
+    assert report["split"] == "val" and {"lru", "lfu", "lrfu", "belady"} <= {r["policy"] for r in report["rows"]}
+    for option, value, message in (
+        ("--split", "dev", "--split: Input should be 'train', 'val' or 'test'"),
+        ("--eviction", "fifo", "--eviction: Input should be 'lru', 'lfu', 'lrfu' or 'belady'"),
+    ):
+        result = runner.invoke(app, [*args, option, value, "--out", str(tmp_path / "bad")])
+        assert isinstance(result.exception, InputError)  # the entry point prints it as one line
+        assert message in str(result.exception)
     assert not (tmp_path / "bad").exists()

@@ -46,7 +46,7 @@ def test_unknown_key_is_named(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("simulate.cache_fractions=[0.2, 1.5]", "cache fractions must lie in"),
+        ("simulate.cache_fractions=[0.2, 1.5]", r"simulate\.cache_fractions: fractions must lie in \(0, 1\]"),
         ("offload.prefetch_predictors=[oracle9]", "oracle9"),
         ("collect.max_tokens=-3", r"collect\.max_tokens"),
         ("nonsense", "section.key=value"),
@@ -60,7 +60,7 @@ def test_bad_values_get_specific_errors(override, message):
 
 def test_overrides_use_yaml_values():
     config = load_run_config(None, ["collect.max_tokens=1234", "simulate.batch_sizes=[1, 4]", "model.id=olmoe-64e"])
-    assert config.collect.max_tokens == 1234 and config.simulate.batch_sizes == [1, 4]
+    assert config.collect.max_tokens == 1234 and config.simulate.batch_sizes == (1, 4)
     assert config.model.id == "olmoe-64e"
 
 

@@ -59,13 +59,13 @@ def test_changed_section_redoes_only_what_reads_it(tiny_checkpoints, tmp_path):
     out = tmp_path / "out"
     run_pipeline(tiny_run_config(None, tiny_checkpoints["olmoe"], corpus, offload=False, extra=base), out)
     first = json.loads((out / "stages.json").read_text())
-    changed = (*base, "simulate.lookahead=2")
+    changed = (*base, "simulate.prefetch.layers_ahead=2")
     run_pipeline(tiny_run_config(None, tiny_checkpoints["olmoe"], corpus, offload=False, extra=changed), out)
     second = json.loads((out / "stages.json").read_text())
     unchanged = ("collect", "describe", "train:token", "evaluate:token")
     assert all(first[name] == second[name] for name in unchanged)
     assert first["simulate"]["fingerprint"] != second["simulate"]["fingerprint"]
-    assert json.loads((out / "simulation" / "simulation.json").read_text())["lookahead"] == 2
+    assert json.loads((out / "simulation" / "simulation.json").read_text())["prefetch"]["layers_ahead"] == 2
 
 
 def test_fingerprints_follow_only_what_a_stage_reads():

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from specmoe.errors import InputError
-from specmoe.offload.planner import prefetch_keys
-from specmoe.offload.tiers import Key
+from specmoe.offload import Key
+from specmoe.offload.policy import PrefetchSettings, choose_prefetches
+from specmoe.offload.settings import NextTokenSettings
 
 FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_layer_norm")
 
@@ -61,31 +62,27 @@ class LogitLens:
 
 @dataclass
 class NextTokenPlanner:
-    """Once layer ``guess_layer`` of token t has run, guess t+1 from its residual output and
-    prefetch, for layers 0..``depth``-1 of t+1, the ``budget`` experts per layer the guessed
-    tokens route to most (weighted by the guesses' probabilities), each with probability >=
-    ``threshold``. ``table`` is a fitted token table (anything with ``token_rows(ids) ->
-    (N, L, E)``). Targets stop at ``guess_layer``: a layer-keyed prefetch of a later layer
-    would be taken by token t's own pass."""
+    """Once layer ``settings.layer`` of token t has run, guess t+1 from its residual
+    output and prefetch, for layers 0..``depth``-1 of t+1, what ``prefetch`` (resolved)
+    allows per layer of the experts the guessed tokens route to most (weighted by the
+    guesses' probabilities). ``table`` is a fitted token table (anything with
+    ``token_rows(ids) -> (N, L, E)``). Targets stop at the guess layer: a layer-keyed
+    prefetch of a later layer would be taken by token t's own pass."""
 
     lens: LogitLens
     table: object
-    guess_layer: int
+    settings: NextTokenSettings
     num_layers: int
-    depth: int = 1
-    budget: int = 2
-    threshold: float = 0.0
-    candidates: int = 1
+    prefetch: PrefetchSettings
 
     def __post_init__(self):
-        if not 0 <= self.guess_layer < self.num_layers:
-            raise InputError(f"--next-token-layer must be in [0, {self.num_layers}), got {self.guess_layer}")
-        if self.depth < 1 or self.candidates < 1:
-            raise InputError("--next-token-depth and --next-token-candidates must be positive")
-        if self.depth > self.guess_layer + 1:
+        s = self.settings
+        if not s.layer < self.num_layers:
+            raise InputError(f"--next-token-layer must be in [0, {self.num_layers}), got {s.layer}")
+        if s.depth > s.layer + 1:
             raise InputError(
-                f"--next-token-depth {self.depth} reaches past the guess layer {self.guess_layer}: a guess "
-                f"made after layer {self.guess_layer} can key layers 0..{self.guess_layer} of the next token"
+                f"--next-token-depth {s.depth} reaches past the guess layer {s.layer}: a guess "
+                f"made after layer {s.layer} can key layers 0..{s.layer} of the next token"
             )
         if not hasattr(self.table, "token_rows"):
             raise InputError(
@@ -93,20 +90,25 @@ class NextTokenPlanner:
                 f"got {getattr(self.table, 'name', type(self.table).__name__)!r}"
             )
 
+    @property
+    def guess_layer(self) -> int:
+        return self.settings.layer
+
     def guess(self, residual: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """The guessed next tokens of the N sequences whose residuals (N, D) are given, and
         their weights, both (N, candidates). Meant for the decoding thread: the lens is one
         matrix product, and on the prefetch thread its torch call slowed the layers computing
         beside it by more than the prefetch saved (``docs/benchmarks.md``, "Top-2 routing in
         a decoder")."""
-        return self.lens.guess(residual, self.candidates)
+        return self.lens.guess(residual, self.settings.candidates)
 
     def plan(self, ids: np.ndarray, probs: np.ndarray) -> list[Key]:
         """Keys for the guessed tokens (from :meth:`guess`), pooled over the batch like any
         plan: a table lookup, cheap enough for the prefetch thread."""
         n, candidates = ids.shape
         rows = self.table.token_rows(ids.reshape(-1))  # (N * candidates, L, E)
-        targets = range(self.depth)
+        targets = range(self.settings.depth)
         rows = rows[:, : len(targets)].reshape(n, candidates, len(targets), -1)
         expected = (probs[:, :, None, None] * rows).sum(1)  # (N, targets, E)
-        return prefetch_keys(torch.from_numpy(expected), targets, self.budget, self.threshold)
+        p = self.prefetch
+        return choose_prefetches(expected, targets, p.experts_per_layer, p.min_probability)

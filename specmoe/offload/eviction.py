@@ -1,4 +1,5 @@
-"""The fast tier: a fixed number of expert slots with a pluggable eviction policy."""
+"""Eviction policies: which resident expert a full fast tier gives up. Shared by the
+simulated cache and the measured fast tier through :class:`specmoe.offload.policy.Residency`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 from bisect import bisect_right
 from collections import defaultdict
 
-Key = tuple[int, int]  # (layer_idx, expert_idx)
+from specmoe.offload import Key
 
 EVICTIONS = ("lru", "lfu", "lrfu", "belady")
 LRFU_HALF_LIFE_TOKENS = 16
@@ -163,58 +164,3 @@ def future_uses(routing, num_layers: int) -> dict[Key, list[int]]:
             for e in sorted({int(x) for x in experts if x >= 0}):
                 uses.setdefault((layer, e), []).append(step * num_layers + layer)
     return uses
-
-
-class ExpertCache:
-    """Slots for ``capacity`` experts. Entries carry the time their transfer completes, so an
-    expert can be present but still in flight. Pinned entries (needed by the layer running
-    now) are never evicted."""
-
-    def __init__(self, capacity: int, policy: EvictionPolicy):
-        if capacity < 1:
-            raise ValueError(f"the fast tier must hold at least one expert, got capacity {capacity}")
-        self.capacity = capacity
-        self.policy = policy
-        self.ready_at: dict[Key, float] = {}
-        self.unused_prefetch: set[Key] = set()
-        self.pinned: set[Key] = set()
-        self.wasted_prefetches = 0
-        self.peak = 0
-
-    def __contains__(self, key: Key) -> bool:
-        return key in self.ready_at
-
-    def __len__(self) -> int:
-        return len(self.ready_at)
-
-    def admit(self, key: Key, ready_at: float, position: int, *, prefetch: bool) -> bool:
-        """Reserve a slot for ``key``, evicting if full; False if every resident is pinned."""
-        if len(self.ready_at) >= self.capacity:
-            candidates = [k for k in self.ready_at if k not in self.pinned]
-            if not candidates:
-                return False
-            victim = self.policy.choose(candidates, position)
-            del self.ready_at[victim]
-            if victim in self.unused_prefetch:
-                self.unused_prefetch.discard(victim)
-                self.wasted_prefetches += 1
-        self.ready_at[key] = ready_at
-        self.policy.on_insert(key, position)
-        if prefetch:
-            self.unused_prefetch.add(key)
-        self.peak = max(self.peak, len(self.ready_at))
-        return True
-
-    def use(self, key: Key, position: int) -> None:
-        self.unused_prefetch.discard(key)
-        self.policy.on_use(key, position)
-
-    def expire(self, layer: int) -> None:
-        """``layer`` has run: its unused prefetches go first when room is needed."""
-        expire_prefetches(self.policy, self.unused_prefetch, layer)
-
-
-def expire_prefetches(policy: EvictionPolicy, unused_prefetch: set[Key], layer: int) -> None:
-    for key in unused_prefetch:
-        if key[0] == layer:
-            policy.demote(key)

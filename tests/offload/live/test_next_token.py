@@ -5,16 +5,24 @@ import numpy as np
 import pytest
 import torch
 
+from specmoe.bench.replay import random_experts, replay
 from specmoe.errors import InputError
 from specmoe.models.loading import load_model
-from specmoe.offload.next_token import LogitLens, NextTokenPlanner
-from specmoe.offload.replay_engine import random_experts, replay
+from specmoe.offload.live.next_token import LogitLens, NextTokenPlanner
+from specmoe.offload.policy import PrefetchSettings
+from specmoe.offload.settings import NextTokenSettings
 from specmoe.predictors.data import TraceDataset
 from specmoe.predictors.registry import make_predictor
+from specmoe.settings import validated
 from specmoe.traces.recorder import RoutingRecorder
 from tests.predictors.synthetic import make_synthetic_store
 
 LAYERS, EXPERTS, TOP_K = 4, 16, 2
+TWO_PER_LAYER = PrefetchSettings(experts_per_layer=2)
+
+
+def _planner(table, layer, depth=1):
+    return NextTokenPlanner(_GuessStored(), table, NextTokenSettings(layer=layer, depth=depth), LAYERS, TWO_PER_LAYER)
 
 
 def test_the_lens_on_the_last_layer_names_the_models_own_argmax(tiny_checkpoints):
@@ -60,26 +68,26 @@ def _routing_of(tokens: np.ndarray) -> np.ndarray:
 
 
 def test_the_plan_holds_the_guessed_tokens_experts_for_its_first_layers(token_table):
-    planner = NextTokenPlanner(_GuessStored(), token_table, guess_layer=2, num_layers=LAYERS, depth=2, budget=2)
+    planner = _planner(token_table, 2, depth=2)
     ids, probs = planner.guess(torch.tensor([[21.0, 0.0]]))
     assert ids.tolist() == [[21]] and probs.tolist() == [[1.0]]
     keys = planner.plan(ids, probs)
     expected = _routing_of(np.array([21]))[0]
     assert sorted(keys) == sorted((layer, int(e)) for layer in (0, 1) for e in expected[layer])
     # targets stop at the guess layer: after layer 0 only the next token's layer 0 may be keyed
-    early = NextTokenPlanner(_GuessStored(), token_table, guess_layer=0, num_layers=LAYERS, depth=1, budget=2)
+    early = _planner(token_table, 0)
     assert {layer for layer, _ in early.plan(*early.guess(torch.tensor([[21.0, 0.0]])))} == {0}
     with pytest.raises(InputError, match="reaches past the guess layer 0"):
-        NextTokenPlanner(_GuessStored(), token_table, guess_layer=0, num_layers=LAYERS, depth=2)
+        _planner(token_table, 0, depth=2)
 
 
 def test_the_planner_refuses_bad_settings_and_a_predictor_without_a_token_table(token_table):
     with pytest.raises(InputError, match=r"--next-token-layer must be in \[0, 4\), got 4"):
-        NextTokenPlanner(_GuessStored(), token_table, guess_layer=4, num_layers=LAYERS)
-    with pytest.raises(InputError, match="must be positive"):
-        NextTokenPlanner(_GuessStored(), token_table, guess_layer=1, num_layers=LAYERS, depth=0)
+        _planner(token_table, 4)
+    with pytest.raises(InputError, match="--next-token-depth: Input should be greater than or equal to 1"):
+        validated(NextTokenSettings, {"layer": 1, "depth": 0})
     with pytest.raises(InputError, match="needs a token table predictor, got 'popularity'"):
-        NextTokenPlanner(_GuessStored(), make_predictor("popularity"), guess_layer=1, num_layers=LAYERS)
+        _planner(make_predictor("popularity"), 1)
 
 
 @pytest.mark.parametrize(("offset", "planning"), [(0, "inline"), (1, "inline"), (0, "background")])
@@ -90,14 +98,15 @@ def test_replay_counts_right_and_wrong_guesses(token_table, tmp_path, offset, pl
     residuals = torch.zeros(len(tokens), 8)
     residuals[:-1, 0] = torch.from_numpy(tokens[1:] + offset).float()
     files = random_experts("disk", LAYERS, EXPERTS, 32, 16, directory=tmp_path)
-    planner = NextTokenPlanner(_GuessStored(), token_table, guess_layer=2, num_layers=LAYERS, budget=2)
+    planner = _planner(token_table, 2)
     result = replay(
         files,
         routing,
         np.full(routing.shape, 0.5, dtype=np.float32),
         tokens,
-        policy="prefetch",
+        policy="prefetch+next-token",
         budget_bytes=12 * files.expert_nbytes(0),
+        prefetch=TWO_PER_LAYER,
         predictor=token_table,
         num_experts=EXPERTS,
         warmup=4,
@@ -115,7 +124,7 @@ def test_replay_counts_right_and_wrong_guesses(token_table, tmp_path, offset, pl
             routing,
             routing * 0.0,
             tokens,
-            policy="prefetch",
+            policy="prefetch+next-token",
             budget_bytes=1 << 20,
             predictor=token_table,
             num_experts=EXPERTS,

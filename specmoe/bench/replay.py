@@ -21,21 +21,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specmoe.offload.cache import future_uses
-from specmoe.offload.expert_files import ExpertFiles
-from specmoe.offload.fast_tier import (
-    FastTier,
-    RuntimeStats,
-    fetch_expert,
-    finish_layer,
+from specmoe.offload.eviction import future_uses
+from specmoe.offload.live.expert_files import ExpertFiles
+from specmoe.offload.live.next_token import NextTokenPlanner
+from specmoe.offload.live.planner import PrefetchPlanner
+from specmoe.offload.live.session import DecodingSession
+from specmoe.offload.live.tiers import HostExperts, SlowTier, Transfer
+from specmoe.offload.policy import (
+    EventLog,
+    PrefetchSettings,
+    Request,
+    in_token_requests,
+    oracle_requests,
+    policy_named,
 )
-from specmoe.offload.next_token import NextTokenPlanner
-from specmoe.offload.planner import PrefetchPlanner
-from specmoe.offload.prefetcher import Prefetcher
-from specmoe.offload.simulator import oracle_reach
-from specmoe.offload.tiers import HostExperts, SlowTier, Transfer
-
-PLANNING = ("background", "inline")
 
 
 def random_experts(
@@ -96,7 +95,7 @@ class ReplayResult:
             "late_prefetches": self.stats["late"],
             "demand_reads": self.stats["demand_reads"],
             "bytes_read": self.stats["bytes_read"],
-            "wasted_prefetch_bytes": self.stats["wasted_prefetches"] * self.stats.get("expert_bytes", 0),
+            "wasted_prefetch_bytes": self.stats["wasted_prefetch_bytes"],
             "peak_fast_tier_bytes": self.stats["peak_bytes"],
             "simulated": False,
             "weights": "random, real shape",
@@ -111,163 +110,133 @@ def replay(
     *,
     policy: str,
     budget_bytes: int,
-    predictor=None,
-    lookahead: int = 1,
-    budget: int = 2,
-    threshold: float = 0.0,
     num_experts: int,
-    eviction: str = "lru",
+    prefetch: PrefetchSettings | None = None,
+    predictor=None,
     device: str = "cpu",
     warmup: int = 0,
-    oracle_lookahead: int | None = None,
     planning: str = "background",
     next_token: NextTokenPlanner | None = None,
     residuals: torch.Tensor | None = None,
     states: torch.Tensor | None = None,
+    log: EventLog | None = None,
 ) -> ReplayResult:
-    """Decode ``routing`` (T tokens, L layers, k) one token at a time on ``device``. The first
-    ``warmup`` tokens fill the cache and are neither timed nor counted.
+    """Decode ``routing`` (T tokens, L layers, k) one token at a time on ``device`` under the
+    named ``policy`` (:data:`~specmoe.offload.policy.POLICIES`), taking each layer's steps in
+    the order the model runtime takes them (:class:`DecodingSession`). The first ``warmup``
+    tokens fill the cache and are neither timed nor counted.
 
-    A predictor prefetches layers l+1..l+``lookahead`` of the token it has seen routed (what
-    a predictor predicts). The oracle reads the recorded future ``oracle_lookahead`` layers
-    ahead in decode order (default: ``lookahead``), past the token's last layer into the next
-    token's, up to L-1 layers, since on a slow disk one read outlasts several layers'
-    compute. L-1 is the limit because a prefetch is keyed by layer and expires when its
-    layer next runs, which is then its own token.
+    A predictor prefetches layers l+1..l+``layers_ahead`` of the token it has seen routed.
+    The oracle reads the recorded future ``prefetch.oracle_reach`` layers ahead in decode
+    order (default L-1), into the next token's layers, since on a slow disk one read
+    outlasts several layers' compute.
 
     A predictor that reads hidden states gets them from ``states`` (T, L, D), recorded, of
-    its kind (``predictor.needs_hidden``), and plans when they exist: a router input at the
-    layer's routing, a residual output once the layer has run. ``next_token`` (with
-    ``policy="prefetch"``): once its guess layer has run, also prefetch the next token's
-    first layers from a guess made from ``residuals`` (T, D), the recorded residual stream
-    after that layer.
-
-    ``planning``: ``background`` hands each plan to the prefetch thread (what the runtime
-    does); ``inline`` plans on the decoding thread, to measure what that costs."""
-    tokens, layers, _ = routing.shape
-    if planning not in PLANNING:
-        raise ValueError(f"planning must be one of {PLANNING}, got {planning!r}")
+    its kind (``predictor.needs_hidden``): a router input at the layer's routing, a residual
+    output once the layer has run. ``next_token`` (with ``prefetch+next-token``): once its
+    guess layer has run, also prefetch the next token's first layers from a guess made from
+    ``residuals`` (T, D), the recorded residual stream after that layer."""
+    tokens, layers, top_k = routing.shape
+    rule = policy_named(policy)
     if not 0 <= warmup < tokens:
         raise ValueError(f"warmup must be in [0, {tokens}) for {tokens} tokens, got {warmup}")
-    if next_token is not None and (policy != "prefetch" or residuals is None or len(residuals) != tokens):
-        raise ValueError("next_token needs policy 'prefetch' and the guess layer's residuals of every token")
-    needs = getattr(predictor, "needs_hidden", None) if policy == "prefetch" else None
+    if rule.next_token != (next_token is not None):
+        raise ValueError(f"policy {policy!r} {'needs' if rule.next_token else 'takes no'} next_token")
+    if next_token is not None and (residuals is None or len(residuals) != tokens):
+        raise ValueError("next_token needs the guess layer's residuals of every token")
+    if rule.prefetch == "predictor" and predictor is None:
+        raise ValueError(f"policy {policy!r} needs a predictor")
+    needs = getattr(predictor, "needs_hidden", None) if rule.prefetch == "predictor" else None
     if needs and (states is None or tuple(states.shape[:2]) != (tokens, layers)):
         raise ValueError(
             f"predictor {predictor.name} reads {needs} states: pass states of shape ({tokens}, {layers}, D)"
         )
-    states = states if needs else None
-    plan_after_output = needs == "residual_out"
-    if policy == "oracle":
-        default = min(lookahead, max(layers - 1, 1))  # a predictor's lookahead stops at the token's end
-        oracle_lookahead = oracle_reach(layers, default if oracle_lookahead is None else oracle_lookahead)
-    stats = RuntimeStats()
-    future = future_uses(routing, layers) if eviction == "belady" else None
+    prefetch = (prefetch or PrefetchSettings()).resolve(top_k=top_k, num_layers=layers)
+    eviction = rule.eviction_for(prefetch)
     transfer = Transfer(slow, device)
-    tier = FastTier(budget_bytes, stats, eviction, future, layers)
-    prefetcher = Prefetcher(transfer, tier, stats) if policy in ("prefetch", "oracle") else None
+    session = DecodingSession(
+        transfer,
+        budget_bytes,
+        num_layers=layers,
+        eviction=eviction,
+        prefetching=rule.prefetch != "none",
+        keeps_experts=rule.keeps_experts,
+        planning=planning,
+        future_uses=future_uses(routing, layers) if eviction == "belady" else None,
+        log=log,
+    )
+    planner = PrefetchPlanner(predictor, layers, num_experts, prefetch) if rule.prefetch == "predictor" else None
     hidden = slow.read(0, 0)[0].shape[1]
     dense = _dense_stand_in(hidden, transfer.device)
-
-    planner = (
-        PrefetchPlanner(predictor, layers, num_experts, lookahead, budget, threshold) if policy == "prefetch" else None
-    )
     # Converted once: a predictor sees token t's routing up to the current layer.
     expert_ids, weights = routing.astype(np.int64), gate_weights.astype(np.float32)
     token_ids = token_ids.astype(np.int64)
+    states = states if needs else None
 
-    def oracle_keys(t: int, layer: int) -> list[tuple[int, int]]:
-        now = t * layers + layer  # position in decode order
-        ahead = range(now + 1, min(now + 1 + oracle_lookahead, tokens * layers))
-        return [(p % layers, int(e)) for p in ahead for e in routing[p // layers, p % layers] if e >= 0]
-
-    guessed = {"made": 0, "right": 0}  # for timed tokens only
-
-    def plan(t: int, layer: int) -> list[tuple[int, int]]:
-        return planner.plan(
+    def plan(t: int, layer: int) -> list[Request]:
+        keys = planner.plan(
             layer,
             expert_ids[t : t + 1, : layer + 1],
             weights[t : t + 1, : layer + 1],
             token_ids[t : t + 1],
             hidden=None if states is None else states[t : t + 1, : layer + 1],
         )
+        return in_token_requests(keys, t, layers)
 
-    def guess_plan(t: int, ids: np.ndarray, probs: np.ndarray) -> list[tuple[int, int]]:
-        # a plan run late keeps only the layers token t+1 has not reached
-        return [key for key in next_token.plan(ids, probs) if (t + 1) * layers + key[0] > tier.position]
+    def guess_plan(t: int, ids: np.ndarray, probs: np.ndarray) -> list[Request]:
+        return in_token_requests(next_token.plan(ids, probs), t + 1, layers)
 
-    # What prediction costs the decoding thread: handing a plan over, or (inline) planning,
-    # and the next-token guess.
-    # Wall time includes waiting for a core or the GIL; CPU time is the thread's own work.
-    # Planning on the prefetch thread is counted there (stats plan_s, plan_cpu_s).
-    predict_s = predict_cpu_s = 0.0
+    def experts_at(position: int) -> np.ndarray:
+        return routing[position // layers, position % layers]
 
-    def submit(make_keys, keep: bool = False, t: int | None = None) -> None:
-        """Hand a plan over; with ``t``, guess token t+1 here first (the guess's cost counts
-        as the decoding thread's)."""
-        nonlocal predict_s, predict_cpu_s
-        began, began_cpu = time.perf_counter(), time.thread_time()
-        if t is not None:
-            ids, probs = next_token.guess(residuals[t : t + 1])
-            make_keys = functools.partial(make_keys, t, ids, probs)
-            if t >= warmup:
-                guessed["made"] += 1
-                guessed["right"] += int(ids[0, 0]) == token_ids[t + 1]
-        if planning == "inline":
-            prefetcher.request(make_keys())
-        else:
-            prefetcher.plan(make_keys, keep=keep)
-        predict_s += time.perf_counter() - began
-        predict_cpu_s += time.thread_time() - began_cpu
-
+    guessed = {"made": 0, "right": 0}  # for timed tokens only
     x = torch.randn(1, hidden, device=transfer.device).bfloat16()
     start = time.perf_counter()
     try:
         for t in range(tokens):
             if t == warmup:
                 _synchronize(transfer.device)
-                stats.__init__()  # counters restart; the cache keeps what warm-up put there
-                predict_s = predict_cpu_s = 0.0
+                session.restart_counts()  # the cache keeps what warm-up put there
                 if planner is not None:  # like the cache, the memo keeps what warm-up put there
                     planner.hits = planner.misses = 0
                 start = time.perf_counter()
             for layer in range(layers):
-                needed = sorted({int(e) for e in routing[t, layer] if e >= 0})
-                tier.position = t * layers + layer
-                if policy == "oracle":
-                    prefetcher.request(oracle_keys(t, layer))
-                elif policy == "prefetch" and not plan_after_output:  # the layer's routing is known
-                    submit(functools.partial(plan, t, layer))
-                keys = [(layer, e) for e in needed]
-                with tier.lock:
-                    tier.pinned = set(keys)
-                if prefetcher is not None:
-                    prefetcher.drop_stale(layer, set(keys))
-                x = _layer(x, dense, (fetch_expert(tier, prefetcher, transfer, stats, key) for key in keys))
-                # the layer's output is known: what reads it plans now
-                if policy == "prefetch" and plan_after_output:
-                    submit(functools.partial(plan, t, layer))
-                finish_layer(tier, prefetcher, layer)
+                if rule.prefetch == "predictor" and needs != "residual_out":  # the layer's routing is known
+                    session.submit(functools.partial(plan, t, layer))
+                keys = session.begin_layer(t, layer, sorted({int(e) for e in routing[t, layer] if e >= 0}))
+                if rule.prefetch == "oracle":
+                    position = session.position(t, layer)
+                    session.request(
+                        oracle_requests(experts_at, position, prefetch.oracle_reach, tokens * layers, layers)
+                    )
+                x = _layer(x, dense, (session.fetch(key) for key in keys))
+                session.finish_layer(t, layer)
+                if needs == "residual_out":  # the layer's output is known: what reads it plans now
+                    session.submit(functools.partial(plan, t, layer))
                 if next_token is not None and layer == next_token.guess_layer and t + 1 < tokens:
-                    submit(guess_plan, keep=True, t=t)  # kept: no later plan of t covers t+1
-                if policy == "on-demand":
-                    tier.clear()
+                    with session.predicting():
+                        ids, probs = next_token.guess(residuals[t : t + 1])
+                    if t >= warmup:
+                        guessed["made"] += 1
+                        guessed["right"] += int(ids[0, 0]) == token_ids[t + 1]
+                    session.submit(functools.partial(guess_plan, t, ids, probs), keep=True)
         _synchronize(transfer.device)
     finally:
-        if prefetcher is not None:
-            prefetcher.close()
+        session.close()
     seconds = time.perf_counter() - start
-    result = stats.to_dict() | {
-        "expert_bytes": slow.expert_nbytes(0),
-        "predict_s": predict_s,
-        "predict_cpu_s": predict_cpu_s,
-        **(planner.stats() if planner is not None else {}),
-    }
+    result = session.results() | {"expert_bytes": slow.expert_nbytes(0), **(planner.stats() if planner else {})}
     if next_token is not None:  # how often the guess named the token that came next
         result["next_token_guesses"] = guessed["made"]
         result["next_token_guess_accuracy"] = guessed["right"] / guessed["made"] if guessed["made"] else None
     return ReplayResult(
-        policy, getattr(predictor, "name", None), budget_bytes, tokens - warmup, seconds, result, eviction
+        policy,
+        getattr(predictor, "name", None),
+        budget_bytes,
+        tokens - warmup,
+        seconds,
+        result,
+        eviction,
+        planning if rule.prefetch == "predictor" else None,
     )
 
 

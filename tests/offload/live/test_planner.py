@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from specmoe.offload.planner import PrefetchPlanner, prefetch_keys
+from specmoe.offload.live.planner import PrefetchPlanner
+from specmoe.offload.policy import PrefetchSettings, choose_prefetches
 from specmoe.predictors.data import Context, TraceDataset
 from specmoe.predictors.registry import make_predictor
 from tests.predictors.synthetic import make_synthetic_store
@@ -61,10 +62,11 @@ def test_contexts_with_equal_decode_keys_get_equal_predictions(splits, name):
 def test_the_planner_answers_as_the_predictor_does_and_reuses_answers(splits, name):
     train, test = splits
     predictor = make_predictor(name).fit(train)
-    planner = PrefetchPlanner(predictor, train.num_layers, train.num_experts, lookahead=2, budget=2, threshold=0.05)
+    settings = PrefetchSettings(layers_ahead=2, experts_per_layer=2, min_probability=0.05)
+    planner = PrefetchPlanner(predictor, train.num_layers, train.num_experts, settings)
     for layer, arrays, context in _decoding_steps(test):
         targets = range(layer + 1, min(layer + 3, train.num_layers))
-        expected = prefetch_keys(predictor.predict_proba(context), targets, 2, 0.05) if targets else []
+        expected = choose_prefetches(predictor.predict_proba(context), targets, 2, 0.05) if targets else []
         assert planner.plan(layer, *arrays, offset=10) == [(target + 10, e) for target, e in expected]
     assert planner.misses > 0 and (planner.hits > 0) == _repeats(name, train)
     assert planner.stats()["plan_memo_hit_rate"] == planner.hits / (planner.hits + planner.misses)
@@ -74,7 +76,7 @@ def test_a_predictor_without_a_decode_key_is_asked_every_time(splits):
     train, test = splits
     predictor = make_predictor("transition").fit(train)
     predictor.decode_key = lambda *routing: None
-    planner = PrefetchPlanner(predictor, train.num_layers, train.num_experts)
+    planner = PrefetchPlanner(predictor, train.num_layers, train.num_experts, _resolved(train))
     asked = 0
     for layer, arrays, _ in _decoding_steps(test, 10):
         planner.plan(layer, *arrays)
@@ -84,21 +86,12 @@ def test_a_predictor_without_a_decode_key_is_asked_every_time(splits):
 
 def test_the_memo_never_holds_more_than_max_entries(splits):
     train, test = splits
-    planner = PrefetchPlanner(make_predictor("token").fit(train), train.num_layers, train.num_experts, max_entries=5)
+    token = make_predictor("token").fit(train)
+    planner = PrefetchPlanner(token, train.num_layers, train.num_experts, _resolved(train), max_entries=5)
     for layer, arrays, _ in _decoding_steps(test):
         planner.plan(layer, *arrays)
         assert len(planner._memo) <= 5
 
 
-def test_prefetch_keys_takes_the_budget_per_layer_pooled_over_the_batch():
-    probs = torch.zeros(2, 3, 6)
-    probs[0, 0, [1, 2]] = torch.tensor([0.6, 0.4])
-    probs[1, 0, [2, 3]] = torch.tensor([0.5, 0.5])  # pooled: expert 2 (0.9), then 1 (0.6)
-    probs[:, 1, 4] = 1.0
-    probs[:, 1, 5] = 0.5
-    assert prefetch_keys(probs, range(3, 5), budget=2) == [(3, 2), (3, 1), (4, 4), (4, 5)]
-    # a threshold drops what no token believes in, whatever the pooled rank
-    assert prefetch_keys(probs, range(3, 5), budget=2, threshold=0.55) == [(3, 1), (4, 4)]
-    assert prefetch_keys(probs[:1], range(3, 4), budget=1) == [(3, 1)]
-    # ties go to the lower expert id, whatever dtype the predictor answers in
-    assert prefetch_keys(torch.full((1, 1, 4), 0.25, dtype=torch.bfloat16), range(2, 3), budget=2) == [(2, 0), (2, 1)]
+def _resolved(data: TraceDataset) -> PrefetchSettings:
+    return PrefetchSettings().resolve(top_k=data.top_k, num_layers=data.num_layers)

@@ -2,8 +2,8 @@ import gc
 
 import torch
 
-from specmoe.offload import expert_files
-from specmoe.offload.expert_files import ALIGN, ExpertFiles, ReadBuffers
+from specmoe.offload.live import expert_files
+from specmoe.offload.live.expert_files import ALIGN, ExpertFiles, ReadBuffers
 
 
 def _experts(layers=2, experts=3):

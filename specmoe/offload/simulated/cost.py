@@ -9,8 +9,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-import torch
-
 from specmoe.errors import InputError
 
 
@@ -51,24 +49,24 @@ def preset(name: str, **overrides) -> HardwareProfile:
 
 def measure_disk(num_bytes: int = 256 << 20, chunk: int = 8 << 20, directory: str | None = None) -> tuple[float, float]:
     """(bandwidth bytes/s, latency s) of reading a fresh file with the page cache bypassed
-    (O_DIRECT where the filesystem allows it, else the cache is dropped for the file first)."""
-    with tempfile.NamedTemporaryFile(dir=directory, delete=False) as handle:
+    (O_DIRECT where the filesystem allows it, else the cache is dropped for the file first).
+    The file lives in a temporary directory whose removal is armed before it is written."""
+    import mmap
+
+    with tempfile.TemporaryDirectory(dir=directory, prefix="specmoe-disk-probe-") as tmp:
+        path = os.path.join(tmp, "probe.bin")
         block = os.urandom(chunk)
-        for _ in range(num_bytes // chunk):
-            handle.write(block)
-        path = handle.name
-    try:
+        with open(path, "wb") as handle:
+            for _ in range(num_bytes // chunk):
+                handle.write(block)
         os.sync()
-        flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
         try:
-            fd = os.open(path, flags)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
         except OSError:
             fd = os.open(path, os.O_RDONLY)
         try:
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            import mmap
-
             buffer = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT requires
             start = time.perf_counter()
             total = 0
@@ -87,26 +85,9 @@ def measure_disk(num_bytes: int = 256 << 20, chunk: int = 8 << 20, directory: st
                 lat.append(time.perf_counter() - t)
         finally:
             os.close(fd)
-    finally:
-        os.unlink(path)
     return total / elapsed, sorted(lat)[len(lat) // 2]
 
 
 def measured_profile(compute_s_per_layer: float) -> HardwareProfile:
     bandwidth, latency = measure_disk()
     return HardwareProfile("measured-disk", bandwidth, latency, compute_s_per_layer)
-
-
-def expert_bytes(model_id: str, dtype: str = "bfloat16", *, trust_remote_code: bool = False) -> int:
-    """Bytes of one routed expert, from the model's config alone (built on the meta device)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    from specmoe.models.loading import load_config, wrap_model
-
-    config = load_config(model_id, trust_remote_code=trust_remote_code)
-    auto = AutoModelForSeq2SeqLM if config.model_type == "switch_transformers" else AutoModelForCausalLM
-    with torch.device("meta"):
-        model = auto.from_config(config, trust_remote_code=trust_remote_code)
-    loaded = wrap_model(model_id, model)
-    numel = sum(p.numel() for p in loaded.adapter.expert_parameters(loaded.layers[0], 0))
-    return numel * torch.empty((), dtype=getattr(torch, dtype)).element_size()

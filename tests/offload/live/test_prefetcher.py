@@ -8,9 +8,10 @@ import time
 import pytest
 import torch
 
-from specmoe.offload.fast_tier import FastTier, RuntimeStats, finish_layer
-from specmoe.offload.prefetcher import Prefetcher
-from specmoe.offload.tiers import HostExperts, Transfer
+from specmoe.offload.live.fast_tier import FastTier, RuntimeStats
+from specmoe.offload.live.prefetcher import Prefetcher
+from specmoe.offload.live.tiers import HostExperts, Transfer
+from specmoe.offload.policy import in_token_requests
 
 
 class _GatedExperts(HostExperts):
@@ -47,11 +48,16 @@ def _eventually(condition) -> bool:
     return False
 
 
+def _requests(keys):
+    """Requests for layers of the first decode step (position = layer, 3 layers)."""
+    return in_token_requests(keys, 0, 3)
+
+
 def test_requests_for_a_layer_that_ran_are_dropped_unread(gated):
     slow, stats, tier, prefetcher = gated
-    prefetcher.request([(1, 0), (2, 0), (2, 1)])
+    prefetcher.request(_requests([(1, 0), (2, 0), (2, 1)]))
     assert slow.reading.wait(5)  # (1, 0) is being read; the rest wait in the queue
-    finish_layer(tier, prefetcher, 2)
+    prefetcher.finish_layer(2)  # the layer at position 2 has run
     assert not prefetcher.queue and set(prefetcher.in_flight) == {(1, 0)}
     slow.gate.set()
     assert prefetcher.wait_for((1, 0))
@@ -61,17 +67,17 @@ def test_requests_for_a_layer_that_ran_are_dropped_unread(gated):
 
 def test_requests_a_starting_layer_does_not_need_are_dropped_and_the_needed_kept(gated):
     slow, _stats, _tier, prefetcher = gated
-    prefetcher.request([(1, 0), (2, 0), (2, 1), (3, 0)])
+    prefetcher.request(in_token_requests([(1, 0), (2, 0), (2, 1), (3, 0)], 0, 4))
     assert slow.reading.wait(5)
-    prefetcher.drop_stale(2, {(2, 1)})  # layer 2's routing: it needs expert 1, not 0
-    assert list(prefetcher.queue) == [(2, 1), (3, 0)]
+    prefetcher.begin_layer(2, {(2, 1)})  # layer 2's routing: it needs expert 1, not 0
+    assert list(prefetcher.queue.entries) == [((2, 1), 2), ((3, 0), 3)]
     slow.gate.set()
 
 
 def test_a_prefetch_read_pauses_between_chunks_while_a_demand_read_runs(gated):
     slow, stats, tier, prefetcher = gated
     with prefetcher.demand_read():
-        prefetcher.request([(1, 0)])
+        prefetcher.request(_requests([(1, 0)]))
         assert slow.reading.wait(5)
         slow.gate.set()  # its first chunk is read; the second must wait for the demand read
         _eventually(lambda: stats.prefetch_pauses)
@@ -83,10 +89,10 @@ def test_a_prefetch_read_pauses_between_chunks_while_a_demand_read_runs(gated):
 def test_a_newer_plan_replaces_one_not_yet_started_and_plans_run_between_chunks(gated):
     slow, stats, tier, prefetcher = gated
     ran = []
-    prefetcher.request([(0, 0)])
+    prefetcher.request(in_token_requests([(0, 0)], 1, 3))
     assert slow.reading.wait(5)  # the thread is inside a read: plans wait for its chunk boundary
-    prefetcher.plan(lambda: ran.append("older") or [(1, 1)])
-    prefetcher.plan(lambda: ran.append("newer") or [(2, 2)])
+    prefetcher.plan(lambda: ran.append("older") or _requests([(1, 1)]))
+    prefetcher.plan(lambda: ran.append("newer") or _requests([(2, 2)]))
     slow.gate.set()
     assert prefetcher.wait_for((0, 0))
     _eventually(lambda: (2, 2) in tier)
@@ -97,11 +103,11 @@ def test_a_newer_plan_replaces_one_not_yet_started_and_plans_run_between_chunks(
 def test_a_kept_plan_is_not_replaced_and_runs_after_the_latest_plan(gated):
     slow, _stats, tier, prefetcher = gated
     ran = []
-    prefetcher.request([(0, 0)])
+    prefetcher.request(in_token_requests([(0, 0)], 1, 3))
     assert slow.reading.wait(5)
-    prefetcher.plan(lambda: ran.append("next token") or [(0, 3)], keep=True)
-    prefetcher.plan(lambda: ran.append("older") or [(1, 1)])
-    prefetcher.plan(lambda: ran.append("newer") or [(2, 2)])
+    prefetcher.plan(lambda: ran.append("next token") or in_token_requests([(0, 3)], 1, 3), keep=True)
+    prefetcher.plan(lambda: ran.append("older") or _requests([(1, 1)]))
+    prefetcher.plan(lambda: ran.append("newer") or _requests([(2, 2)]))
     slow.gate.set()
     assert prefetcher.wait_for((0, 0))
     _eventually(lambda: (0, 3) in tier)
@@ -115,5 +121,5 @@ def test_a_failure_on_the_prefetch_thread_is_raised_to_the_decoder_not_waited_fo
     prefetcher.thread.join(5)
     assert not prefetcher.thread.is_alive()
     with pytest.raises(RuntimeError, match="prefetch thread failed: KeyError"):
-        prefetcher.request([(0, 0)])
+        prefetcher.request(in_token_requests([(0, 0)], 1, 3))
     prefetcher.close()

@@ -4,7 +4,7 @@ demand copies have a stream of their own that outranks the prefetch stream."""
 import pytest
 import torch
 
-from specmoe.offload.tiers import HostExperts, Transfer
+from specmoe.offload.live.tiers import HostExperts, Transfer
 
 
 def _host():

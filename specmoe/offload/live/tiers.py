@@ -2,7 +2,7 @@
 
 Two configurations are supported:
 
-- **disk → RAM** (any machine): :class:`~specmoe.offload.expert_files.ExpertFiles`, read
+- **disk → RAM** (any machine): :class:`~specmoe.offload.live.expert_files.ExpertFiles`, read
   with the page cache bypassed into fresh host tensors, which the fast tier keeps as they are.
 - **host → GPU**: :class:`HostExperts` in pinned host memory, copied to the GPU on a CUDA
   stream of their own so that copies overlap the layers computing on the default stream.
@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-Key = tuple[int, int]
+from specmoe.offload import Key
 
 
 class SlowTier(Protocol):

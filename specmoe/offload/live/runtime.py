@@ -21,19 +21,15 @@ from torch.func import functional_call
 
 from specmoe.errors import InputError
 from specmoe.models.loading import LoadedModel
-from specmoe.offload.cache import EVICTIONS, future_uses
-from specmoe.offload.expert_files import ExpertFiles
-from specmoe.offload.expert_layout import ExpertLayout, discover_layout, empty_parameters
-from specmoe.offload.fast_tier import (
-    FastTier,
-    RuntimeStats,
-    fetch_expert,
-    finish_layer,
-)
-from specmoe.offload.next_token import LogitLens, NextTokenPlanner
-from specmoe.offload.planner import PrefetchPlanner
-from specmoe.offload.prefetcher import Prefetcher
-from specmoe.offload.tiers import HostExperts, Key, Transfer
+from specmoe.offload.eviction import future_uses
+from specmoe.offload.live.expert_files import ExpertFiles
+from specmoe.offload.live.expert_layout import ExpertLayout, discover_layout, empty_parameters
+from specmoe.offload.live.next_token import LogitLens, NextTokenPlanner
+from specmoe.offload.live.planner import PrefetchPlanner
+from specmoe.offload.live.session import DecodingSession
+from specmoe.offload.live.tiers import HostExperts, Transfer
+from specmoe.offload.policy import EventLog, PrefetchSettings, Request, in_token_requests, oracle_requests
+from specmoe.offload.settings import NextTokenSettings
 
 
 class OffloadedExperts(nn.Module):
@@ -68,7 +64,8 @@ class OffloadRuntime:
 
     Layers are numbered globally, in execution order across stacks (an encoder-decoder's
     encoder layers first); a new step, of the routing log and of the oracle, starts whenever
-    the first MoE layer of a stack runs.
+    the first MoE layer of a stack runs. Decode positions are ``step * L + layer`` over all L
+    MoE layers, as in the policy core.
 
     Args:
         loaded: a model from :func:`specmoe.models.loading.load_model` (or ``wrap_model``).
@@ -82,17 +79,16 @@ class OffloadRuntime:
             outputs of the current step are kept by hooks for predictors that read them).
         predictor_stack: the stack the predictor was fitted on (default: the first, which is
             what ``specmoe train`` fits on); the other stack runs without prefetch.
-        lookahead, budget, threshold: prefetch layers l+1..l+lookahead of the same stack, at
-            most ``budget`` experts per layer, each with probability >= ``threshold``.
+        prefetch: how to prefetch and evict (:class:`~specmoe.offload.policy.PrefetchSettings`).
         oracle: a ``routing_log`` recorded by an earlier run of the same prompt, prefetched
-            instead of predicting.
-        eviction: ``lru``, ``lfu``, ``lrfu`` (frequency that decays with a half-life of 16
-            tokens) or ``belady`` (needs ``oracle``: the future it evicts by).
-        next_token_layer, next_token_depth, next_token_candidates: also prefetch the next
-            token's first ``depth`` layers once this layer (counted in the predictor's stack)
-            has run, from a guess of that token (see :mod:`specmoe.offload.next_token`);
-            decoder-only models. ``next_token_table``: the token table to look the guess up
-            in (default: ``predictor``, which must then be one).
+            ``prefetch.oracle_reach`` positions ahead instead of predicting; with ``belady``
+            eviction it is also the future evicted by.
+        next_token: also prefetch the next token's first layers from a guess of that token
+            (see :mod:`specmoe.offload.live.next_token`); decoder-only models.
+            ``next_token_table``: the token table to look the guess up in (default:
+            ``predictor``, which must then be one).
+        planning: where prefetch work runs (:data:`~specmoe.offload.settings.PLANNING`).
+        log: a list to record every decision in (the parity tests).
     """
 
     def __init__(
@@ -105,23 +101,19 @@ class OffloadRuntime:
         experts_dir: str | Path | None = None,
         predictor=None,
         predictor_stack: str | None = None,
-        lookahead: int = 1,
-        budget: int | None = None,
-        threshold: float = 0.0,
+        prefetch: PrefetchSettings | None = None,
         oracle=None,
-        eviction: str = "lru",
-        next_token_layer: int | None = None,
-        next_token_depth: int = 1,
-        next_token_candidates: int = 1,
+        next_token: NextTokenSettings | None = None,
         next_token_table=None,
+        planning: str = "background",
+        log: EventLog | None = None,
     ):
         self.predictor_stack = predictor_stack or next(iter(loaded.stacks))
         if self.predictor_stack not in loaded.stacks:
             raise InputError(f"predictor_stack must be one of {list(loaded.stacks)}, got {predictor_stack!r}")
         _check_predictor(predictor, loaded, self.predictor_stack)
-        if eviction not in EVICTIONS:
-            raise InputError(f"eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
-        if eviction == "belady" and oracle is None:
+        prefetch = prefetch or PrefetchSettings()
+        if prefetch.eviction == "belady" and oracle is None:
             raise InputError("Belady eviction needs the future routing: pass oracle=")
         self.device = _fast_device(device)
         slow_tier = slow_tier or ("disk" if self.device.type == "cpu" else "host")
@@ -133,26 +125,22 @@ class OffloadRuntime:
         self.layers = loaded.layers
         self.num_experts, self.top_k = loaded.num_experts, loaded.top_k
         self._stack_range = _stack_ranges(loaded.stacks)
-        self.stats = RuntimeStats()
-        self.predictor, self.lookahead, self.oracle = predictor, lookahead, oracle
-        self.budget = budget or 2 * loaded.top_k
+        self.prefetch = prefetch.resolve(top_k=loaded.top_k, num_layers=len(self.layers))
+        self.predictor, self.oracle = predictor, oracle
         self.next_token = None
         self.guess_log: list[tuple[int, list[int]]] = []
         """(step, guessed next token per sequence) of every guess made (on the decoding thread)."""
         self._awaiting_output = None
-        if next_token_layer is not None:
+        if next_token is not None:
             if predictor is None:
                 raise InputError("next-token prefetch runs beside a predictor's: pass predictor=")
             _check_predictor(next_token_table, loaded, self.predictor_stack)
             self.next_token = NextTokenPlanner(
                 LogitLens.of(loaded.model),
                 next_token_table or predictor,
-                guess_layer=next_token_layer,
-                num_layers=loaded.stacks[self.predictor_stack],
-                depth=next_token_depth,
-                budget=self.budget,
-                threshold=threshold,
-                candidates=next_token_candidates,
+                next_token,
+                loaded.stacks[self.predictor_stack],
+                self.prefetch,
             )
         self._layouts = [discover_layout(loaded.adapter, layer, self.num_experts) for layer in self.layers]
         experts = {
@@ -172,13 +160,19 @@ class OffloadRuntime:
         # copied out at once, and a read in flight per thread is all that is held.
         held = min(budget_bytes // min(sizes), len(self.layers) * self.num_experts) if self.device.type == "cpu" else 0
         slow.reserve_buffers(held + 2)
-        future = future_uses(oracle, len(self.layers)) if eviction == "belady" else None
-        self.tier = FastTier(budget_bytes, self.stats, eviction, future, len(self.layers))
-        self.prefetcher = Prefetcher(self.transfer, self.tier, self.stats) if (predictor or oracle) else None
+        self.session = DecodingSession(
+            self.transfer,
+            budget_bytes,
+            num_layers=len(self.layers),
+            eviction=self.prefetch.eviction,
+            prefetching=predictor is not None or oracle is not None,
+            planning=planning,
+            future_uses=future_uses(oracle, len(self.layers)) if self.prefetch.eviction == "belady" else None,
+            log=log,
+        )
+        self.stats = self.session.stats
         self.planner = (
-            PrefetchPlanner(
-                predictor, loaded.stacks[self.predictor_stack], self.num_experts, lookahead, self.budget, threshold
-            )
+            PrefetchPlanner(predictor, loaded.stacks[self.predictor_stack], self.num_experts, self.prefetch)
             if predictor is not None
             else None
         )
@@ -211,46 +205,49 @@ class OffloadRuntime:
             original.to(self.device)  # not a submodule of the wrapper, so model.to() would miss what it keeps
             setattr(layer.block, self.loaded.adapter.experts_attr, OffloadedExperts(original, g, layout, self))
 
+    def results(self) -> dict:
+        """The run's counters (see :class:`~specmoe.offload.live.fast_tier.RuntimeStats`)."""
+        return self.session.results() | (self.planner.stats() if self.planner else {})
+
     # --- per call ---------------------------------------------------------------------
     def fetch(self, layer: int, experts: list[int]) -> dict[int, list[torch.Tensor]]:
         self.routing_log[self.step][layer] = list(experts)
-        keys = [(layer, e) for e in experts]
-        with self.tier.lock:
-            fits = len(keys) * self.transfer.expert_nbytes(layer) <= self.tier.budget
-            self.tier.pinned = set(keys) if fits else set()  # a layer wider than the tier streams through it
-            self.tier.position = self.step * len(self.layers) + layer
-        if self.prefetcher is not None:
-            self.prefetcher.drop_stale(layer, set(keys))
-        return {key[1]: fetch_expert(self.tier, self.prefetcher, self.transfer, self.stats, key) for key in keys}
+        keys = self.session.begin_layer(self.step, layer, experts)
+        if self.oracle is not None:
+            self.session.request(self._oracle_requests(layer))
+        return {key[1]: self.session.fetch(key) for key in keys}
 
     def release(self, layer: int) -> None:
-        finish_layer(self.tier, self.prefetcher, layer)
+        self.session.finish_layer(self.step, layer)
 
     def on_routing(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
-        """Layer ``layer``'s routing is known: queue prefetches for the next layers of its stack."""
+        """Layer ``layer``'s routing is known: plan prefetches for the next layers of its stack."""
         first, end = self._stack_range[layer]
         if layer == first:
             self.step += 1
             self.routing_log.append([[] for _ in self.layers])
             self._history = []
         self._history.append((ids.cpu(), weights.cpu()))
-        if self.prefetcher is None:
+        if self.planner is None or self.layers[layer].stack != self.predictor_stack:
             return
-        predicting = self.oracle is None
-        if predicting and self.layers[layer].stack != self.predictor_stack:
-            return
-        targets = range(layer + 1, min(layer + self.lookahead, end - 1) + 1)
-        if not predicting:
-            if self.step < len(self.oracle):
-                self.prefetcher.request([(t, e) for t in targets for e in self.oracle[self.step][t]])
-        elif targets:  # planned on the prefetch thread, from this layer's routing history
-            plan = functools.partial(self._plan, layer - first, first, list(self._history), self._token_ids)
+        if layer + 1 < end:  # planned on the prefetch thread, from this layer's routing history
+            plan = functools.partial(self._plan, self.step, layer - first, first, list(self._history), self._token_ids)
             if self._needs == "residual_out":  # completed, and handed over, at the layer's output
                 self._awaiting_output = plan
             else:
-                self.prefetcher.plan(functools.partial(plan, list(self._states)))
+                self.session.submit(functools.partial(plan, list(self._states)))
         else:
             self._awaiting_output = None
+
+    def _oracle_requests(self, layer: int) -> list:
+        log, width = self.oracle, len(self.layers)
+
+        def experts_at(position: int) -> list[int]:
+            step, g = divmod(position, width)
+            return log[step][g] if step < len(log) else []
+
+        position = self.session.position(self.step, layer)
+        return oracle_requests(experts_at, position, self.prefetch.oracle_reach, len(log) * width, width)
 
     # --- hidden states: what a predictor reads besides routing, and the next-token guess -----
     def _state_hooks(self, needs: str | None) -> list:
@@ -282,34 +279,35 @@ class OffloadRuntime:
                 self._states = []
             self._states.append(hidden.reshape(-1, hidden.shape[-1]).detach())
             if self._awaiting_output is not None:
-                self.prefetcher.plan(functools.partial(self._awaiting_output, list(self._states)))
+                self.session.submit(functools.partial(self._awaiting_output, list(self._states)))
         if self.next_token is not None and layer - self._stack_range[layer][0] == self.next_token.guess_layer:
             residual = hidden[:, -1] if hidden.dim() == 3 else hidden[-1:]  # each sequence's newest token
-            ids, probs = self.next_token.guess(residual.detach())  # here: see NextTokenPlanner.guess
+            with self.session.predicting():  # on this thread: see NextTokenPlanner.guess
+                ids, probs = self.next_token.guess(residual.detach())
             self.guess_log.append((self.step, ids[:, 0].tolist()))
             # kept: no later plan of this step covers the next one
-            self.prefetcher.plan(functools.partial(self._guess_keys, ids, probs, self.step), keep=True)
+            self.session.submit(functools.partial(self._guess_requests, ids, probs, self.step), keep=True)
 
-    def _guess_keys(self, ids: np.ndarray, probs: np.ndarray, step: int) -> list[Key]:
-        keys = self.next_token.plan(ids, probs)
-        # a plan run late keeps only the layers the next step has not reached
-        return [key for key in keys if (step + 1) * len(self.layers) + key[0] > self.tier.position]
+    def _guess_requests(self, ids: np.ndarray, probs: np.ndarray, step: int) -> list[Request]:
+        return in_token_requests(self.next_token.plan(ids, probs), step + 1, len(self.layers))
 
-    def _plan(self, layer: int, first: int, history: list, token_ids: torch.Tensor, states: list) -> list[Key]:
+    def _plan(
+        self, step: int, layer: int, first: int, history: list, token_ids: torch.Tensor, states: list
+    ) -> list[Request]:
         ids = torch.stack([h[0] for h in history], 1)  # (N, l+1, k)
         weights = torch.stack([h[1] for h in history], 1).float()
         n = ids.shape[0]
         tokens = token_ids if len(token_ids) == n else torch.zeros(n, dtype=torch.long)
         hidden = torch.stack(states, 1).cpu() if self._needs else None  # (N, l+1, D)
-        return self.planner.plan(layer, ids.numpy(), weights.numpy(), tokens.numpy(), offset=first, hidden=hidden)
+        keys = self.planner.plan(layer, ids.numpy(), weights.numpy(), tokens.numpy(), offset=first, hidden=hidden)
+        return in_token_requests(keys, step, len(self.layers))
 
     def close(self) -> None:
         for hook in self._input_hooks:
             hook.remove()
         for hook in self._hooks:
             hook.remove()
-        if self.prefetcher is not None:
-            self.prefetcher.close()
+        self.session.close()
         self.transfer.close()
 
 

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from specmoe.offload.cache import LFU, LRFU, LRFU_HALF_LIFE_TOKENS, ExpertCache, eviction_policy
+from specmoe.offload.eviction import LFU, LRFU, LRFU_HALF_LIFE_TOKENS, eviction_policy
+from specmoe.offload.policy import Residency
 
 
 def test_the_lrfu_score_is_the_sum_of_uses_halved_every_half_life():
@@ -64,17 +65,21 @@ def test_the_factory_builds_each_policy_and_refuses_what_it_cannot():
 
 @pytest.mark.parametrize("name", ["lru", "lfu", "lrfu"])
 def test_a_prefetch_awaiting_its_layer_is_not_evicted_for_the_next_one(name):
-    cache = ExpertCache(3, eviction_policy(name, num_layers=4))
+    cache = Residency(3, eviction_policy(name, num_layers=4))
     for position, expert in enumerate((0, 1, 2)):
-        cache.admit((0, expert), 0.0, position, prefetch=False)
-        cache.use((0, expert), position)
+        cache.position = position
+        cache.admit((0, expert), 0.0, 1, prefetch=False)
+        cache.use((0, expert))
     # At count zero a fresh prefetch is a frequency policy's first victim, but it waits for
     # its layer: the used experts go first, then the oldest prefetch.
     for position, expert in enumerate((5, 6, 7, 8), start=3):
-        cache.admit((1, expert), 0.0, position, prefetch=True)
-    assert sorted(cache.ready_at) == [(1, 6), (1, 7), (1, 8)]
-    cache.expire(1)  # layer 1 ran without them: they go before anything used
-    cache.admit((2, 0), 0.0, 8, prefetch=False)
-    cache.use((2, 0), 8)
-    cache.admit((2, 1), 0.0, 9, prefetch=False)
-    assert sorted(cache.ready_at)[-2:] == [(2, 0), (2, 1)]
+        cache.position = position
+        cache.admit((1, expert), 0.0, 1, prefetch=True)
+    assert sorted(cache.entries) == [(1, 6), (1, 7), (1, 8)]
+    cache.finish_layer(1)  # layer 1 ran without them: they go before anything used
+    cache.position = 8
+    cache.admit((2, 0), 0.0, 1, prefetch=False)
+    cache.use((2, 0))
+    cache.admit((2, 1), 0.0, 1, prefetch=False)
+    assert sorted(cache.entries)[-2:] == [(2, 0), (2, 1)]
+    assert cache.wasted_prefetches == 3 and cache.wasted_bytes == 3  # (1, 5) for (1, 8), then two demoted

@@ -1,0 +1,58 @@
+"""Settings of the benchmarks, light enough for the CLI to build its options from them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from specmoe.offload.policy import POLICIES, PrefetchSettings
+from specmoe.offload.settings import PLANNING, NextTokenSettings
+from specmoe.settings import Settings
+
+
+class OffloadBenchSettings(Settings):
+    """A measured offload benchmark: ``specmoe bench offload`` and the ``offload`` section
+    of ``specmoe run`` configs."""
+
+    expert_shape: tuple[int, int] = Field(
+        (2048, 1024), description="hidden,ffn of the experts read (a real model's shape; OLMoE-1B-7B: 2048,1024)."
+    )
+    tokens: int = Field(48, gt=0, description="Decode steps timed.")
+    warmup: int = Field(16, ge=0, description="Decode steps before the clock starts; they fill the cache.")
+    repeats: int = Field(3, ge=1, description="Runs per configuration, in shuffled order; the median is kept.")
+    cache_fractions: tuple[float, ...] = Field(
+        (0.1, 0.25, 0.5), min_length=1, description="Fast-tier sizes, as fractions of all routed experts."
+    )
+    policies: tuple[str, ...] | None = Field(
+        None,
+        description="Policies to run (default: all): " + ", ".join(POLICIES) + "; prefetch runs once per predictor.",
+    )
+    planning: tuple[Literal[PLANNING], ...] = Field(
+        ("background",),
+        min_length=1,
+        description="Where prefetch work runs: background (prefetch thread), inline (plans on the decoding thread) "
+        "or synchronous (no overlap); several: each prefetch run once per mode, interleaved.",
+    )
+    device: str = Field(
+        "cpu",
+        pattern=r"^(cpu|cuda(:\d+)?)$",
+        description="cpu: experts on disk, cache in RAM. cuda: experts in pinned RAM, cache on the GPU.",
+    )
+    prefetch: PrefetchSettings = PrefetchSettings()
+    next_token: NextTokenSettings | None = None
+
+    @field_validator("cache_fractions")
+    @classmethod
+    def _fractions(cls, value):
+        if any(not 0 < f <= 1 for f in value):
+            raise ValueError(f"fractions must lie in (0, 1], got {','.join(map(str, value))}")
+        return value
+
+    @field_validator("policies")
+    @classmethod
+    def _known(cls, value):
+        unknown = [p for p in value or () if p not in POLICIES]
+        if unknown or value == ():
+            raise ValueError(f"must be a non-empty subset of {','.join(POLICIES)}, got {','.join(value)!r}")
+        return value

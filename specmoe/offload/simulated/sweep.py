@@ -1,0 +1,99 @@
+"""``specmoe simulate``: every policy over fast-tier sizes and batch sizes.
+
+Everything here is a SIMULATION under a cost model; rows carry ``"simulated": true`` and
+the plot says so in its title.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from specmoe.evaluation.evaluate import dataset_for
+from specmoe.offload.simulated.cost import HardwareProfile
+from specmoe.offload.simulated.decode_order import decode_order
+from specmoe.offload.simulated.settings import SweepSettings
+from specmoe.offload.simulated.simulator import SimulationConfig, capacity_bytes, plan_prefetches, simulate
+from specmoe.predictors.base import ExpertPredictor
+from specmoe.predictors.data import TraceDataset
+from specmoe.traces.store import TraceStore
+
+
+def run_sweep(
+    traces: str | Path,
+    profile: HardwareProfile,
+    expert_bytes: int,
+    predictors: dict[str, ExpertPredictor],
+    cfg: SweepSettings | None = None,
+    *,
+    split_seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    cfg = cfg or SweepSettings()
+    store = TraceStore.open(traces)
+    stack = store.default_stack()
+    layers = store.manifest.model.stacks[stack].num_layers
+    experts = store.manifest.model.num_experts
+    top_k = store.manifest.model.top_k
+    prefetch = cfg.prefetch.resolve(top_k=top_k, num_layers=layers)
+    rows = []
+    for batch_size in cfg.batch_sizes:
+        base = TraceDataset(store, cfg.split, seed=split_seed)
+        routing, _ = decode_order(base, batch_size=batch_size, max_windows=cfg.max_windows)
+        plans = {}
+        for name, predictor in predictors.items():
+            data = dataset_for(predictor, store, cfg.split, split_seed, base.splits)
+            _, probs = decode_order(
+                data, predictor, batch_size=batch_size, horizons=prefetch.layers_ahead, max_windows=cfg.max_windows
+            )
+            plans[name] = (plan_prefetches(probs, prefetch), predictor.needs_hidden == "residual_out")
+        runs = [("on-demand", None), *((name, None) for name in cfg.cache_policies)]
+        runs += [("prefetch", name) for name in predictors] + [("oracle", None)]
+        for fraction in tqdm(cfg.cache_fractions, desc=f"simulate batch {batch_size}", disable=not progress):
+            capacity = capacity_bytes(fraction, layers, experts, expert_bytes)
+            group = []
+            for policy, predictor_name in runs:
+                predictor_plans, after_output = plans.get(predictor_name, (None, False))
+                sim = SimulationConfig(
+                    policy=policy, capacity_bytes=capacity, prefetch=prefetch, plans_after_output=after_output
+                )
+                result = simulate(routing, profile, expert_bytes, sim, predictor_plans).summary()
+                result.update(
+                    policy=policy,
+                    eviction=result["config"]["eviction"],
+                    predictor=predictor_name,
+                    cache_fraction=fraction,
+                    batch_size=batch_size,
+                )
+                group.append(result)
+            floor = group[0]["total_s"]
+            ceiling = group[-1]["total_s"]
+            for result in group:
+                result["speedup_vs_on_demand"] = floor / result["total_s"]
+                result["oracle_gap_closed"] = (
+                    (floor - result["total_s"]) / (floor - ceiling) if floor > ceiling else None
+                )
+            rows.extend(group)
+    return {
+        "simulated": True,
+        "traces": str(store.directory),
+        "model": store.manifest.model.id,
+        "stack": stack,
+        "num_layers": layers,
+        "num_experts": experts,
+        "top_k": top_k,
+        "expert_bytes": expert_bytes,
+        "hardware": profile.to_dict(),
+        "split": cfg.split,
+        "split_seed": split_seed,
+        "max_windows": cfg.max_windows,
+        "prefetch": prefetch.model_dump(),
+        "rows": rows,
+    }
+
+
+def write_sweep(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "simulation.json").write_text(json.dumps(report, indent=2))

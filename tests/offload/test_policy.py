@@ -1,0 +1,204 @@
+"""The policy core, and proof that the engines run one model of it: the simulator (under an
+instant link) and the measured replay (reading synchronously) make the same decisions on the
+same routing, predictions and sizes, and so do the replay and the model runtime."""
+
+import numpy as np
+import pytest
+import torch
+
+from specmoe.bench.replay import random_experts, replay
+from specmoe.errors import InputError
+from specmoe.offload.policy import POLICIES, PrefetchQueue, PrefetchSettings, choose_prefetches, oracle_requests
+from specmoe.offload.simulated.cost import HardwareProfile
+from specmoe.offload.simulated.simulator import SimulationConfig, plan_prefetches, simulate
+from specmoe.predictors.data import Context
+from specmoe.predictors.registry import make_predictor
+
+LAYERS, EXPERTS, TOP_K, TOKENS = 4, 8, 2, 24
+INSTANT = HardwareProfile("instant", bandwidth_bytes_per_s=1e30, latency_s=0.0, compute_s_per_layer=1.0)
+
+
+def test_choose_prefetches_takes_the_most_expected_per_layer_pooled_over_the_batch():
+    probs = torch.zeros(2, 3, 6)
+    probs[0, 0, [1, 2]] = torch.tensor([0.6, 0.4])
+    probs[1, 0, [2, 3]] = torch.tensor([0.5, 0.5])  # pooled: expert 2 (0.9), then 1 (0.6)
+    probs[:, 1, 4] = 1.0
+    probs[:, 1, 5] = 0.5
+    assert choose_prefetches(probs, range(3, 5), per_layer=2) == [(3, 2), (3, 1), (4, 4), (4, 5)]
+    # a floor drops what no token believes in, whatever the pooled rank
+    assert choose_prefetches(probs, range(3, 5), per_layer=2, min_probability=0.55) == [(3, 1), (4, 4)]
+    assert choose_prefetches(probs[:1], range(3, 4), per_layer=1) == [(3, 1)]
+    # ties go to the lower expert id, whatever dtype the predictor answers in
+    ties = torch.full((1, 1, 4), 0.25, dtype=torch.bfloat16)
+    assert choose_prefetches(ties, range(2, 3), per_layer=2) == [(2, 0), (2, 1)]
+
+
+def test_the_oracle_reads_ahead_in_decode_order_into_the_next_token():
+    routing = np.array([[[1, 2], [3, -1]], [[4, 4], [5, 6]]])  # 2 steps x 2 layers x k=2; -1: dropped
+
+    def experts_at(p):
+        return routing[p // 2, p % 2]
+
+    assert oracle_requests(experts_at, 1, 1, 4, 2) == [((0, 4), 2)]  # step 0's last layer -> step 1's first
+    assert oracle_requests(experts_at, 0, 3, 4, 2) == [((1, 3), 1), ((0, 4), 2), ((1, 5), 3), ((1, 6), 3)]
+    assert oracle_requests(experts_at, 3, 1, 4, 2) == []  # nothing after the end
+
+
+def test_a_request_is_stale_once_decoding_reaches_its_position_without_needing_it():
+    log = []
+    queue = PrefetchQueue(log)
+    present = {(2, 9)}.__contains__
+    queued = queue.request([((1, 0), 1), ((1, 1), 1), ((2, 0), 2), ((2, 9), 2), ((0, 0), 0)], present, position=0)
+    assert queued == [((1, 0), 1), ((1, 1), 1), ((2, 0), 2)]  # present, and late (position 0 reached), left out
+    assert queue.request([((1, 0), 5)], present, 0) == []  # queued already
+    assert queue.begin_layer(1, needed={(1, 1)}) == [((1, 0), 1)]
+    assert queue.take((1, 1)) and not queue.take((1, 1))  # the decoder reads it itself
+    assert queue.finish_layer(2) == [((2, 0), 2)] and len(queue) == 0
+    assert [entry[0] for entry in log] == ["request"] * 3 + ["drop", "drop"]
+
+
+def test_prefetch_settings_resolve_their_defaults_once_and_refuse_a_whole_token_of_reach():
+    resolved = PrefetchSettings().resolve(top_k=8, num_layers=16)
+    assert (resolved.experts_per_layer, resolved.oracle_reach) == (16, 15)
+    assert PrefetchSettings().resolve(top_k=1, num_layers=1).oracle_reach == 0  # one MoE layer: nothing ahead
+    with pytest.raises(InputError, match=r"--oracle-reach must be in \[1, 15\] for 16 MoE layers, got 16"):
+        PrefetchSettings(oracle_reach=16).resolve(top_k=8, num_layers=16)
+
+
+# --- one model under two clocks ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """Routing of one sequence (T, L, k) from a synthetic store's test split, and a predictor
+    whose plans depend on the routing so far (a transition table), fitted on its train split."""
+    from specmoe.predictors.data import TraceDataset
+    from tests.predictors.synthetic import make_synthetic_store
+
+    store = make_synthetic_store(
+        tmp_path_factory.mktemp("parity"), num_layers=LAYERS, num_experts=EXPERTS, top_k=TOP_K, noise=0.3
+    )
+    predictor = make_predictor("transition", horizons=2).fit(TraceDataset(store, "train"))
+    test = next(TraceDataset(store, "test").iter_batches(TOKENS))
+    return test.expert_ids.numpy()[:TOKENS], predictor
+
+
+def _probabilities(predictor, routing, horizons):
+    """(T, 1, L, H, E): what the predictor says once each layer of each token has routed."""
+    tokens = routing.shape[0]
+    probs = np.zeros((tokens, 1, LAYERS, horizons, EXPERTS), dtype=np.float32)
+    weights = torch.full(routing.shape, 0.5)
+    for t in range(tokens):
+        for layer in range(LAYERS):
+            context = Context.from_routing(
+                layer,
+                torch.from_numpy(routing[t : t + 1, : layer + 1]),
+                weights[t : t + 1, : layer + 1],
+                torch.zeros(1, dtype=torch.long),
+                LAYERS,
+                EXPERTS,
+            )
+            probs[t, 0, layer] = predictor.predict_proba(context)[0, :horizons].numpy()
+    return probs
+
+
+CASES = [
+    ("on-demand", {}),
+    ("lru", {}),
+    ("lfu", {}),
+    ("lrfu", {}),
+    ("belady", {}),
+    ("prefetch", {"layers_ahead": 2, "experts_per_layer": 3}),
+    ("prefetch", {"eviction": "lfu", "min_probability": 0.2}),
+    ("oracle-prefetch", {"eviction": "lrfu", "oracle_reach": 2}),
+    ("oracle", {}),
+]
+
+
+@pytest.mark.parametrize("slots", [1, 2, 5, 12])  # 1: a layer wider than the tier streams through it
+@pytest.mark.parametrize(("policy", "prefetch"), CASES, ids=[f"{p}-{i}" for i, (p, _) in enumerate(CASES)])
+def test_the_simulator_and_the_measured_replay_make_the_same_decisions(recorded, tmp_path, policy, prefetch, slots):
+    routing, predictor = recorded
+    settings = PrefetchSettings(**prefetch)
+    slow = random_experts("host", LAYERS, EXPERTS, 16, 8, directory=None)
+    expert_bytes = slow.expert_nbytes(0)
+    measured, simulated = [], []
+    replay(
+        slow,
+        routing,
+        np.full(routing.shape, 0.5, np.float32),
+        np.zeros(TOKENS, np.int64),
+        policy=policy,
+        budget_bytes=slots * expert_bytes,
+        num_experts=EXPERTS,
+        prefetch=settings,
+        predictor=predictor if POLICIES[policy].prefetch == "predictor" else None,
+        planning="synchronous",
+        log=measured,
+    )
+    plans = None
+    if POLICIES[policy].prefetch == "predictor":
+        resolved = settings.resolve(top_k=TOP_K, num_layers=LAYERS)
+        plans = plan_prefetches(_probabilities(predictor, routing, resolved.layers_ahead), resolved)
+    config = SimulationConfig(policy=policy, capacity_bytes=slots * expert_bytes, prefetch=settings)
+    result = simulate(routing[:, None], INSTANT, expert_bytes, config, plans, log=simulated)
+    assert measured == simulated
+    kinds = {entry[0] for entry in measured}
+    assert "miss" in kinds and ("hit" in kinds or slots < 12 or policy == "on-demand")
+    if POLICIES[policy].prefetch != "none":  # with two slots a layer's own experts fill the tier
+        assert "request" in kinds and (result.prefetch_loads > 0 or slots <= 2)
+    if slots < 12 and POLICIES[policy].keeps_experts:
+        assert "evict" in kinds
+
+
+def test_the_runtime_and_the_measured_replay_make_the_same_decisions(tmp_path):
+    from specmoe.models.loading import wrap_model
+    from specmoe.offload.live.runtime import OffloadRuntime
+    from tests.tiny_models import VOCAB, tiny_model
+
+    model = wrap_model("mixtral", tiny_model("mixtral"))
+    layers, experts, top_k = len(model.layers), model.num_experts, model.top_k
+    popularity = make_predictor("popularity", horizons=2)
+    popularity.load_state_tensors(
+        {"popularity": torch.arange(experts, 0, -1).float().expand(layers, experts).clone()},
+        {"num_layers": layers, "num_experts": experts, "top_k": top_k},
+    )
+    settings = PrefetchSettings(layers_ahead=2, experts_per_layer=2, eviction="lfu")
+    expert_bytes = sum(p.numel() * p.element_size() for p in model.adapter.expert_parameters(model.layers[0], 0))
+    runtime_log = []
+    runtime = OffloadRuntime(
+        model,
+        6 * expert_bytes,
+        slow_tier="host",
+        predictor=popularity,
+        prefetch=settings,
+        planning="synchronous",
+        log=runtime_log,
+    )
+    prompt = torch.randint(3, VOCAB, (1, 1), generator=torch.Generator().manual_seed(0))  # one token a step
+    try:
+        with torch.no_grad():
+            model.model.generate(prompt, max_new_tokens=8, do_sample=False)
+    finally:
+        runtime.close()
+    routing = np.array([[sorted(experts_of)[:top_k] for experts_of in step] for step in runtime.routing_log])
+    assert all(len(e) == top_k for step in runtime.routing_log for e in step)  # one token: k experts a layer
+    hidden = 16
+    slow = random_experts("host", layers, experts, hidden, expert_bytes // (3 * hidden * 2), directory=None)
+    assert slow.expert_nbytes(0) == expert_bytes
+    replay_log = []
+    replay(
+        slow,
+        routing,
+        np.full(routing.shape, 0.5, np.float32),
+        np.zeros(len(routing), np.int64),
+        policy="prefetch",
+        budget_bytes=6 * expert_bytes,
+        num_experts=experts,
+        prefetch=settings,
+        predictor=popularity,
+        planning="synchronous",
+        log=replay_log,
+    )
+    assert runtime_log == replay_log
+    assert {"request", "admit", "evict", "hit", "miss"} <= {entry[0] for entry in runtime_log}

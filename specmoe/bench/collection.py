@@ -17,7 +17,8 @@ import torch
 
 import specmoe
 from specmoe.models.loading import load_model
-from specmoe.traces.collector import CollectConfig, batch_tensors, collect, limit_tokens, plan_windows, run_batch
+from specmoe.traces.batches import batch_tensors, run_batch
+from specmoe.traces.collector import CollectConfig, collect, limit_tokens, plan_windows
 from specmoe.traces.recorder import RoutingRecorder
 
 

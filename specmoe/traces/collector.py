@@ -214,7 +214,8 @@ def _new_manifest(cfg: CollectConfig, loaded: LoadedModel, hidden_size: int) -> 
     )
 
 
-def _open_or_create(out: Path, fresh: Manifest, world: int = 1) -> TraceStore:
+def open_or_create(out: Path, fresh: Manifest, world: int = 1) -> TraceStore:
+    """The store in ``out`` if it was started with ``fresh``'s settings (to resume), else a new one."""
     out.mkdir(parents=True, exist_ok=True)
     if (out / "manifest.json").exists():
         store = TraceStore.open(out)
@@ -259,7 +260,7 @@ def collect(cfg: CollectConfig, loaded: LoadedModel | None = None) -> TraceStore
     fresh = _new_manifest(cfg, loaded, hidden_size)
     if world > 1:
         return _collect_sharded(cfg, loaded, fresh, control, world)
-    store = _open_or_create(cfg.out, fresh)
+    store = open_or_create(cfg.out, fresh)
     manifest = store.manifest
     if manifest.complete:
         return store
@@ -277,7 +278,7 @@ def _collect_sharded(
     cfg: CollectConfig, loaded: LoadedModel, fresh: Manifest, control: ControlChannel, world: int
 ) -> TraceStore:
     rank = control.rank
-    if not control.on_main(lambda: _open_or_create(cfg.out, fresh, world).manifest.complete):
+    if not control.on_main(lambda: open_or_create(cfg.out, fresh, world).manifest.complete):
         part = open_rank_part(cfg.out, fresh, rank, world)
         done = {shard.index for shard in part.manifest.shards}
         shards = (

@@ -57,7 +57,12 @@ def _assert_same_store(store: TraceStore, reference: TraceStore) -> None:
 def test_two_processes_write_the_store_one_process_writes(tiny_checkpoints, one_process_store, tmp_path):
     out = tmp_path / "traces"
     proc = subprocess.run(
-        _torchrun_collect(tiny_checkpoints["olmoe"], out), env=ENV, capture_output=True, text=True, timeout=300
+        _torchrun_collect(tiny_checkpoints["olmoe"], out),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("wrote ") == 1  # rank 0 alone reports

@@ -80,3 +80,21 @@ def test_on_a_gpu_the_layers_run_there_and_the_routing_matches_cpu(tiny_checkpoi
     assert torch.cuda.is_available()
     for ours, theirs in zip(gpu.iter_shards(), cpu.iter_shards(), strict=True):
         assert (ours.expert_ids == theirs.expert_ids).mean() > 0.99  # GPU kernels round differently
+
+
+def test_the_command_line_prints_an_unknown_device_map_as_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "specmoe", "collect", "--model", "olmoe-64e", "--text", "builtin"]
+        + ["--out", str(tmp_path / "t"), "--device-map", "everywhere"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown --device-map 'everywhere'; choose one of auto, balanced, balanced_low_0, sequential"
+    ]
+    assert not (tmp_path / "t").exists()

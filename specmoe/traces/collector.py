@@ -4,6 +4,8 @@ Work is planned as a deterministic stream of windows (documents in input order, 
 into ``seq_len``-token windows that never cross a document boundary). Shard i holds windows
 ``[i * windows_per_shard, (i + 1) * windows_per_shard)``, so a rerun of the same command
 skips exactly the shards the manifest lists and recomputes only the one that was in flight.
+Under torchrun the same plan is shared out shard by shard over the processes
+(:mod:`specmoe.traces.distributed`); the running of batches is in :mod:`specmoe.traces.batches`.
 """
 
 from __future__ import annotations

@@ -15,3 +15,7 @@ class UnsupportedModelError(SpecmoeError):
 
 class CorruptStoreError(SpecmoeError):
     """A trace store whose files do not match its manifest."""
+
+
+class PeerError(SpecmoeError):
+    """Under torchrun: another rank's error, already reported by that rank (printed once)."""

@@ -7,6 +7,7 @@ run (tokenisation, forward, Parquet writing) into a temporary directory.
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import tempfile
@@ -16,26 +17,32 @@ from pathlib import Path
 import torch
 
 import specmoe
-from specmoe.models.loading import load_model
-from specmoe.traces.collector import CollectConfig, batch_tensors, collect, limit_tokens, plan_windows, run_batch
+from specmoe.models.loading import LoadedModel, load_model
+from specmoe.traces.batches import batch_tensors, run_batch
+from specmoe.traces.collector import CollectConfig, collect, limit_tokens, plan_windows
 from specmoe.traces.recorder import RoutingRecorder
 
 
-def _timed(fn) -> float:
+def machine_info() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    }
+
+
+def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def benchmark_collection(
-    model: str, *, max_tokens: int, seq_len: int, batch_size: int, repeats: int, text: str = "builtin"
-) -> dict:
-    loaded = load_model(model)
-    tokenizer = loaded.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    windows = list(limit_tokens(plan_windows([text], tokenizer, seq_len), max_tokens))
-    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-    tokens = sum(len(w.token_ids) for w in windows)
+def forward_passes(loaded: LoadedModel, batches: list, pad_id: int):
+    """Two callables over the same batches: the plain forward pass, and the one ``collect``
+    makes (recording hooks, routing copied out as numpy)."""
 
     def plain():
         for batch in batches:
@@ -49,11 +56,24 @@ def benchmark_collection(
                 for record in records.values():
                     record.expert_ids[keep].numpy(), record.gate_weights[keep].numpy()
 
+    return plain, hooked
+
+
+def benchmark_collection(
+    model: str, *, max_tokens: int, seq_len: int, batch_size: int, repeats: int, text: str = "builtin"
+) -> dict:
+    loaded = load_model(model)
+    tokenizer = loaded.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    windows = list(limit_tokens(plan_windows([text], tokenizer, seq_len), max_tokens))
+    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    tokens = sum(len(w.token_ids) for w in windows)
+    plain, hooked = forward_passes(loaded, batches, pad_id)
     plain()  # warm-up
     plain_s, hooked_s = [], []
     for _ in range(repeats):
-        plain_s.append(_timed(plain))
-        hooked_s.append(_timed(hooked))
+        plain_s.append(timed(plain))
+        hooked_s.append(timed(hooked))
     with tempfile.TemporaryDirectory() as tmp:
         cfg = CollectConfig(
             model=model,
@@ -64,7 +84,7 @@ def benchmark_collection(
             batch_size=batch_size,
             progress=False,
         )
-        end_to_end = _timed(lambda: collect(cfg, loaded))
+        end_to_end = timed(lambda: collect(cfg, loaded))
     plain_med, hooked_med = statistics.median(plain_s), statistics.median(hooked_s)
     return {
         "benchmark": "collect",
@@ -79,12 +99,7 @@ def benchmark_collection(
         "hooked_tokens_per_s": round(tokens / hooked_med, 1),
         "hook_overhead_fraction": round(hooked_med / plain_med - 1, 4),
         "end_to_end_tokens_per_s": round(tokens / end_to_end, 1),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
+        "machine": machine_info(),
         "specmoe_version": specmoe.__version__,
         "command": f"specmoe bench collect --model {model} --max-tokens {max_tokens} --seq-len {seq_len} "
         f"--batch-size {batch_size} --repeats {repeats}",

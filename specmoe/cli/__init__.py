@@ -7,7 +7,7 @@ import sys
 import typer
 
 from specmoe.cli import bench, collect, corpus, evaluate, models, predictors, run, serve, simulate, traces, train
-from specmoe.errors import SpecmoeError
+from specmoe.errors import PeerError, SpecmoeError
 
 app = typer.Typer(
     help="Predict which MoE experts upcoming layers will use, and prefetch them.",
@@ -33,6 +33,8 @@ def main() -> None:
     """Entry point: library errors become one clear line and exit status 2."""
     try:
         app()
+    except PeerError:
+        sys.exit(2)  # rank 0 printed it
     except SpecmoeError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)

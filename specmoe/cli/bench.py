@@ -26,12 +26,41 @@ def bench_collect(
     seq_len: Annotated[int, typer.Option()] = 128,
     batch_size: Annotated[int, typer.Option()] = 32,
     repeats: Annotated[int, typer.Option(help="Alternating hooked / plain passes.")] = 5,
+    processes: Annotated[
+        str | None,
+        typer.Option(
+            help="Process counts to compare, e.g. 1,2: each runs as a torchrun job sharing the machine's CPUs "
+            "(or one GPU per process), in alternating rounds."
+        ),
+    ] = None,
+    rounds: Annotated[int, typer.Option(help="With --processes: launches per process count, interleaved.")] = 3,
+    windows_per_shard: Annotated[
+        int, typer.Option(help="With --processes: windows per shard, the unit shared out to the ranks.")
+    ] = 8,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
 ) -> None:
-    """Collection throughput, and the overhead of recording hooks versus the plain forward pass."""
+    """Collection throughput, and the overhead of recording hooks versus the plain forward pass;
+    with --processes, how both scale over torchrun processes."""
     from specmoe.bench.collection import benchmark_collection
+    from specmoe.bench.collection_scaling import benchmark_scaling
+    from specmoe.cli.params import parse_list
 
-    result = benchmark_collection(model, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, repeats=repeats)
+    if processes is not None:
+        result = benchmark_scaling(
+            model,
+            processes=parse_list(processes, int, "--processes"),
+            rounds=rounds,
+            max_tokens=max_tokens,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            windows_per_shard=windows_per_shard,
+            repeats=repeats,
+        )
+        result["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    else:
+        result = benchmark_collection(
+            model, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, repeats=repeats
+        )
     text = json.dumps(result, indent=2)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)

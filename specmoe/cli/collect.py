@@ -43,9 +43,32 @@ def collect_command(
         ),
     ] = 0,
     dtype: Annotated[str, typer.Option(help="Model dtype: float32, bfloat16 or float16.")] = "float32",
+    device: Annotated[
+        str,
+        typer.Option(help="cpu, cuda, cuda:N, or auto: this process's GPU (its LOCAL_RANK under torchrun) if any."),
+    ] = "auto",
+    device_map: Annotated[
+        str | None,
+        typer.Option(
+            help="Spread a model larger than one device over this process's GPUs, CPU memory and disk "
+            "(accelerate): auto, balanced, balanced_low_0 or sequential."
+        ),
+    ] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(help="With --device-map: budget per device, e.g. gpu=70GiB,cpu=200GiB or 0=70GiB,1=40GiB."),
+    ] = None,
+    offload_folder: Annotated[
+        Path | None, typer.Option(help="With --device-map: where weights that fit on no device are kept.")
+    ] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow code from the checkpoint repository.")] = False,
 ) -> None:
-    """Run an MoE model over text and record which experts every token was routed to."""
+    """Run an MoE model over text and record which experts every token was routed to.
+
+    Under torchrun (`torchrun --nproc-per-node N -m specmoe collect ...`) the shards are shared
+    out over the N processes; the store is the one a single process would write."""
+    import torch
+
     from specmoe.traces.collector import CollectConfig, collect
     from specmoe.traces.stats import store_summary
 
@@ -62,8 +85,14 @@ def collect_command(
         generate=generate,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
+        device=device,
+        device_map=device_map,
+        max_memory=max_memory,
+        offload_folder=offload_folder,
     )
     store = collect(cfg)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return  # rank 0 reports for the job
     summary = store_summary(store, with_statistics=False)
     typer.echo(
         f"wrote {summary['num_tokens']} tokens from {summary['num_documents']} documents in "

@@ -1,4 +1,4 @@
-"""``specmoe traces info`` and ``specmoe traces verify``."""
+"""``specmoe traces info``, ``verify``, ``query`` and ``merge``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="Inspect trace stores.", no_args_is_help=True)
+app = typer.Typer(help="Inspect, query and merge trace stores.", no_args_is_help=True)
 
 
 @app.command("info")
@@ -77,3 +77,50 @@ def verify(directory: Annotated[Path, typer.Argument(help="Trace store directory
         for stack in store.stacks:
             store.read_shard(index, stack)
     typer.echo(f"ok: {len(store.manifest.shards)} shards, {store.manifest.num_tokens} tokens")
+
+
+@app.command("query")
+def query(
+    directory: Annotated[Path, typer.Argument(help="Trace store directory.")],
+    sql: Annotated[str, typer.Argument(help="An example query (expert_usage, coactivation) or a .sql file.")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Query variable name=value, e.g. layer_a=2. Repeatable.")
+    ] = None,
+    output: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+) -> None:
+    """Run SQL over a store's Parquet shards with DuckDB; the query reads getvariable('store')."""
+    from specmoe.cli.params import parse_params
+    from specmoe.errors import InputError
+    from specmoe.traces.query import query_text, run_query
+
+    if output not in ("table", "csv", "json"):
+        raise InputError(f"--format must be table, csv or json, got {output!r}")
+    columns, rows = run_query(directory, query_text(sql), parse_params(set_))
+    if output == "json":
+        typer.echo(json.dumps([dict(zip(columns, row)) for row in rows], indent=2, default=str))
+    elif output == "csv":
+        import csv
+        import sys
+
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerows([columns, *rows])
+    else:
+        cells = [[str(value) for value in row] for row in [columns, *rows]]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+        for row in cells:
+            typer.echo("  ".join(value.rjust(width) for value, width in zip(row, widths)))
+
+
+@app.command("merge")
+def merge(
+    stores: Annotated[list[Path], typer.Argument(help="Stores to merge, in the order their rows should follow.")],
+    out: Annotated[Path, typer.Option(help="New store directory. Rerunning the same command resumes.")],
+) -> None:
+    """Combine stores of the same model and settings, collected apart over different texts."""
+    from specmoe.traces.merge import merge_stores
+
+    merged = merge_stores(stores, out)
+    typer.echo(
+        f"merged {len(stores)} stores: {merged.manifest.num_tokens} tokens in {len(merged.manifest.shards)} "
+        f"shards to {out}"
+    )

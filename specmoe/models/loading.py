@@ -95,22 +95,40 @@ def wrap_model(model_id: str, model: nn.Module, tokenizer=None) -> LoadedModel:
 
 
 def load_model(
-    name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False
+    name_or_path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    device_map: str | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | None = None,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a checkpoint and its tokenizer; fails early, naming the supported families, if
-    its ``model_type`` has no adapter."""
+    its ``model_type`` has no adapter. With ``device_map`` (see :mod:`specmoe.models.placement`)
+    accelerate spreads the layers over devices and ``device`` is ignored."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     config = load_config(name_or_path, trust_remote_code=trust_remote_code)
     adapter_for(config.model_type)  # unsupported types fail here, before loading weights
     source = resolve_model_path(name_or_path)
     auto = AutoModelForSeq2SeqLM if config.model_type in _SEQ2SEQ_FAMILIES else AutoModelForCausalLM
+    placement = (
+        {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder} if device_map else {}
+    )
     try:
-        model = auto.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = auto.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **placement)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        if device_map and "offload_folder" in str(exc):
+            raise InputError(
+                "the device map puts some layers on disk: give --offload-folder DIR (room for those weights) "
+                "or a larger --max-memory"
+            ) from None
         raise InputError(f"cannot load model weights or tokenizer from {name_or_path!r}: {exc}") from None
-    model.to(device).eval()
+    if not device_map:
+        model.to(device)
+    model.eval()
     return wrap_model(name_or_path, model, tokenizer)
 
 

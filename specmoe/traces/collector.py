@@ -4,31 +4,33 @@ Work is planned as a deterministic stream of windows (documents in input order, 
 into ``seq_len``-token windows that never cross a document boundary). Shard i holds windows
 ``[i * windows_per_shard, (i + 1) * windows_per_shard)``, so a rerun of the same command
 skips exactly the shards the manifest lists and recomputes only the one that was in flight.
+Under torchrun the same plan is shared out shard by shard over the processes
+(:mod:`specmoe.traces.distributed`); the running of batches is in :mod:`specmoe.traces.batches`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
 import specmoe
 from specmoe.corpus.builtin import resolve_text_source
 from specmoe.corpus.documents import HF_PREFIX, read_documents
 from specmoe.errors import InputError
 from specmoe.models.loading import LoadedModel, load_model, resolve_model_path
-from specmoe.traces.greedy import check_can_generate, continue_greedily
-from specmoe.traces.recorder import RoutingRecorder
+from specmoe.models.placement import check_placement, load_kwargs
+from specmoe.torchrun import ControlChannel, init_process_group
+from specmoe.traces.batches import write_shards
+from specmoe.traces.distributed import assemble, check_existing_store, check_world_size, open_rank_part, owns
+from specmoe.traces.greedy import check_can_generate
 from specmoe.traces.schema import CollectionInfo, Manifest, ModelInfo, StackInfo, TokenizerInfo
-from specmoe.traces.store import TraceStore, routing_table, sha256_of
+from specmoe.traces.store import TraceStore, sha256_of
 
 
 @dataclass
@@ -54,6 +56,15 @@ class CollectConfig:
     """Decode mode (decoder-only models): keep each window's first ``seq_len - generate``
     tokens as a prompt and record the model continuing it greedily for ``generate`` tokens
     through its KV cache. Windows shorter than the prompt are skipped."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto: this process's GPU (``LOCAL_RANK`` under torchrun) if any, else cpu."""
+    device_map: str | None = None
+    """Spread the model over this process's GPUs, CPU memory and disk with accelerate
+    (auto, balanced, balanced_low_0 or sequential), for models larger than one device."""
+    max_memory: str | None = None
+    """With ``device_map``: budget per device, e.g. ``gpu=70GiB,cpu=200GiB``."""
+    offload_folder: Path | None = None
+    """With ``device_map``: where weights that fit on no device are kept (accelerate's disk offload)."""
 
     def __post_init__(self):
         if not self.texts:
@@ -71,6 +82,7 @@ class CollectConfig:
             )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise InputError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        check_placement(self.device, self.device_map, self.max_memory, self.offload_folder)
         self.out = Path(self.out)
 
     @property
@@ -121,6 +133,18 @@ def limit_tokens(windows: Iterator[Window], max_tokens: int | None, generated: i
         yield window
 
 
+def plan_shards(cfg: CollectConfig, tokenizer) -> Iterator[tuple[int, list[Window]]]:
+    """``(shard index, its windows)`` for the whole collection, the same in every process."""
+    windows = plan_windows(cfg.texts, tokenizer, cfg.seq_len)
+    if cfg.generate:
+        windows = greedy_prompts(windows, cfg.seq_len - cfg.generate)
+    windows = limit_tokens(windows, cfg.max_tokens, cfg.generate)
+    index = 0
+    while shard_windows := list(islice(windows, cfg.windows_per_shard)):
+        yield index, shard_windows
+        index += 1
+
+
 def model_revision(model: str, loaded: LoadedModel) -> str:
     """What identifies the weights: the hub commit, else a hash of the local files' names,
     sizes and config, so retrained weights never resume into an old store."""
@@ -143,9 +167,10 @@ def _new_manifest(cfg: CollectConfig, loaded: LoadedModel, hidden_size: int) -> 
     for path in texts:
         if not path.startswith(HF_PREFIX) and not Path(path).is_file():
             raise InputError(f"text file not found: {path}")
+    revision = model_revision(cfg.model, loaded)
     identity = {
         "model": cfg.model,
-        "model_revision": model_revision(cfg.model, loaded),
+        "model_revision": revision,
         "texts": [p if p.startswith(HF_PREFIX) else sha256_of(Path(p)) for p in texts],
         "seq_len": cfg.seq_len,
         "windows_per_shard": cfg.windows_per_shard,
@@ -171,6 +196,7 @@ def _new_manifest(cfg: CollectConfig, loaded: LoadedModel, hidden_size: int) -> 
             hidden_size=hidden_size,
             stacks=stacks,
             dtype=cfg.dtype,
+            revision=revision,
         ),
         tokenizer=TokenizerInfo(
             name_or_path=getattr(tok, "name_or_path", cfg.model), vocab_size=len(tok), bos_token_id=tok.bos_token_id
@@ -190,104 +216,42 @@ def _new_manifest(cfg: CollectConfig, loaded: LoadedModel, hidden_size: int) -> 
     )
 
 
-def _open_or_create(cfg: CollectConfig, fresh: Manifest) -> TraceStore:
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    if (cfg.out / "manifest.json").exists():
-        store = TraceStore.open(cfg.out)
+def open_or_create(out: Path, fresh: Manifest, world: int = 1) -> TraceStore:
+    """The store in ``out`` if it was started with ``fresh``'s settings (to resume), else a new one."""
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "manifest.json").exists():
+        store = TraceStore.open(out)
         if store.manifest.collection.fingerprint != fresh.collection.fingerprint:
             raise InputError(
-                f"{cfg.out} holds traces collected with other settings or text "
+                f"{out} holds traces collected with other settings or text "
                 f"(fingerprint {store.manifest.collection.fingerprint}, this run "
                 f"{fresh.collection.fingerprint}); choose another --out or delete it"
             )
-        store.remove_unlisted_files()
+        check_world_size(out, store.manifest, world)
+        if world == 1:  # under torchrun each rank cleans up after its own shards
+            store.remove_unlisted_files()
         return store
-    if any(cfg.out.iterdir()):
-        raise InputError(f"{cfg.out} exists, is not empty and is not a trace store; choose another --out")
-    store = TraceStore(cfg.out, fresh)
-    fresh.save(cfg.out)
+    if any(out.iterdir()):
+        raise InputError(f"{out} exists, is not empty and is not a trace store; choose another --out")
+    store = TraceStore(out, fresh)
+    fresh.save(out)
     return store
 
 
-def batch_tensors(windows: list[Window], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``attention_mask``, both (B, S)."""
-    width = max(len(w.token_ids) for w in windows)
-    input_ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, window in enumerate(windows):
-        input_ids[row, : len(window.token_ids)] = torch.tensor(window.token_ids)
-        mask[row, : len(window.token_ids)] = 1
-    return input_ids, mask
-
-
-def run_batch(loaded: LoadedModel, recorder: RoutingRecorder, windows: list[Window], pad_id: int):
-    """One forward pass; returns the layer records and the (B*S,) mask of real tokens."""
-    input_ids, mask = batch_tensors(windows, pad_id)
-    device = next(loaded.model.parameters()).device
-    with torch.no_grad():
-        loaded.adapter.forward(loaded.model, input_ids.to(device), mask.to(device))
-    records = recorder.pop()
-    keep = mask.reshape(-1).bool()
-    expected = input_ids.numel()
-    for key, record in records.items():
-        if record.expert_ids.shape[0] != expected:
-            raise RuntimeError(
-                f"layer {key} recorded {record.expert_ids.shape[0]} tokens for a batch of "
-                f"{expected}; the adapter does not match this model's forward pass"
-            )
-    return records, keep
-
-
-def run_greedy_batch(loaded: LoadedModel, recorder: RoutingRecorder, windows: list[Window], new_tokens: int):
-    """Like :func:`run_batch` for decode mode: the windows (equal-length prompts) grow by the
-    tokens the model chose, and every fed token is recorded."""
-    prompts = torch.tensor([w.token_ids for w in windows])
-    sequences, records = continue_greedily(loaded, recorder, prompts, new_tokens)
-    for window, row in zip(windows, sequences.tolist()):
-        window.token_ids = row
-    return records, torch.ones(sequences.numel(), dtype=torch.bool)
-
-
-class _ShardBuffer:
-    """Accumulates one shard's rows batch by batch, then lays them out as (T, L, k) per stack."""
-
-    def __init__(self, stacks: dict[str, int], hidden_kinds: list[str]):
-        self.stacks = stacks
-        self.hidden_kinds = hidden_kinds
-        self.columns: dict[str, list] = {"doc_id": [], "doc_group": [], "window": [], "position": [], "token_id": []}
-        self.layers: dict[tuple[str, int], dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
-
-    def add(self, batch: list[Window], records: dict, keep: torch.Tensor) -> None:
-        for window in batch:
-            n = len(window.token_ids)
-            self.columns["doc_id"] += [window.doc_id] * n
-            self.columns["doc_group"] += [window.doc_group] * n
-            self.columns["window"] += [window.index] * n
-            self.columns["position"] += range(n)
-            self.columns["token_id"] += window.token_ids
-        for key, record in records.items():
-            slot = self.layers[key]
-            slot["expert_ids"].append(record.expert_ids[keep])
-            slot["gate_weights"].append(record.gate_weights[keep])
-            for kind in self.hidden_kinds:
-                slot[kind].append(getattr(record, kind)[keep].half())
-
-    def _grid(self, stack: str, field: str) -> np.ndarray:
-        per_layer = [torch.cat(self.layers[(stack, i)][field]) for i in range(self.stacks[stack])]
-        return torch.stack(per_layer, dim=1).numpy()  # (T, L, ...)
-
-    def finish(self):
-        routing = {stack: (self._grid(stack, "expert_ids"), self._grid(stack, "gate_weights")) for stack in self.stacks}
-        hidden = {kind: {stack: self._grid(stack, kind) for stack in self.stacks} for kind in self.hidden_kinds}
-        columns = {name: np.asarray(values) for name, values in self.columns.items()}
-        return routing_table(columns, routing), hidden
-
-
 def collect(cfg: CollectConfig, loaded: LoadedModel | None = None) -> TraceStore:
-    """Collect routing traces into ``cfg.out``; resumes an interrupted run of the same settings."""
-    loaded = loaded or load_model(cfg.model, dtype=getattr(torch, cfg.dtype), trust_remote_code=cfg.trust_remote_code)
-    tokenizer = loaded.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    """Collect routing traces into ``cfg.out``; resumes an interrupted run of the same settings.
+    Under torchrun the shards are shared out over the job's processes (see
+    :mod:`specmoe.traces.distributed`); the store is the same as one process would write."""
+    world = init_process_group()[1]
+    control = ControlChannel(world)
+    # A resume with another rank count is refused before a model that may take minutes loads.
+    control.on_main(lambda: check_existing_store(cfg.out, world))
+    loaded = loaded or load_model(
+        cfg.model,
+        dtype=getattr(torch, cfg.dtype),
+        trust_remote_code=cfg.trust_remote_code,
+        **load_kwargs(cfg.device, cfg.device_map, cfg.max_memory, cfg.offload_folder),
+    )
     hidden_size = int(
         getattr(
             loaded.adapter.text_config(loaded.model.config), "hidden_size", getattr(loaded.model.config, "d_model", 0)
@@ -295,40 +259,40 @@ def collect(cfg: CollectConfig, loaded: LoadedModel | None = None) -> TraceStore
     )
     if cfg.generate:
         check_can_generate(loaded)
-    store = _open_or_create(cfg, _new_manifest(cfg, loaded, hidden_size))
+    fresh = _new_manifest(cfg, loaded, hidden_size)
+    if world > 1:
+        return _collect_sharded(cfg, loaded, fresh, control, world)
+    store = open_or_create(cfg.out, fresh)
     manifest = store.manifest
     if manifest.complete:
         return store
-    windows = plan_windows(cfg.texts, tokenizer, cfg.seq_len)
-    if cfg.generate:
-        windows = greedy_prompts(windows, cfg.seq_len - cfg.generate)
-    windows = limit_tokens(windows, cfg.max_tokens, cfg.generate)
-    for _ in islice(windows, sum(s.num_windows for s in manifest.shards)):
-        pass  # finished shards: skip their windows
-    bar = tqdm(
-        total=cfg.max_tokens,
-        initial=manifest.num_tokens,
-        unit="tok",
-        unit_scale=True,
-        desc=f"collect {cfg.model}",
-        disable=not cfg.progress,
-    )
-    with RoutingRecorder(loaded, router_inputs=cfg.save_router_inputs, residuals=cfg.save_residuals) as recorder:
-        while shard_windows := list(islice(windows, cfg.windows_per_shard)):
-            buffer = _ShardBuffer(loaded.stacks, cfg.hidden_kinds)
-            for first in range(0, len(shard_windows), cfg.batch_size):
-                batch = shard_windows[first : first + cfg.batch_size]
-                if cfg.generate:
-                    records, keep = run_greedy_batch(loaded, recorder, batch, cfg.generate)
-                else:
-                    records, keep = run_batch(loaded, recorder, batch, pad_id)
-                buffer.add(batch, records, keep)
-                bar.update(int(keep.sum()))
-            table, hidden = buffer.finish()
-            store.write_shard(len(manifest.shards), table, hidden, shard_windows[0].index, len(shard_windows))
-    bar.close()
+    done = len(manifest.shards)
+    shards = (shard for shard in plan_shards(cfg, loaded.tokenizer) if shard[0] >= done)
+    write_shards(cfg, loaded, shards, store, desc=f"collect {cfg.model}", total=cfg.max_tokens)
     if manifest.num_tokens == 0:
         raise InputError(f"no text to collect: the sources {cfg.texts} hold no tokens")
     manifest.complete = True
     manifest.save(cfg.out)
     return store
+
+
+def _collect_sharded(
+    cfg: CollectConfig, loaded: LoadedModel, fresh: Manifest, control: ControlChannel, world: int
+) -> TraceStore:
+    rank = control.rank
+    if not control.on_main(lambda: open_or_create(cfg.out, fresh, world).manifest.complete):
+        part = open_rank_part(cfg.out, fresh, rank, world)
+        done = {shard.index for shard in part.manifest.shards}
+        shards = (
+            shard
+            for shard in plan_shards(cfg, loaded.tokenizer)
+            if owns(shard[0], rank, world) and shard[0] not in done
+        )
+        # Rank 0's bar stands for the job: each rank holds about 1/world of the tokens.
+        total = -(-cfg.max_tokens // world) if cfg.max_tokens else None
+        write_shards(
+            cfg, loaded, shards, part, desc=f"collect {cfg.model} (rank 0 of {world})", total=total, show=rank == 0
+        )
+        control.barrier()
+        control.on_main(lambda: assemble(cfg.out, world))
+    return TraceStore.open(cfg.out)

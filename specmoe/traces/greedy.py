@@ -15,6 +15,7 @@ import torch
 
 from specmoe.errors import InputError
 from specmoe.models.loading import LoadedModel
+from specmoe.models.placement import input_device
 from specmoe.traces.recorder import LayerRecord, RoutingRecorder
 
 
@@ -33,7 +34,7 @@ def continue_greedily(loaded: LoadedModel, recorder: RoutingRecorder, prompts: t
     flattened batch-major like a prefill of the same sequences. The last choice is computed
     but not fed, so every returned token has its routing."""
     batch, prompt_len = prompts.shape
-    device = next(loaded.model.parameters()).device
+    device = input_device(loaded.model)
     recorder.pop()  # nothing from earlier passes may be taken for this batch's
     # transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name warns, then goes).
     cache_arg = "cache" if "cache" in inspect.signature(loaded.model.forward).parameters else "past_key_values"

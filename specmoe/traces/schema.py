@@ -35,12 +35,26 @@ class ModelInfo(BaseModel):
     hidden_size: int
     stacks: dict[str, StackInfo]
     dtype: str
+    revision: str | None = None
+    """What identifies the weights (hub commit, else a hash of the local files); stores
+    written before it was recorded have None and cannot be merged."""
 
 
 class TokenizerInfo(BaseModel):
     name_or_path: str
     vocab_size: int
     bos_token_id: int | None = None
+
+
+class MergedStore(BaseModel):
+    """One input of a merge, as it was: its texts were collected on their own."""
+
+    fingerprint: str
+    texts: list[str]
+    max_tokens: int | None
+    num_tokens: int
+    window_offset: int
+    """Added to this store's window indices in the merged store (windows stay unique)."""
 
 
 class CollectionInfo(BaseModel):
@@ -59,6 +73,8 @@ class CollectionInfo(BaseModel):
     """For encoder-decoder models: how the decoder input was formed."""
     fingerprint: str
     """Hash of everything above that determines the data; a resumed run must match it."""
+    merged_from: list[MergedStore] = []
+    """For a store made by ``specmoe traces merge``: the stores it combines, in row order."""
 
 
 class FileEntry(BaseModel):

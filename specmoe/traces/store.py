@@ -77,9 +77,12 @@ def routing_table(columns: dict[str, np.ndarray], per_stack: dict[str, tuple[np.
 class TraceStore:
     """A trace store directory, opened for reading (see :meth:`open`) or writing."""
 
-    def __init__(self, directory: Path, manifest: Manifest):
+    def __init__(self, directory: Path, manifest: Manifest, *, manifest_directory: Path | None = None):
         self.directory = Path(directory)
         self.manifest = manifest
+        self.manifest_directory = Path(manifest_directory or directory)
+        """Where :meth:`write_shard` records the manifest: the store itself, or under torchrun
+        the rank's own directory (rank 0 assembles the store's manifest at the end)."""
 
     # --- writing ----------------------------------------------------------------------
     def write_shard(
@@ -107,7 +110,7 @@ class TraceStore:
         )
         self.manifest.shards.append(entry)
         self.manifest.num_tokens += table.num_rows
-        self.manifest.save(self.directory)
+        self.manifest.save(self.manifest_directory)
         return entry
 
     def remove_unlisted_files(self) -> list[str]:

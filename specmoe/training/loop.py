@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -17,21 +16,13 @@ import torch
 from tqdm import tqdm
 
 from specmoe.errors import SpecmoeError
+from specmoe.torchrun import init_process_group
 from specmoe.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from specmoe.training.logging import MetricsLogger
 
 
 class NonFiniteLossError(SpecmoeError):
     """Training produced NaN/Inf twice in a row, even after rolling back."""
-
-
-def _distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    rank = torch.distributed.get_rank() if world > 1 else 0
-    return rank, world
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -83,7 +74,7 @@ def train_predictor(
     predictor, train, val=None, *, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True
 ):
     """Fit a :class:`TorchPredictor`; returns it with the best-on-validation weights."""
-    rank, world = _distributed()
+    rank, world = init_process_group()
     out_dir = Path(out_dir) if out_dir else None
     predictor.init_module(train.num_layers, train.num_experts, train.top_k)
     step_loss = StepLoss(predictor)

@@ -7,7 +7,8 @@ import torch
 
 from specmoe.models.builtin.specs import BUILTIN_SPECS
 from specmoe.models.loading import load_model
-from specmoe.traces.collector import limit_tokens, plan_windows, run_batch
+from specmoe.traces.batches import run_batch
+from specmoe.traces.collector import limit_tokens, plan_windows
 from specmoe.traces.recorder import RoutingRecorder
 from specmoe.traces.stats import _mutual_information_bits
 

@@ -6,7 +6,20 @@ import sys
 
 import typer
 
-from specmoe.cli import bench, collect, corpus, evaluate, models, predictors, run, serve, simulate, traces, train
+from specmoe.cli import (
+    bench,
+    collect,
+    corpus,
+    evaluate,
+    models,
+    predictors,
+    prepare,
+    run,
+    serve,
+    simulate,
+    traces,
+    train,
+)
 from specmoe.errors import PeerError, SpecmoeError
 
 app = typer.Typer(
@@ -21,6 +34,7 @@ app.command(name="collect")(collect.collect_command)
 app.command(name="train")(train.train_command)
 app.command(name="evaluate")(evaluate.evaluate_command)
 app.command(name="simulate")(simulate.simulate_command)
+app.command(name="prepare")(prepare.prepare_command)
 app.command(name="serve")(serve.serve_command)
 app.add_typer(predictors.app, name="predictors")
 app.add_typer(models.app, name="models")

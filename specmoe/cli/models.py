@@ -1,4 +1,4 @@
-"""``specmoe models list`` and ``specmoe models train-builtin``."""
+"""``specmoe models list``, ``train-builtin`` and ``random-checkpoint``."""
 
 from __future__ import annotations
 
@@ -42,3 +42,34 @@ def train_builtin_command(
         raise InputError(f"unknown built-in model {name!r}; built-in models: {', '.join(BUILTIN_SPECS)}")
     path = train_builtin(name, TrainSettings(steps=steps, seed=seed), out)
     typer.echo(f"saved {name} to {path}")
+
+
+@app.command("random-checkpoint")
+def random_checkpoint_command(
+    model_type: Annotated[str, typer.Argument(help="A supported family's model_type, e.g. olmoe, mixtral, qwen3_moe.")],
+    out: Annotated[Path, typer.Option(help="New directory for the checkpoint.")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Config field=value (YAML), e.g. num_hidden_layers=4; repeatable."),
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "bfloat16",
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Write a random-weight checkpoint of the family's default config (its flagship's shape:
+    olmoe is OLMoE-1B-7B, mixtral Mixtral-8x7B), one layer at a time, never holding the model:
+    a model larger than memory to test offloading with."""
+    import yaml
+
+    from specmoe.errors import InputError
+    from specmoe.models.random_checkpoint import write_random_checkpoint
+
+    overrides = {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set expects field=value, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise InputError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    path = write_random_checkpoint(model_type, out, overrides=overrides, dtype=dtype, seed=seed)
+    typer.echo(f"wrote {path}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -46,7 +45,20 @@ def serve_command(
     ] = None,
     next_token_depth: Annotated[int, option(N, "depth")] = default(N, "depth"),
     next_token_candidates: Annotated[int, option(N, "candidates")] = default(N, "candidates"),
-    experts_dir: Annotated[Path | None, typer.Option(help="Where expert files go (default: a temp dir).")] = None,
+    store: Annotated[
+        Path | None,
+        typer.Option(help="The expert store to read experts from (default: the cache; see `specmoe prepare`)."),
+    ] = None,
+    expert_source: Annotated[
+        str,
+        typer.Option(
+            help="store: an aligned expert store, written on the first run (`specmoe prepare`). checkpoint: "
+            "the checkpoint's own safetensors files, read at each expert's byte ranges; no store."
+        ),
+    ] = "store",
+    dtype: Annotated[
+        str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's own).")
+    ] = None,
     device: Annotated[
         str, typer.Option(help="cpu: experts on disk, cache in RAM. cuda: experts in pinned RAM, cache on the GPU.")
     ] = "cpu",
@@ -54,15 +66,21 @@ def serve_command(
         bool, typer.Option(help="Run the checkpoint's own Python code (only for checkpoints you trust).")
     ] = False,
 ) -> None:
-    """Greedy generation with routed experts offloaded to a slow tier (disk read with the page
-    cache bypassed, or pinned host memory for a GPU) and a byte-budgeted fast-tier cache;
-    prints the text and the runtime's counters."""
+    """Greedy generation of a model whose routed experts stay on disk: the rest is loaded
+    (never the experts), and a byte-budgeted fast tier holds the experts decoding needs, read
+    with the page cache bypassed and prefetched by a predictor; prints the text and the
+    runtime's counters (to stderr, as JSON)."""
     import torch
 
-    from specmoe.models.loading import load_model
+    from specmoe.errors import InputError
+    from specmoe.memory import peak_rss_bytes
+    from specmoe.offload.live.expert_store import CheckpointExperts, prepare_store
+    from specmoe.offload.live.loading import load_offloaded
     from specmoe.offload.live.runtime import OffloadRuntime
     from specmoe.predictors.base import load_predictor
 
+    if expert_source not in ("store", "checkpoint"):
+        raise InputError(f"--expert-source must be store or checkpoint, got {expert_source!r}")
     size = TierSize.parse(fast_tier)
     prefetch = validated(
         PrefetchSettings,
@@ -77,37 +95,39 @@ def serve_command(
     if next_token_layer is not None:
         values = {"layer": next_token_layer, "depth": next_token_depth, "candidates": next_token_candidates}
         next_token = validated(NextTokenSettings, values)
-    loaded = load_model(model, trust_remote_code=trust_remote_code)
     predictor = load_predictor(predictor_dir) if predictor_dir else None
-    sizes = [
-        sum(p.numel() * p.element_size() for p in loaded.adapter.expert_parameters(layer, 0)) for layer in loaded.layers
-    ]
+    offloaded = load_offloaded(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    loaded = offloaded.loaded
+    sizes = [offloaded.expert_nbytes(g) for g in range(len(loaded.layers))]
     budget = size.bytes_for(sum(sizes) * loaded.num_experts, max(sizes))
-    with tempfile.TemporaryDirectory() as tmp:
-        runtime = OffloadRuntime(
-            loaded,
-            budget,
-            device=device,
-            experts_dir=experts_dir or Path(tmp) / "experts",
-            predictor=predictor,
-            predictor_stack=predictor_stack,
-            prefetch=prefetch,
-            next_token=next_token,
-        )
-        try:
-            ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids.to(runtime.device)
-            start = time.perf_counter()
-            with torch.no_grad():
-                out = loaded.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-            seconds = time.perf_counter() - start
-        finally:
-            runtime.close()
+    experts = prepare_store(offloaded, store) if expert_source == "store" else CheckpointExperts(offloaded)
+    runtime = OffloadRuntime(
+        loaded,
+        budget,
+        device=device,
+        experts=experts,
+        predictor=predictor,
+        predictor_stack=predictor_stack,
+        prefetch=prefetch,
+        next_token=next_token,
+    )
+    try:
+        ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids.to(runtime.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = loaded.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        seconds = time.perf_counter() - start
+    finally:
+        runtime.close()
     # A decoder-only model returns prompt + continuation; an encoder-decoder's decoder starts
     # from its own start token.
     new = out[0, 1:] if loaded.model.config.is_encoder_decoder else out[0, ids.shape[1] :]
     typer.echo(loaded.tokenizer.decode(new, skip_special_tokens=True))
     stats = runtime.results() | {
         "fast_tier_bytes": budget,
+        "non_expert_bytes": offloaded.non_expert_nbytes(),
+        "expert_source": str(getattr(experts, "directory", offloaded.checkpoint.directory)),
+        "peak_rss_bytes": peak_rss_bytes(),
         "tokens": len(new),
         "seconds": round(seconds, 3),
         "tokens_per_s": round(len(new) / seconds, 2),

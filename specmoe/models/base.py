@@ -61,6 +61,9 @@ class MoEAdapter:
     experts_attr: str = "experts"
     offload_unsupported: str | None = None
     """Why the offload runtime cannot run this family's experts, if it cannot."""
+    experts_skip_padding_id: bool = True
+    """The experts module skips expert id ``num_experts`` (a padding id), so the offload
+    runtime can run it on one expert at a time; False where it refuses that id."""
 
     # --- config -----------------------------------------------------------------------
     def text_config(self, config):

@@ -7,6 +7,7 @@ class DbrxAdapter(MoEAdapter):
     family = "dbrx"
     model_types = ("dbrx",)
     block_classes = ("DbrxFFN",)
+    experts_skip_padding_id = False  # it indexes every expert id it is given, the padding one too
 
     def num_experts(self, config) -> int:
         return int(config.ffn_config.moe_num_experts)

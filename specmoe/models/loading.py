@@ -14,7 +14,7 @@ from specmoe.models.base import MoEAdapter, MoELayer
 from specmoe.models.builtin.specs import BUILTIN_SPECS
 from specmoe.models.registry import adapter_for
 
-_SEQ2SEQ_FAMILIES = {"switch_transformers"}
+SEQ2SEQ_FAMILIES = {"switch_transformers"}
 
 
 @dataclass
@@ -47,6 +47,24 @@ def resolve_model_path(name_or_path: str) -> str:
             )
         return str(path)
     return name_or_path
+
+
+def local_checkpoint(name_or_path: str) -> Path:
+    """The local directory of a checkpoint: a built-in model's, a directory given, or a hub
+    id's snapshot in the Hugging Face cache (fetched when online; with HF_HUB_OFFLINE=1 or no
+    network, only what is cached)."""
+    source = resolve_model_path(name_or_path)
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as exc:  # noqa: BLE001 -- the hub raises many kinds; each means "not available here"
+        raise InputError(
+            f"{name_or_path!r} is not a local directory or a built-in model, and its files are not in the "
+            f"Hugging Face cache ({type(exc).__name__}); download it, or give its local directory"
+        ) from None
 
 
 def load_config(name_or_path: str, *, trust_remote_code: bool = False):
@@ -112,7 +130,7 @@ def load_model(
     config = load_config(name_or_path, trust_remote_code=trust_remote_code)
     adapter_for(config.model_type)  # unsupported types fail here, before loading weights
     source = resolve_model_path(name_or_path)
-    auto = AutoModelForSeq2SeqLM if config.model_type in _SEQ2SEQ_FAMILIES else AutoModelForCausalLM
+    auto = AutoModelForSeq2SeqLM if config.model_type in SEQ2SEQ_FAMILIES else AutoModelForCausalLM
     placement = (
         {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder} if device_map else {}
     )
@@ -137,7 +155,7 @@ def expert_nbytes(model_id: str, dtype: str = "bfloat16", *, trust_remote_code: 
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     config = load_config(model_id, trust_remote_code=trust_remote_code)
-    auto = AutoModelForSeq2SeqLM if config.model_type in _SEQ2SEQ_FAMILIES else AutoModelForCausalLM
+    auto = AutoModelForSeq2SeqLM if config.model_type in SEQ2SEQ_FAMILIES else AutoModelForCausalLM
     with torch.device("meta"):
         model = auto.from_config(config, trust_remote_code=trust_remote_code)
     loaded = wrap_model(model_id, model)

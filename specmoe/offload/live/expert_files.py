@@ -20,12 +20,15 @@ import json
 import os
 import threading
 import weakref
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from specmoe.errors import CorruptStoreError
 
 ALIGN = 4096
 CHUNK = 2 << 20
@@ -88,49 +91,34 @@ class ReadBuffers:
 
 
 class ExpertFiles:
-    """Read access to experts written by :meth:`write`. Keys are ``(layer_idx, expert_idx)``."""
+    """Read access to experts written by :func:`write_experts`. Keys are ``(layer_idx,
+    expert_idx)``. Each expert's bytes are checked against the CRC-32 written with them on
+    its first read in this process (about 2 ms per 9 MiB here, against a read of about 5
+    ms: once, not on every read); a mismatch is an error naming the file, never used."""
 
     fresh_reads = True
     """Every ``read`` returns newly read tensors, which the fast tier can keep as they are."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
-        index = json.loads((self.directory / INDEX).read_text())
-        self.layout = {int(k): ExpertLayout(**v) for k, v in index["layers"].items()}
-        self.direct = index.get("direct", True)
+        index_path = self.directory / INDEX
+        try:
+            index = json.loads(index_path.read_text())
+            self.layout = {int(k): ExpertLayout(**v) for k, v in index["layers"].items()}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CorruptStoreError(
+                f"{index_path}: not a readable expert index ({exc}); write the store again"
+            ) from None
+        self.checksums = {int(k): v for k, v in index.get("crc32", {}).items()}
+        self.source = index.get("source", {})
+        self._verified: set[tuple[int, int]] = set()
         self._fds: dict[int, int] = {}
         self.buffers = ReadBuffers()
 
     @staticmethod
     def write(directory: Path, layers: dict[int, list[list[torch.Tensor]]]) -> ExpertFiles:
         """``layers[layer_idx][expert_idx]`` = that expert's tensors (all one dtype)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        index = {}
-        for layer, experts in layers.items():
-            first = experts[0]
-            nbytes = sum(t.numel() * t.element_size() for t in first)
-            stride = _aligned(nbytes)
-            with (directory / f"layer-{layer:04d}.bin").open("wb") as handle:
-                previous, blob = None, b""
-                for tensors in experts:
-                    if tensors is not previous:  # the same tensors repeated are serialised once
-                        blob = b"".join(
-                            t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes() for t in tensors
-                        )
-                        blob += b"\0" * (stride - len(blob))
-                        previous = tensors
-                    handle.write(blob)
-                handle.flush()
-                os.fsync(handle.fileno())
-            index[layer] = {
-                "shapes": [list(t.shape) for t in first],
-                "dtype": str(first[0].dtype).removeprefix("torch."),
-                "nbytes": nbytes,
-                "stride": stride,
-            }
-        (directory / INDEX).write_text(json.dumps({"layers": index}, indent=2))
-        return ExpertFiles(directory)
+        return write_experts(directory, {g: len(experts) for g, experts in layers.items()}, lambda g, e: layers[g][e])
 
     def expert_nbytes(self, layer: int) -> int:
         return self.layout[layer].nbytes
@@ -141,9 +129,14 @@ class ExpertFiles:
         for stride in {layout.stride for layout in self.layout.values()}:
             self.buffers.reserve(stride, experts)
 
+    def _path(self, layer: int) -> Path:
+        return self.directory / f"layer-{layer:04d}.bin"
+
     def _fd(self, layer: int) -> tuple[int, bool]:
         if layer not in self._fds:
-            path = str(self.directory / f"layer-{layer:04d}.bin")
+            path = str(self._path(layer))
+            if not os.path.exists(path):
+                raise CorruptStoreError(f"{path}: an expert file of the store is missing; write the store again")
             try:
                 self._fds[layer] = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
                 self._direct = getattr(os, "O_DIRECT", 0) != 0
@@ -168,9 +161,19 @@ class ExpertFiles:
                 between_chunks()
             got = self._pread(layer, array[start : start + step], offset + start)
             if got < min(step, layout.nbytes - start):  # the padding after the tensors may be cut
-                raise OSError(f"{self.directory}: short read of expert ({layer}, {expert}): {start + got} bytes")
+                raise CorruptStoreError(
+                    f"{self._path(layer)}: expert {expert} ends past the file ({start + got} of its "
+                    f"{layout.nbytes} bytes); the store was cut short: write it again"
+                )
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self._fd(layer)[0], offset, layout.stride, os.POSIX_FADV_DONTNEED)
+        if (layer, expert) not in self._verified and layer in self.checksums:
+            if zlib.crc32(array[: layout.nbytes]) != self.checksums[layer][expert]:
+                raise CorruptStoreError(
+                    f"{self._path(layer)}: expert {expert}'s bytes do not match their checksum (corrupt); "
+                    f"delete {self.directory} and write it again"
+                )
+            self._verified.add((layer, expert))
         flat = buffer[: layout.nbytes].view(getattr(torch, layout.dtype))
         tensors, start = [], 0
         for shape in layout.shapes:
@@ -193,3 +196,59 @@ class ExpertFiles:
             os.close(fd)
         self._fds.clear()
         self.buffers = ReadBuffers()  # the old ones go as the last tensors viewing them do
+
+
+def write_experts(
+    directory: Path,
+    experts_per_layer: dict[int, int],
+    make_expert: Callable[[int, int], list[torch.Tensor]],
+    *,
+    source: dict | None = None,
+    progress: bool = False,
+) -> ExpertFiles:
+    """Write every expert, one at a time (``make_expert(layer, expert)`` gives its tensors,
+    all one dtype, the same shapes for every expert of a layer), each at a 4 KiB-aligned
+    offset of its layer's file, with its CRC-32; the index goes last, so a directory without
+    one was not finished. Memory: one expert. Tensors returned twice in a row (the same
+    objects) are serialised once."""
+    from tqdm import tqdm
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    index, checksums = {}, {}
+    bar = tqdm(total=sum(experts_per_layer.values()), desc="write experts", unit="expert", disable=not progress)
+    for layer, count in experts_per_layer.items():
+        first = make_expert(layer, 0)
+        nbytes = sum(t.numel() * t.element_size() for t in first)
+        stride = _aligned(nbytes)
+        sums = []
+        with (directory / f"layer-{layer:04d}.bin").open("wb") as handle:
+            previous, blob = None, b""
+            for e in range(count):
+                tensors = first if e == 0 else make_expert(layer, e)
+                if tensors is not previous:
+                    blob = b"".join(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes() for t in tensors)
+                    if len(blob) != nbytes:
+                        raise ValueError(f"expert ({layer}, {e}) has {len(blob)} bytes, the layer's first {nbytes}")
+                    crc = zlib.crc32(blob)
+                    blob += b"\0" * (stride - len(blob))
+                    previous = tensors
+                handle.write(blob)
+                sums.append(crc)
+                bar.update()
+            handle.flush()
+            os.fsync(handle.fileno())
+        index[layer] = {
+            "shapes": [list(t.shape) for t in first],
+            "dtype": str(first[0].dtype).removeprefix("torch."),
+            "nbytes": nbytes,
+            "stride": stride,
+        }
+        checksums[layer] = sums
+    bar.close()
+    tmp = directory / f".{INDEX}.tmp"
+    tmp.write_text(json.dumps({"layers": index, "crc32": checksums, "source": source or {}}, indent=1))
+    with tmp.open("rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, directory / INDEX)
+    return ExpertFiles(directory)

@@ -43,6 +43,9 @@ class ExpertLayout:
         needed = sorted(tensors)
         if self.kind == "modules":
             return {name: t for e in needed for name, t in zip(self.names[e], tensors[e])}
+        if len(needed) == 1:  # a stack of one is a view: no copy
+            only = tensors[needed[0]]
+            return {n: t.unsqueeze(0) if self.kind == "stacked" else t for n, t in zip(self.names[0], only)}
         join = torch.stack if self.kind == "stacked" else torch.cat
         return {name: join([tensors[e][i] for e in needed]) for i, name in enumerate(self.names[0])}
 
@@ -89,10 +92,15 @@ def discover_layout(adapter, layer: MoELayer, num_experts: int) -> ExpertLayout:
 
 
 def _owner(params: dict[str, nn.Parameter], view: torch.Tensor) -> tuple[str | None, str]:
+    """The parameter ``view`` is (``modules``) or is a slice of: a view of it (which works on
+    the meta device too, where every storage is at address 0), or one sharing its storage."""
     for name, p in params.items():
         if view is p:
             return name, "modules"
-        if p.numel() and view.untyped_storage().data_ptr() == p.untyped_storage().data_ptr():
+    for name, p in params.items():
+        if view._base is p or (
+            p.numel() and not p.is_meta and view.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
+        ):
             return name, "stacked" if view.dim() == p.dim() - 1 else "rows"
     return None, ""
 

@@ -27,7 +27,7 @@ from specmoe.offload.live.expert_layout import ExpertLayout, discover_layout, em
 from specmoe.offload.live.next_token import LogitLens, NextTokenPlanner
 from specmoe.offload.live.planner import PrefetchPlanner
 from specmoe.offload.live.session import DecodingSession
-from specmoe.offload.live.tiers import HostExperts, Transfer
+from specmoe.offload.live.tiers import HostExperts, SlowTier, Transfer
 from specmoe.offload.policy import EventLog, PrefetchSettings, Request, in_token_requests, oracle_requests
 from specmoe.offload.settings import NextTokenSettings
 
@@ -47,16 +47,39 @@ class OffloadedExperts(nn.Module):
         ids, weights = runtime.loaded.adapter.selection_from_call(moe_layer, (hidden_states, *args), kwargs)
         runtime.on_routing(self.layer, ids, weights)
         needed = sorted({int(e) for e in ids.reshape(-1).tolist() if e >= 0})
-        params = layout.parameters_for(runtime.fetch(self.layer, needed))
-        if layout.remaps_ids:  # the experts run on a compact stack of just the needed ones
+        keys = runtime.begin_layer(self.layer, needed)
+        if not layout.remaps_ids:  # experts of their own: the module runs just the needed ones
+            params = layout.parameters_for({e: runtime.session.fetch(key) for e, key in zip(needed, keys)})
+            out = functional_call(original, params, (hidden_states, *args), kwargs, strict=False)
+        elif not runtime.loaded.adapter.experts_skip_padding_id:  # on a compact stack of the needed ones
+            params = layout.parameters_for({e: runtime.session.fetch(key) for e, key in zip(needed, keys)})
             remap = layout.remap(needed, hidden_states.device)
-            if "top_k_index" in kwargs:
-                kwargs = {**kwargs, "top_k_index": remap[kwargs["top_k_index"]]}
-            else:
-                args = (remap[args[0]],) + tuple(args[1:])
-        out = functional_call(original, params, (hidden_states, *args), kwargs, strict=False)
+            args = (remap[args[0]],) + tuple(args[1:]) if args else args
+            out = functional_call(original, params, (hidden_states, *args), kwargs, strict=False)
+        else:  # one expert at a time, as it arrives: no copy of the layer's experts into one stack
+            out = None
+            for e, key in zip(needed, keys):
+                params = layout.parameters_for({e: runtime.session.fetch(key)})
+                part = functional_call(original, params, (hidden_states, *self._only(e, args)), self._only(e, kwargs))
+                out = part if out is None else out.add_(part)
+            if out is None:  # no token was routed (all dropped)
+                out = functional_call(original, {}, (hidden_states, *args), kwargs, strict=False)
         runtime.release(self.layer)
         return out
+
+    def _only(self, expert: int, args):
+        """The call's arguments with expert ids remapped: ``expert`` to 0 (the one-expert
+        stack it runs on), every other id to the padding id the module skips. Outputs of the
+        experts' calls add up to the one call's, in the same order of additions."""
+        remap = self.layout.remap([expert], self._device(args))
+        if isinstance(args, dict):
+            return {**args, "top_k_index": remap[args["top_k_index"]]} if "top_k_index" in args else args
+        return (remap[args[0]],) + tuple(args[1:]) if args else args
+
+    @staticmethod
+    def _device(args):
+        values = args.values() if isinstance(args, dict) else args
+        return next((a.device for a in values if isinstance(a, torch.Tensor)), "cpu")
 
 
 class OffloadRuntime:
@@ -71,9 +94,12 @@ class OffloadRuntime:
         loaded: a model from :func:`specmoe.models.loading.load_model` (or ``wrap_model``).
         budget_bytes: fast-tier capacity; never exceeded.
         device: where the model runs and the fast tier lives (``cpu`` or ``cuda[:i]``).
-        slow_tier: ``disk`` (expert files in ``experts_dir``, read with the page cache
-            bypassed) or ``host`` (host memory, pinned when ``device`` is a GPU). Default:
-            disk on CPU, host on a GPU.
+        experts: where the routed experts are read from: an expert store or the checkpoint
+            itself (see :mod:`.expert_store`), for a model loaded without its experts
+            (:func:`.loading.load_offloaded`). Without it, the model's resident experts are
+            moved to ``slow_tier``: ``disk`` (expert files written to ``experts_dir``, read
+            with the page cache bypassed) or ``host`` (host memory, pinned when ``device``
+            is a GPU); default disk on CPU, host on a GPU.
         predictor: an :class:`ExpertPredictor`; it plans after each layer's routing, or, if it
             reads residual outputs, after the layer has run (router inputs and residual
             outputs of the current step are kept by hooks for predictors that read them).
@@ -97,6 +123,7 @@ class OffloadRuntime:
         budget_bytes: int,
         *,
         device: str | torch.device = "cpu",
+        experts: SlowTier | None = None,
         slow_tier: str | None = None,
         experts_dir: str | Path | None = None,
         predictor=None,
@@ -119,7 +146,7 @@ class OffloadRuntime:
         slow_tier = slow_tier or ("disk" if self.device.type == "cpu" else "host")
         if slow_tier not in ("disk", "host"):
             raise InputError(f"slow_tier must be disk or host, got {slow_tier!r}")
-        if slow_tier == "disk" and experts_dir is None:
+        if experts is None and slow_tier == "disk" and experts_dir is None:
             raise InputError("the disk slow tier needs experts_dir: where to write the expert files")
         self.loaded = loaded
         self.layers = loaded.layers
@@ -143,15 +170,7 @@ class OffloadRuntime:
                 self.prefetch,
             )
         self._layouts = [discover_layout(loaded.adapter, layer, self.num_experts) for layer in self.layers]
-        experts = {
-            g: [loaded.adapter.expert_parameters(layer, e) for e in range(self.num_experts)]
-            for g, layer in enumerate(self.layers)
-        }
-        slow = (
-            ExpertFiles.write(Path(experts_dir), experts)
-            if slow_tier == "disk"
-            else HostExperts(experts, pin=self.device.type == "cuda")
-        )
+        slow = experts if experts is not None else self._move_experts(slow_tier, experts_dir)
         self.transfer = Transfer(slow, self.device)
         sizes = [slow.expert_nbytes(g) for g in range(len(self.layers))]
         if budget_bytes < max(sizes):
@@ -195,6 +214,16 @@ class OffloadRuntime:
             if isinstance(module, nn.Embedding) and module.num_embeddings == vocab
         ]
 
+    def _move_experts(self, slow_tier: str, experts_dir) -> SlowTier:
+        """The resident model's experts, written to expert files or copied to host memory."""
+        resident = {
+            g: [self.loaded.adapter.expert_parameters(layer, e) for e in range(self.num_experts)]
+            for g, layer in enumerate(self.layers)
+        }
+        if slow_tier == "disk":
+            return ExpertFiles.write(Path(experts_dir), resident)
+        return HostExperts(resident, pin=self.device.type == "cuda")
+
     def _on_embed(self, _module, args):
         self._token_ids = args[0].reshape(-1).cpu()
 
@@ -210,12 +239,13 @@ class OffloadRuntime:
         return self.session.results() | (self.planner.stats() if self.planner else {})
 
     # --- per call ---------------------------------------------------------------------
-    def fetch(self, layer: int, experts: list[int]) -> dict[int, list[torch.Tensor]]:
+    def begin_layer(self, layer: int, experts: list[int]) -> list:
+        """Layer ``layer`` needs ``experts``: its steps begin (see :class:`DecodingSession`)."""
         self.routing_log[self.step][layer] = list(experts)
         keys = self.session.begin_layer(self.step, layer, experts)
         if self.oracle is not None:
             self.session.request(self._oracle_requests(layer))
-        return {key[1]: self.session.fetch(key) for key in keys}
+        return keys
 
     def release(self, layer: int) -> None:
         self.session.finish_layer(self.step, layer)

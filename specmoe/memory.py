@@ -27,6 +27,17 @@ def rss_bytes() -> int | None:
     return _field("VmRSS")
 
 
+def available_bytes() -> int | None:
+    """Memory the machine can still give without swapping (``MemAvailable``)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def reset_peak_rss() -> bool:
     """Start the peak over from what is resident now (``echo 5 > /proc/self/clear_refs``), so
     that one process can measure the peak of several runs in turn; False where not allowed."""

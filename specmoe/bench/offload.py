@@ -26,7 +26,7 @@ from specmoe.bench.progress import FinishedRuns
 from specmoe.bench.replay import ReplayResult, interference, random_experts, replay
 from specmoe.bench.settings import OffloadBenchSettings
 from specmoe.errors import InputError
-from specmoe.models.loading import load_model
+from specmoe.models.offloaded import load_offloaded
 from specmoe.offload.live.next_token import LogitLens, NextTokenPlanner
 from specmoe.offload.policy import POLICIES
 from specmoe.offload.settings import TierSize
@@ -73,7 +73,7 @@ def _next_token_planners(store: TraceStore, predictors: list, layers: int, setti
     table = next((p for p in predictors if hasattr(p, "token_rows")), None)
     if table is None:
         raise InputError("--next-token-layer looks experts up by token: give a token predictor as a --predictor-dir")
-    lens = LogitLens.of(load_model(store.manifest.model.id).model)
+    lens = LogitLens.of(load_offloaded(store.manifest.model.id, dtype="float32", progress=False).loaded.model)
     return lambda: NextTokenPlanner(lens, table, settings, layers, prefetch)
 
 

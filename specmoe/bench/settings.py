@@ -56,3 +56,38 @@ class OffloadBenchSettings(Settings):
         if unknown or value == ():
             raise ValueError(f"must be a non-empty subset of {','.join(POLICIES)}, got {','.join(value)!r}")
         return value
+
+
+MODEL_VARIANTS = ("resident", "accelerate", "mmap", *(p for p in POLICIES if not POLICIES[p].next_token))
+
+
+class ModelBenchSettings(Settings):
+    """A real checkpoint decoding under one memory budget: ``specmoe bench offload --model``."""
+
+    variants: tuple[str, ...] = Field(
+        ("resident", "accelerate", "mmap", "on-demand", "lru", "lfu", "oracle"),
+        min_length=1,
+        description="What runs: resident (the whole model), accelerate (its disk offload), mmap (experts "
+        "memory-mapped, the page cache deciding), and specmoe's policies (" + ", ".join(MODEL_VARIANTS[3:]) + ").",
+    )
+    cache_fractions: tuple[float, ...] = Field(
+        (0.25,), min_length=1, description="Fast-tier sizes, as fractions of all routed experts."
+    )
+    tokens: int = Field(16, gt=0, description="Decode steps timed.")
+    warmup: int = Field(4, gt=0, description="Decode steps before the clock starts (the first is the prompt's).")
+    repeats: int = Field(2, ge=1, description="Runs per configuration, in shuffled order; the median is kept.")
+    prompt: str = Field("In the beginning God created the heaven and the earth.", description="The text continued.")
+    memory_limit: str = Field(
+        "auto",
+        description="The memory cgroup every run is placed in: auto (what the offloaded runtime needs for the "
+        "fast tier), none, or a size (8GiB).",
+    )
+    prefetch: PrefetchSettings = PrefetchSettings()
+
+    @field_validator("variants")
+    @classmethod
+    def _known_variants(cls, value):
+        unknown = [v for v in value if v not in MODEL_VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown {', '.join(unknown)}; variants: {', '.join(MODEL_VARIANTS)}")
+        return value

@@ -10,8 +10,9 @@ from typing import Annotated
 
 import typer
 
-from specmoe.bench.settings import OffloadBenchSettings
+from specmoe.bench.settings import ModelBenchSettings, OffloadBenchSettings
 from specmoe.cli.params import default, option, parse_list
+from specmoe.errors import InputError
 from specmoe.offload.policy import PrefetchSettings
 from specmoe.offload.settings import NextTokenSettings
 from specmoe.settings import validated
@@ -82,7 +83,6 @@ def bench_predictors(
     Interrupted, it resumes on the same command: finished predictors wait in JSON.partial.jsonl."""
     from specmoe.bench.predictors import DEFAULT_PREDICTORS, benchmark_predictors, markdown_table, write_report
     from specmoe.bench.progress import discard, progress_file_for
-    from specmoe.errors import InputError
 
     if budget not in ("cpu", "full"):
         raise InputError(f"--budget must be cpu or full, got {budget!r}")
@@ -106,8 +106,23 @@ B, P, N = OffloadBenchSettings, PrefetchSettings, NextTokenSettings
 
 @app.command("offload")
 def bench_offload(
-    traces: Annotated[Path, typer.Option(help="Trace store whose test split supplies the routing.")],
     json_out: Annotated[Path, typer.Option("--json", help="Write rows here.")],
+    traces: Annotated[
+        Path | None,
+        typer.Option(help="Replay: a trace store whose test split supplies the routing (experts: random, real shape)."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead of --traces: decode this checkpoint for real, its experts offloaded, beside resident, "
+            "accelerate and mmap runs under one memory limit (--policies may name those too)."
+        ),
+    ] = None,
+    store: Annotated[Path | None, typer.Option(help="With --model: its expert store (default: the cache).")] = None,
+    memory_limit: Annotated[
+        str, typer.Option(help="With --model: auto (what offloading needs), none, or a size (8GiB) per run.")
+    ] = "auto",
+    prompt: Annotated[str, typer.Option(help="With --model: the text continued.")] = ModelBenchSettings().prompt,
     predictor_dir: Annotated[list[Path] | None, typer.Option(help="Routing predictors for prefetch.")] = None,
     expert_shape: Annotated[str, option(B, "expert_shape")] = default(B, "expert_shape"),
     tokens: Annotated[int, option(B, "tokens")] = default(B, "tokens"),
@@ -142,6 +157,18 @@ def bench_offload(
     from specmoe.bench.offload import benchmark_offload, offload_table
     from specmoe.bench.progress import discard, progress_file_for
 
+    if (traces is None) == (model is None):
+        raise InputError(
+            "give --traces (replay recorded routing) or --model (decode a checkpoint), not both or neither"
+        )
+    if model is not None:
+        prefetch = {"layers_ahead": layers_ahead, "experts_per_layer": experts_per_layer}
+        prefetch |= {"min_probability": min_probability, "eviction": eviction, "oracle_reach": oracle_reach}
+        values = {"cache_fractions": parse_list(cache_fractions, float, "--cache-fractions"), "tokens": tokens}
+        values |= {"warmup": max(warmup, 1), "repeats": repeats, "prompt": prompt, "memory_limit": memory_limit}
+        values |= {"prefetch": prefetch} | ({"variants": _names(policies)} if policies else {})
+        _model_offload(model, validated(ModelBenchSettings, values), predictor_dir, store, json_out)
+        return
     next_token = None
     if next_token_layer is not None:
         next_token = {"layer": next_token_layer, "depth": next_token_depth, "candidates": next_token_candidates}
@@ -179,6 +206,20 @@ def bench_offload(
     json_out.write_text(json.dumps(report, indent=2))
     discard(progress_file_for(json_out))
     typer.echo(offload_table(report))
+
+
+def _model_offload(model, settings, predictor_dirs, store, json_out: Path) -> None:
+    from specmoe.bench.model_offload import benchmark_model_offload, model_table
+
+    if predictor_dirs and len(predictor_dirs) > 1:
+        raise InputError("with --model, give one --predictor-dir")
+    report = benchmark_model_offload(
+        model, settings, predictor_dir=predictor_dirs[0] if predictor_dirs else None, store=store
+    )
+    report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(report, indent=2))
+    typer.echo(model_table(report))
 
 
 def _names(text: str) -> tuple[str, ...]:

@@ -61,6 +61,13 @@ def collect_command(
     offload_folder: Annotated[
         Path | None, typer.Option(help="With --device-map: where weights that fit on no device are kept.")
     ] = None,
+    fast_tier: Annotated[
+        str | None,
+        typer.Option(
+            help="For a model larger than memory: load it without its routed experts and read them from its "
+            "expert store (see `specmoe prepare`), with this much memory for them (25%, 4GiB). Slower."
+        ),
+    ] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow code from the checkpoint repository.")] = False,
 ) -> None:
     """Run an MoE model over text and record which experts every token was routed to.
@@ -90,7 +97,27 @@ def collect_command(
         max_memory=max_memory,
         offload_folder=offload_folder,
     )
-    store = collect(cfg)
+    runtime = None
+    if fast_tier is not None:
+        from specmoe.errors import InputError
+        from specmoe.offload.live.runtime import OffloadRuntime
+        from specmoe.offload.settings import TierSize
+        from specmoe.torchrun import world_size
+
+        if world_size() > 1 or device_map is not None:
+            raise InputError("--fast-tier runs one process on one device: without torchrun and --device-map")
+        size = TierSize.parse(fast_tier)
+        runtime = OffloadRuntime.from_checkpoint(
+            model, size, dtype=dtype, trust_remote_code=trust_remote_code, log=typer.echo, policy="lru"
+        )
+        typer.echo(
+            f"experts offloaded: {runtime.session.tier.budget / 2**20:.0f} MiB of them in memory, the rest read from disk"
+        )
+    try:
+        store = collect(cfg, loaded=runtime.loaded if runtime is not None else None)
+    finally:
+        if runtime is not None:
+            runtime.close()
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return  # rank 0 reports for the job
     summary = store_summary(store, with_statistics=False)

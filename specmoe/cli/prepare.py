@@ -25,8 +25,8 @@ def prepare_command(
     expert), kept for every later `serve`, `bench offload --model` and `collect --offload`
     of this checkpoint. A finished, current store is reused; a stale or half-written one is
     rebuilt."""
+    from specmoe.models.offloaded import load_offloaded
     from specmoe.offload.live.expert_store import prepare_store
-    from specmoe.offload.live.loading import load_offloaded
 
     offloaded = load_offloaded(model, dtype=dtype, trust_remote_code=trust_remote_code)
     files = prepare_store(offloaded, store, log=typer.echo)

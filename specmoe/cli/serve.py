@@ -60,8 +60,16 @@ def serve_command(
         str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's own).")
     ] = None,
     device: Annotated[
-        str, typer.Option(help="cpu: experts on disk, cache in RAM. cuda: experts in pinned RAM, cache on the GPU.")
+        str,
+        typer.Option(help="cpu: the fast tier in RAM. cuda: the fast tier in GPU memory, copies on their own stream."),
     ] = "cpu",
+    host_cache: Annotated[
+        str | None,
+        typer.Option(
+            help="With --device cuda: a middle tier of this many experts in pinned host memory (25%, 8GiB), "
+            "between the disk and the GPU."
+        ),
+    ] = None,
     trust_remote_code: Annotated[
         bool, typer.Option(help="Run the checkpoint's own Python code (only for checkpoints you trust).")
     ] = False,
@@ -74,13 +82,9 @@ def serve_command(
 
     from specmoe.errors import InputError
     from specmoe.memory import peak_rss_bytes
-    from specmoe.offload.live.expert_store import CheckpointExperts, prepare_store
-    from specmoe.offload.live.loading import load_offloaded
     from specmoe.offload.live.runtime import OffloadRuntime
     from specmoe.predictors.base import load_predictor
 
-    if expert_source not in ("store", "checkpoint"):
-        raise InputError(f"--expert-source must be store or checkpoint, got {expert_source!r}")
     size = TierSize.parse(fast_tier)
     prefetch = validated(
         PrefetchSettings,
@@ -96,21 +100,29 @@ def serve_command(
         values = {"layer": next_token_layer, "depth": next_token_depth, "candidates": next_token_candidates}
         next_token = validated(NextTokenSettings, values)
     predictor = load_predictor(predictor_dir) if predictor_dir else None
-    offloaded = load_offloaded(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    loaded = offloaded.loaded
-    sizes = [offloaded.expert_nbytes(g) for g in range(len(loaded.layers))]
-    budget = size.bytes_for(sum(sizes) * loaded.num_experts, max(sizes))
-    experts = prepare_store(offloaded, store) if expert_source == "store" else CheckpointExperts(offloaded)
-    runtime = OffloadRuntime(
-        loaded,
-        budget,
+    host_cache_bytes = None
+    if host_cache is not None:
+        if not device.startswith("cuda"):
+            raise InputError(
+                "--host-cache is the middle tier of a GPU run: on --device cpu the fast tier is host memory"
+            )
+        host_cache_bytes = TierSize.parse(host_cache, "--host-cache")
+    runtime = OffloadRuntime.from_checkpoint(
+        model,
+        size,
+        store=store,
+        expert_source=expert_source,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        log=typer.echo,
         device=device,
-        experts=experts,
         predictor=predictor,
         predictor_stack=predictor_stack,
         prefetch=prefetch,
         next_token=next_token,
+        host_cache=host_cache_bytes,
     )
+    loaded, offloaded = runtime.loaded, runtime.offloaded
     try:
         ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids.to(runtime.device)
         start = time.perf_counter()
@@ -124,9 +136,9 @@ def serve_command(
     new = out[0, 1:] if loaded.model.config.is_encoder_decoder else out[0, ids.shape[1] :]
     typer.echo(loaded.tokenizer.decode(new, skip_special_tokens=True))
     stats = runtime.results() | {
-        "fast_tier_bytes": budget,
+        "fast_tier_bytes": runtime.session.tier.budget,
         "non_expert_bytes": offloaded.non_expert_nbytes(),
-        "expert_source": str(getattr(experts, "directory", offloaded.checkpoint.directory)),
+        "expert_source": str(getattr(runtime.transfer.slow, "directory", offloaded.checkpoint.directory)),
         "peak_rss_bytes": peak_rss_bytes(),
         "tokens": len(new),
         "seconds": round(seconds, 3),

@@ -54,8 +54,15 @@ def _rows(context: Context, rows: slice) -> Context:
 def model_time_per_token_us(model_id: str, *, repeats: int = 30) -> float:
     """Median microseconds for one single-token forward pass of the model (batch 1, one
     CPU thread): the per-token cost of greedy decoding without a cache."""
-    from specmoe.models.loading import load_model
+    from specmoe.errors import InputError
+    from specmoe.memory import available_bytes
+    from specmoe.models.checkpoint import SafetensorsCheckpoint
+    from specmoe.models.loading import load_model, local_checkpoint
 
+    weights = sum(e.nbytes for e in SafetensorsCheckpoint(local_checkpoint(model_id)).entries.values())
+    free = available_bytes()
+    if free is not None and 2 * weights > free:  # loaded whole in float32: twice a bf16 checkpoint
+        raise InputError(f"{model_id} does not fit in memory here; its per-token time is not measured")
     loaded = load_model(model_id)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -18,10 +18,11 @@ def rms_normalise(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 
 
 def extract_routers(model_id: str, stack: str) -> dict[str, torch.Tensor]:
-    """Per MoE layer of ``stack``: pre-router RMSNorm weight and eps, router weight and bias."""
-    from specmoe.models.loading import load_model
+    """Per MoE layer of ``stack``: pre-router RMSNorm weight and eps, router weight and bias,
+    read from a model loaded without its routed experts (a model larger than memory too)."""
+    from specmoe.models.offloaded import load_offloaded
 
-    loaded = load_model(model_id)
+    loaded = load_offloaded(model_id, dtype="float32", progress=False).loaded
     norms, weights, biases, eps = [], [], [], []
     for layer in loaded.layers_of(stack):
         norm = loaded.adapter.pre_router_norm(layer)

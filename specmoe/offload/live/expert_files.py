@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import warnings
 import weakref
 import zlib
 from collections.abc import Callable
@@ -252,3 +253,37 @@ def write_experts(
         os.fsync(handle.fileno())
     os.replace(tmp, directory / INDEX)
     return ExpertFiles(directory)
+
+
+class MappedExperts(ExpertFiles):
+    """The same files memory-mapped, read through the operating system's page cache with no
+    copy (what llama.cpp does with its weights): the kernel, not a fast tier of ours, decides
+    what stays in memory. The baseline that :mod:`specmoe.bench.model_offload` compares with."""
+
+    def __init__(self, directory: Path):
+        import mmap
+
+        super().__init__(directory)
+        self._maps = {}
+        for layer in self.layout:
+            with self._path(layer).open("rb") as handle:
+                self._maps[layer] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def reserve_buffers(self, experts: int) -> None:
+        pass  # nothing is read into buffers of ours
+
+    def read(self, layer: int, expert: int, between_chunks=None) -> list[torch.Tensor]:
+        layout = self.layout[layer]
+        raw = np.frombuffer(self._maps[layer], dtype=np.uint8, count=layout.nbytes, offset=expert * layout.stride)
+        with warnings.catch_warnings():  # read-only memory, and nothing writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.from_numpy(raw).view(getattr(torch, layout.dtype))
+        tensors, start = [], 0
+        for shape in layout.shapes:
+            count = int(torch.Size(shape).numel())
+            tensors.append(flat[start : start + count].view(shape))
+            start += count
+        return tensors
+
+    def close(self) -> None:
+        self._maps.clear()  # each map closes as the last tensor viewing it goes

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from specmoe.errors import CorruptStoreError, InputError
+from specmoe.models.offloaded import OffloadedModel
 from specmoe.offload.live.expert_files import ExpertFiles, ReadBuffers, write_experts
-from specmoe.offload.live.loading import OffloadedModel
 
 STORE_FORMAT = 1
 

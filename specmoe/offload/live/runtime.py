@@ -20,16 +20,23 @@ from torch import nn
 from torch.func import functional_call
 
 from specmoe.errors import InputError
+from specmoe.models.expert_layout import ExpertLayout, discover_layout, empty_parameters
 from specmoe.models.loading import LoadedModel
 from specmoe.offload.eviction import future_uses
 from specmoe.offload.live.expert_files import ExpertFiles
-from specmoe.offload.live.expert_layout import ExpertLayout, discover_layout, empty_parameters
 from specmoe.offload.live.next_token import LogitLens, NextTokenPlanner
 from specmoe.offload.live.planner import PrefetchPlanner
 from specmoe.offload.live.session import DecodingSession
-from specmoe.offload.live.tiers import HostExperts, SlowTier, Transfer
-from specmoe.offload.policy import EventLog, PrefetchSettings, Request, in_token_requests, oracle_requests
-from specmoe.offload.settings import NextTokenSettings
+from specmoe.offload.live.tiers import HostCache, HostExperts, SlowTier, Transfer
+from specmoe.offload.policy import (
+    EventLog,
+    PrefetchSettings,
+    Request,
+    in_token_requests,
+    oracle_requests,
+    policy_named,
+)
+from specmoe.offload.settings import NextTokenSettings, TierSize
 
 
 class OffloadedExperts(nn.Module):
@@ -105,10 +112,20 @@ class OffloadRuntime:
             outputs of the current step are kept by hooks for predictors that read them).
         predictor_stack: the stack the predictor was fitted on (default: the first, which is
             what ``specmoe train`` fits on); the other stack runs without prefetch.
-        prefetch: how to prefetch and evict (:class:`~specmoe.offload.policy.PrefetchSettings`).
+        policy: a name of :data:`~specmoe.offload.policy.POLICIES` (not a next-token one:
+            see ``next_token``). Default: ``prefetch`` with a predictor, ``oracle`` (or
+            ``oracle-prefetch``, without ``belady`` eviction) with an oracle, else the cache
+            of ``prefetch.eviction``.
+        prefetch: how to prefetch, and how a prefetching policy evicts
+            (:class:`~specmoe.offload.policy.PrefetchSettings`).
         oracle: a ``routing_log`` recorded by an earlier run of the same prompt, prefetched
             ``prefetch.oracle_reach`` positions ahead instead of predicting; with ``belady``
             eviction it is also the future evicted by.
+        host_cache_bytes: on a GPU, the middle tier of three: this many bytes of experts kept
+            in pinned host memory between the slow tier and the GPU's fast tier
+            (:class:`~.tiers.HostCache`; on a CPU the same code runs as a stand-in).
+        layouts: the experts' layouts, when the model's experts were already taken out (a
+            second runtime on a model a closed one ran).
         next_token: also prefetch the next token's first layers from a guess of that token
             (see :mod:`specmoe.offload.live.next_token`); decoder-only models.
             ``next_token_table``: the token table to look the guess up in (default:
@@ -128,11 +145,14 @@ class OffloadRuntime:
         experts_dir: str | Path | None = None,
         predictor=None,
         predictor_stack: str | None = None,
+        policy: str | None = None,
         prefetch: PrefetchSettings | None = None,
         oracle=None,
         next_token: NextTokenSettings | None = None,
         next_token_table=None,
         planning: str = "background",
+        host_cache_bytes: int | None = None,
+        layouts: list[ExpertLayout] | None = None,
         log: EventLog | None = None,
     ):
         self.predictor_stack = predictor_stack or next(iter(loaded.stacks))
@@ -140,7 +160,14 @@ class OffloadRuntime:
             raise InputError(f"predictor_stack must be one of {list(loaded.stacks)}, got {predictor_stack!r}")
         _check_predictor(predictor, loaded, self.predictor_stack)
         prefetch = prefetch or PrefetchSettings()
-        if prefetch.eviction == "belady" and oracle is None:
+        rule = policy_named(policy or _default_policy(predictor, oracle, prefetch))
+        if rule.next_token:
+            raise InputError("next-token prefetch is asked for with next_token=, beside the policy prefetch")
+        if rule.prefetch == "predictor" and predictor is None:
+            raise InputError(f"policy {rule.name} needs a predictor")
+        if rule.prefetch == "oracle" and oracle is None:
+            raise InputError(f"policy {rule.name} needs an oracle: the routing log of an earlier run")
+        if rule.eviction_for(prefetch) == "belady" and oracle is None:
             raise InputError("Belady eviction needs the future routing: pass oracle=")
         self.device = _fast_device(device)
         slow_tier = slow_tier or ("disk" if self.device.type == "cpu" else "host")
@@ -153,7 +180,8 @@ class OffloadRuntime:
         self.num_experts, self.top_k = loaded.num_experts, loaded.top_k
         self._stack_range = _stack_ranges(loaded.stacks)
         self.prefetch = prefetch.resolve(top_k=loaded.top_k, num_layers=len(self.layers))
-        self.predictor, self.oracle = predictor, oracle
+        self.predictor = predictor if rule.prefetch == "predictor" else None
+        self.oracle = oracle if rule.prefetch == "oracle" else None
         self.next_token = None
         self.guess_log: list[tuple[int, list[int]]] = []
         """(step, guessed next token per sequence) of every guess made (on the decoding thread)."""
@@ -169,12 +197,16 @@ class OffloadRuntime:
                 loaded.stacks[self.predictor_stack],
                 self.prefetch,
             )
-        self._layouts = [discover_layout(loaded.adapter, layer, self.num_experts) for layer in self.layers]
+        self._layouts = layouts or [discover_layout(loaded.adapter, layer, self.num_experts) for layer in self.layers]
         slow = experts if experts is not None else self._move_experts(slow_tier, experts_dir)
-        self.transfer = Transfer(slow, self.device)
         sizes = [slow.expert_nbytes(g) for g in range(len(self.layers))]
         if budget_bytes < max(sizes):
             raise InputError(f"fast-tier budget {budget_bytes} B is smaller than one expert ({max(sizes)} B)")
+        if host_cache_bytes is not None:
+            if host_cache_bytes < max(sizes):
+                raise InputError(f"a host cache of {host_cache_bytes} B is smaller than one expert ({max(sizes)} B)")
+            slow = HostCache(slow, host_cache_bytes, pin=self.device.type == "cuda")
+        self.transfer = Transfer(slow, self.device)
         # Reads stay in host buffers only when the fast tier is host memory; on a GPU they are
         # copied out at once, and a read in flight per thread is all that is held.
         held = min(budget_bytes // min(sizes), len(self.layers) * self.num_experts) if self.device.type == "cpu" else 0
@@ -183,19 +215,20 @@ class OffloadRuntime:
             self.transfer,
             budget_bytes,
             num_layers=len(self.layers),
-            eviction=self.prefetch.eviction,
-            prefetching=predictor is not None or oracle is not None,
+            eviction=rule.eviction_for(self.prefetch),
+            prefetching=rule.prefetch != "none",
+            keeps_experts=rule.keeps_experts,
             planning=planning,
-            future_uses=future_uses(oracle, len(self.layers)) if self.prefetch.eviction == "belady" else None,
+            future_uses=future_uses(oracle, len(self.layers)) if rule.eviction_for(self.prefetch) == "belady" else None,
             log=log,
         )
         self.stats = self.session.stats
         self.planner = (
-            PrefetchPlanner(predictor, loaded.stacks[self.predictor_stack], self.num_experts, self.prefetch)
-            if predictor is not None
+            PrefetchPlanner(self.predictor, loaded.stacks[self.predictor_stack], self.num_experts, self.prefetch)
+            if self.predictor is not None
             else None
         )
-        self._hooks = self._state_hooks(getattr(predictor, "needs_hidden", None) if oracle is None else None)
+        self._hooks = self._state_hooks(getattr(self.predictor, "needs_hidden", None))
         self.loaded.model.config._experts_implementation = "eager"
         self._swap_in()
         self.loaded.model.to(self.device)  # everything but the routed experts is resident
@@ -213,6 +246,42 @@ class OffloadRuntime:
             for module in loaded.model.modules()
             if isinstance(module, nn.Embedding) and module.num_embeddings == vocab
         ]
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        model: str,
+        fast_tier: TierSize,
+        *,
+        store: Path | None = None,
+        expert_source: str = "store",
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+        host_cache: TierSize | None = None,
+        log=print,
+        **options,
+    ) -> OffloadRuntime:
+        """A runtime for checkpoint ``model`` that never holds its routed experts: everything
+        else loaded (:func:`~specmoe.models.offloaded.load_offloaded`), the experts read from
+        the expert store (written first if there is none: ``expert_source="store"``) or
+        straight from the checkpoint (``"checkpoint"``), ``fast_tier`` of them in memory.
+        ``host_cache``: the middle tier of a GPU run (see the constructor). ``options``: as for
+        the constructor. The model is ``runtime.loaded.model``."""
+        from specmoe.models.offloaded import load_offloaded
+        from specmoe.offload.live.expert_store import CheckpointExperts, prepare_store
+
+        if expert_source not in ("store", "checkpoint"):
+            raise InputError(f"--expert-source must be store or checkpoint, got {expert_source!r}")
+        offloaded = load_offloaded(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        sizes = [offloaded.expert_nbytes(g) for g in range(len(offloaded.loaded.layers))]
+        budget = fast_tier.bytes_for(sum(sizes) * offloaded.loaded.num_experts, max(sizes))  # one rule for every tier
+        experts = prepare_store(offloaded, store, log=log) if expert_source == "store" else CheckpointExperts(offloaded)
+        total = sum(sizes) * offloaded.loaded.num_experts
+        if host_cache is not None:
+            options["host_cache_bytes"] = host_cache.bytes_for(total, max(sizes))
+        runtime = cls(offloaded.loaded, budget, experts=experts, layouts=offloaded.layouts, **options)
+        runtime.offloaded = offloaded
+        return runtime
 
     def _move_experts(self, slow_tier: str, experts_dir) -> SlowTier:
         """The resident model's experts, written to expert files or copied to host memory."""
@@ -236,7 +305,8 @@ class OffloadRuntime:
 
     def results(self) -> dict:
         """The run's counters (see :class:`~specmoe.offload.live.fast_tier.RuntimeStats`)."""
-        return self.session.results() | (self.planner.stats() if self.planner else {})
+        host = self.transfer.slow.stats() if isinstance(self.transfer.slow, HostCache) else {}
+        return self.session.results() | (self.planner.stats() if self.planner else {}) | host
 
     # --- per call ---------------------------------------------------------------------
     def begin_layer(self, layer: int, experts: list[int]) -> list:
@@ -333,12 +403,26 @@ class OffloadRuntime:
         return in_token_requests(keys, step, len(self.layers))
 
     def close(self) -> None:
+        """Stop prefetching, remove the hooks and put the (empty) experts modules back, so
+        that another runtime may run the model (given ``layouts``)."""
         for hook in self._input_hooks:
             hook.remove()
         for hook in self._hooks:
             hook.remove()
         self.session.close()
         self.transfer.close()
+        for layer in self.layers:
+            wrapper = getattr(layer.block, self.loaded.adapter.experts_attr)
+            if isinstance(wrapper, OffloadedExperts):
+                setattr(layer.block, self.loaded.adapter.experts_attr, wrapper._original[0])
+
+
+def _default_policy(predictor, oracle, prefetch: PrefetchSettings) -> str:
+    if predictor is not None:
+        return "prefetch"
+    if oracle is not None:
+        return "oracle" if prefetch.eviction == "belady" else "oracle-prefetch"
+    return prefetch.eviction
 
 
 def _stack_ranges(stacks: dict[str, int]) -> list[tuple[int, int]]:

@@ -132,3 +132,57 @@ class Transfer:
             if stream is not None:
                 stream.synchronize()
         self.slow.close()
+
+
+class HostCache:
+    """The middle of three tiers (disk -> host memory -> GPU), for when host memory cannot
+    hold every expert either: a byte-budgeted cache of experts in host memory (pinned, for a
+    GPU to copy from asynchronously) in front of ``inner``, evicting the least recently read.
+    On a CPU-only machine the same code runs with the fast tier in host memory too (a
+    stand-in, for tests: it buys nothing there)."""
+
+    fresh_reads = False
+    """Hands out its own copies, which the transfer to the fast tier copies again."""
+
+    def __init__(self, inner: SlowTier, budget_bytes: int, *, pin: bool = False):
+        from collections import OrderedDict
+        from threading import Lock
+
+        self.inner, self.budget, self.pin = inner, budget_bytes, pin
+        self.entries: OrderedDict[Key, list[torch.Tensor]] = OrderedDict()
+        self.used = self.peak = self.hits = self.misses = 0
+        self._lock = Lock()
+
+    def read(self, layer: int, expert: int, between_chunks=None) -> list[torch.Tensor]:
+        key = (layer, expert)
+        with self._lock:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+                self.hits += 1
+                return self.entries[key]
+        tensors = [t.clone() for t in self.inner.read(layer, expert, between_chunks)]  # out of the reader's buffer
+        tensors = [t.pin_memory() for t in tensors] if self.pin else tensors
+        nbytes = self.inner.expert_nbytes(layer)
+        with self._lock:
+            self.misses += 1
+            while self.used + nbytes > self.budget and self.entries:
+                _, evicted = self.entries.popitem(last=False)
+                self.used -= sum(t.numel() * t.element_size() for t in evicted)
+            self.entries[key] = tensors
+            self.used += nbytes
+            self.peak = max(self.peak, self.used)
+        return tensors
+
+    def expert_nbytes(self, layer: int) -> int:
+        return self.inner.expert_nbytes(layer)
+
+    def reserve_buffers(self, experts: int) -> None:
+        self.inner.reserve_buffers(2)  # the cache keeps copies: only reads in flight use the reader's buffers
+
+    def stats(self) -> dict:
+        reads = self.hits + self.misses
+        return {"host_cache_hit_rate": self.hits / reads if reads else None, "host_cache_peak_bytes": self.peak}
+
+    def close(self) -> None:
+        self.entries.clear()
+        self.inner.close()

@@ -242,3 +242,35 @@ def test_a_hidden_state_predictor_prefetches_from_the_states_of_the_step_so_far(
     # layer 0 plans for layer 1 with layer 0's state of every token of the step (8 prefill, then 1)
     assert shown and all(layer == 0 and shape[1:] == (1, 32) for layer, shape in shown)
     assert {shape[0] for _, shape in shown} <= {8, 1}
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "switch_transformers"])
+def test_three_tiers_disk_host_cache_fast_tier_keep_the_output_and_their_budgets(model_type, tmp_path):
+    """Disk -> host cache -> fast tier, with the host-to-GPU copy stood in for by a clone on
+    this CPU-only machine: the output is the resident model's, each tier within its budget."""
+    prompt = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = _resident(model_type).generate(prompt, max_new_tokens=6, do_sample=False)
+    expert = _expert_bytes(model_type)
+    runtime = OffloadRuntime(
+        wrap_model(model_type, tiny_model(model_type)),
+        2 * expert,
+        experts_dir=tmp_path / "experts",
+        host_cache_bytes=24 * expert,  # room for every expert: each is read from disk once
+    )
+    try:
+        with torch.no_grad():
+            out = runtime.loaded.model.generate(prompt, max_new_tokens=6, do_sample=False)
+    finally:
+        runtime.close()
+    stats = runtime.results()
+    assert torch.equal(out, expected)
+    used = {(layer, e) for step in runtime.routing_log for layer, experts in enumerate(step) for e in experts}
+    assert stats["peak_bytes"] <= 2 * expert and stats["host_cache_peak_bytes"] == len(used) * expert
+    assert runtime.transfer.slow.misses == len(used)  # each expert read from disk once
+    if model_type == "mixtral":  # the fast tier's repeated misses were the host cache's hits
+        assert stats["demand_reads"] > len(used) and stats["host_cache_hit_rate"] > 0
+    with pytest.raises(InputError, match="a host cache of 10 B is smaller than one expert"):
+        OffloadRuntime(
+            wrap_model(model_type, tiny_model(model_type)), 2 * expert, experts_dir=tmp_path / "e2", host_cache_bytes=10
+        )

@@ -17,10 +17,10 @@ from tqdm import tqdm
 
 from specmoe.errors import InputError
 from specmoe.models.checkpoint import SafetensorsCheckpoint, TensorEntry
+from specmoe.models.expert_layout import ExpertLayout, discover_layout
 from specmoe.models.loading import SEQ2SEQ_FAMILIES, LoadedModel, load_config, local_checkpoint, wrap_model
 from specmoe.models.registry import adapter_for
 from specmoe.models.weights import WeightPlan, set_tensor
-from specmoe.offload.live.expert_layout import ExpertLayout, discover_layout
 
 
 @dataclass

@@ -8,8 +8,8 @@ import torch
 
 from specmoe.errors import InputError
 from specmoe.models.loading import load_model
+from specmoe.models.offloaded import load_offloaded
 from specmoe.offload.live.expert_store import CheckpointExperts, prepare_store
-from specmoe.offload.live.loading import load_offloaded
 from specmoe.offload.live.runtime import OffloadRuntime
 from tests.tiny_models import VOCAB, save_tiny_checkpoint
 

@@ -224,3 +224,22 @@ def _model_offload(model, settings, predictor_dirs, store, json_out: Path) -> No
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+@app.command("expert-reads")
+def bench_expert_reads(
+    model: Annotated[str, typer.Option(help="Checkpoint (hub id, local directory or built-in name).")],
+    json_out: Annotated[Path, typer.Option("--json", help="Write the result here.")],
+    store: Annotated[Path | None, typer.Option(help="Its expert store (default: the cache).")] = None,
+    experts: Annotated[int, typer.Option(min=1, help="Experts read per pass, in random order, none twice.")] = 64,
+    repeats: Annotated[int, typer.Option(min=1, help="Passes per source, the sources interleaved.")] = 3,
+) -> None:
+    """Milliseconds per expert read from the aligned expert store and straight from the
+    checkpoint: which source offloaded runs should read from on this machine."""
+    from specmoe.bench.model_offload import compare_expert_reads
+
+    result = compare_expert_reads(model, store=store, experts=experts, repeats=repeats)
+    result["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(result, indent=2))
+    typer.echo(json.dumps(result["sources"], indent=1))

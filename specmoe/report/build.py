@@ -13,16 +13,29 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from markupsafe import Markup
 
 from specmoe.report import plots
-from specmoe.report.results import HEADLINE_FRACTION, load_run
+from specmoe.report.results import HEADLINE_FRACTION, load_run, with_spread
 
 _OFFLOAD_COLUMNS = (
     ("policy", lambda r: plots.policy_label(r)),
     ("fast tier", lambda r: f"{100 * r['cache_fraction']:.0f}%"),
     ("batch", lambda r: r.get("batch_size", 1)),
-    ("tokens/s", lambda r: f"{r['tokens_per_s']:.1f}"),
+    ("tokens/s", lambda r: f"{r['tokens_per_s']:.1f}" + _range(r.get("tokens_per_s_range"), 1)),
+    (
+        "stall ms/token",
+        lambda r: (
+            f"{r['stall_ms_per_token']:.2f}" + _range(r["stall_ms_per_token_range"], 2)
+            if "stall_ms_per_token" in r
+            else ""
+        ),
+    ),
     ("hit rate", lambda r: f"{r['hit_rate']:.3f}"),
     ("stall", lambda r: f"{r['stall_fraction']:.3f}"),
 )
+
+
+def _range(values, digits: int) -> str:
+    """`` [lo-hi]``: the spread of a measured figure's repeats."""
+    return "" if not values else f" [{values[0]:.{digits}f}-{values[1]:.{digits}f}]"
 
 
 def _figures(run: dict) -> dict[str, bytes]:
@@ -91,7 +104,8 @@ def write_report(run_dir: str | Path) -> Path:
         simulation=simulation,
         simulation_rows=[r for r in simulation["rows"] if r["batch_size"] == 1] if simulation else [],
         offload=offload,
-        offload_rows=offload["rows"] if offload else [],
+        offload_rows=with_spread(offload["rows"]) if offload else [],
+        offload_warnings=summary.get("offload", {}).get("warnings", []),
         commands=_stage_commands(run),
         config_yaml=yaml.safe_dump(run["config"], sort_keys=False),
         figure=figure,
@@ -148,17 +162,27 @@ def markdown_summary(summary: dict) -> str:
         if key not in summary:
             continue
         rows = summary[key]["rows"]
+        measured = key == "offload"
         lines += [
             "",
             f"## {heading}, fast tier {100 * rows[0]['cache_fraction']:.0f}%",
             "",
-            f"| policy | tokens/s | hit rate | stall | {value_key.replace('_', ' ')} |",
-            "|---|---:|---:|---:|---:|",
+        ]
+        if measured:
+            lines += [f"Median of {summary[key]['repeats']} repeats, [slowest-fastest].", ""]
+            lines += [f"**Note:** {warning}" for warning in summary[key]["warnings"]]
+            lines += [""] if summary[key]["warnings"] else []
+        lines += [
+            f"| policy | tokens/s | {'stall ms/token | ' if measured else ''}hit rate | stall | "
+            f"{value_key.replace('_', ' ')} |",
+            "|---|---:|" + ("---:|" if measured else "") + "---:|---:|---:|",
         ]
         for r in rows:
             value = r.get(value_key)
+            speed = f"{r['tokens_per_s']:.1f}" + _range(r.get("tokens_per_s_range"), 1)
+            stall = f"{r['stall_ms_per_token']:.2f}{_range(r['stall_ms_per_token_range'], 2)} | " if measured else ""
             lines.append(
-                f"| {plots.policy_label(r)} | {r['tokens_per_s']:.1f} | {r['hit_rate']:.3f} | "
+                f"| {plots.policy_label(r)} | {speed} | {stall}{r['hit_rate']:.3f} | "
                 f"{r['stall_fraction']:.3f} | {'' if value is None else f'{value:.3f}'} |"
             )
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in summary["stage_seconds"].items()), ""]

@@ -58,11 +58,69 @@ OFFLOAD_KEYS = (
     "predictor",
     "cache_fraction",
     "tokens_per_s",
+    "tokens_per_s_range",
+    "stall_ms_per_token",
+    "stall_ms_per_token_range",
     "hit_rate",
     "stall_fraction",
     "speedup_vs_on_demand",
     "fraction_of_oracle",
 )
+SPREAD_WARNING = 0.2
+"""A configuration whose repeats differ by more than this fraction of their median is noise
+beside most differences between policies."""
+INTERFERENCE_WARNING = 1.5
+"""A layer computing this many times slower beside a loader means heavy interference."""
+
+
+def with_spread(rows: list[dict]) -> list[dict]:
+    """Measured rows with the range of their repeats: tokens/s and stall per token."""
+    out = []
+    for r in rows:
+        tokens = r["tokens"]
+        speeds = [tokens / s for s in r.get("seconds_all_repeats", [r["seconds"]])]
+        stalls = r.get("stall_ms_per_token_all_repeats") or [1e3 * r["stall_fraction"] * r["seconds"] / tokens]
+        out.append(
+            r
+            | {
+                "tokens_per_s_range": [min(speeds), max(speeds)],
+                "stall_ms_per_token": sorted(stalls)[len(stalls) // 2],
+                "stall_ms_per_token_range": [min(stalls), max(stalls)],
+            }
+        )
+    return out
+
+
+def noise_warnings(offload: dict) -> list[str]:
+    """Plain sentences where the measured rows cannot be ranked: repeats that spread more than
+    policies differ, an oracle that is not the fastest, a machine busy enough to skew them."""
+    warnings, rows = [], with_spread(offload["rows"])
+    for fraction in sorted({r["cache_fraction"] for r in rows}):
+        group = [r for r in rows if r["cache_fraction"] == fraction]
+        spread = max((hi - lo) / r["tokens_per_s"] for r in group for lo, hi in [r["tokens_per_s_range"]])
+        speeds = sorted(r["tokens_per_s"] for r in group if r["policy"] != "on-demand")
+        gap = (speeds[-1] - speeds[0]) / speeds[-1] if len(speeds) > 1 else 0.0
+        if spread > SPREAD_WARNING and spread > gap:
+            warnings.append(
+                f"At a {100 * fraction:.0f}% fast tier, repeats of one configuration differ by up to "
+                f"{100 * spread:.0f}% in tokens/s, more than the policies differ ({100 * gap:.0f}%): tokens/s do "
+                "not rank them here; stall per token, which the policies control, is the steadier measure."
+            )
+        oracle = next((r for r in group if r["policy"] == "oracle"), None)
+        if oracle is not None and oracle["tokens_per_s"] < max(r["tokens_per_s"] for r in group):
+            warnings.append(
+                f"At a {100 * fraction:.0f}% fast tier the oracle was not the fastest: the machine, not the policy, "
+                "set these tokens/s (other work running?)."
+            )
+    probe = offload.get("machine", {}).get("interference") or {}
+    if probe.get("layer_compute_ms") and probe.get("layer_compute_ms_while_loading"):
+        slowdown = probe["layer_compute_ms_while_loading"] / probe["layer_compute_ms"]
+        if slowdown > INTERFERENCE_WARNING:
+            warnings.append(
+                f"A layer computed {slowdown:.1f}x slower while an expert was being read (the machine probe): "
+                "reads and compute compete for this machine's cores, and prefetching cannot hide reads fully."
+            )
+    return warnings
 
 
 def _headline_rows(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
@@ -137,6 +195,8 @@ def summarize(run_dir: Path, records: dict, *, command: str, seconds: float) -> 
             "simulated": False,
             "what": "measured replay: recorded routing, random experts of a real shape read from disk",
             "expert_shape": run["offload"]["expert_shape"],
-            "rows": _headline_rows(run["offload"]["rows"], OFFLOAD_KEYS),
+            "repeats": run["offload"]["repeats"],
+            "rows": _headline_rows(with_spread(run["offload"]["rows"]), OFFLOAD_KEYS),
+            "warnings": noise_warnings(run["offload"]),
         }
     return summary

@@ -36,6 +36,15 @@ def small_corpus(tmp_path):
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory):
+    """Expert stores and other cached files go to the session's temporary directory, never
+    the user's ~/.cache/specmoe."""
+    import os
+
+    os.environ["SPECMOE_CACHE"] = str(tmp_path_factory.mktemp("specmoe-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     """Tests never reach the hub: a missing model must fail fast, not wait on the network."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from specmoe.bench.settings import OffloadBenchSettings
 from specmoe.errors import InputError
@@ -30,6 +30,22 @@ class ModelSection(_Section):
     """If set, the checkpoint's ``config.model_type`` must equal it (guards against a wrong path)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    fast_tier: str | None = None
+    """For a model larger than memory: collect through the offloaded runtime with this much
+    memory for routed experts (``25%``, ``4GiB``); its expert store is written on first use.
+    None: the model is loaded whole."""
+
+    @field_validator("fast_tier")
+    @classmethod
+    def _size(cls, value):
+        from specmoe.offload.settings import TierSize
+
+        if value is not None:
+            try:
+                TierSize.parse(value, "fast_tier")
+            except InputError as exc:
+                raise ValueError(str(exc).removeprefix("fast_tier: ")) from None
+        return value
 
 
 class CollectSection(_Section):

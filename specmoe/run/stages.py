@@ -37,21 +37,38 @@ def collect(config: RunConfig, out: Path) -> dict:
             raise InputError(
                 f"model.id {config.model.id} is a {found!r} checkpoint; this config is for {config.model.model_type!r}"
             )
-    store = collect_traces(
-        CollectConfig(
-            model=config.model.id,
-            texts=c.texts,
-            out=out / "traces",
-            max_tokens=c.max_tokens,
-            seq_len=c.seq_len,
-            batch_size=c.batch_size,
-            save_router_inputs=c.save_router_inputs,
-            save_residuals=c.save_residuals,
-            generate=c.generate,
+    runtime = None
+    if config.model.fast_tier is not None:  # a model larger than memory: its experts stay on disk
+        from specmoe.offload.live.runtime import OffloadRuntime
+        from specmoe.offload.settings import TierSize
+
+        runtime = OffloadRuntime.from_checkpoint(
+            config.model.id,
+            TierSize.parse(config.model.fast_tier, "model.fast_tier"),
             dtype=config.model.dtype,
             trust_remote_code=config.model.trust_remote_code,
+            policy="lru",
         )
-    )
+    try:
+        store = collect_traces(
+            CollectConfig(
+                model=config.model.id,
+                texts=c.texts,
+                out=out / "traces",
+                max_tokens=c.max_tokens,
+                seq_len=c.seq_len,
+                batch_size=c.batch_size,
+                save_router_inputs=c.save_router_inputs,
+                save_residuals=c.save_residuals,
+                generate=c.generate,
+                dtype=config.model.dtype,
+                trust_remote_code=config.model.trust_remote_code,
+            ),
+            loaded=None if runtime is None else runtime.loaded,
+        )
+    finally:
+        if runtime is not None:
+            runtime.close()
     flags = [
         f"--model {config.model.id}",
         *(f"--text {t}" for t in c.texts),
@@ -64,6 +81,7 @@ def collect(config: RunConfig, out: Path) -> dict:
     flags += [f"--generate {c.generate}"] if c.generate else []
     flags += ["--save-router-inputs"] * c.save_router_inputs + ["--save-residuals"] * c.save_residuals
     flags += ["--trust-remote-code"] * config.model.trust_remote_code
+    flags += [f"--fast-tier {config.model.fast_tier}"] if config.model.fast_tier else []
     return {"tokens": store.manifest.num_tokens, "command": "specmoe collect " + " ".join(flags)}
 
 

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from specmoe.bench.settings import ModelBenchSettings, OffloadBenchSettings
-from specmoe.cli.params import default, option, parse_list
+from specmoe.cli.params import default, option, parse_list, values_for
 from specmoe.errors import InputError
 from specmoe.offload.policy import PrefetchSettings
 from specmoe.offload.settings import NextTokenSettings
@@ -161,17 +161,15 @@ def bench_offload(
         raise InputError(
             "give --traces (replay recorded routing) or --model (decode a checkpoint), not both or neither"
         )
+    options = locals()
+    prefetch = values_for(PrefetchSettings, options)
     if model is not None:
-        prefetch = {"layers_ahead": layers_ahead, "experts_per_layer": experts_per_layer}
-        prefetch |= {"min_probability": min_probability, "eviction": eviction, "oracle_reach": oracle_reach}
         values = {"cache_fractions": parse_list(cache_fractions, float, "--cache-fractions"), "tokens": tokens}
         values |= {"warmup": max(warmup, 1), "repeats": repeats, "prompt": prompt, "memory_limit": memory_limit}
         values |= {"prefetch": prefetch} | ({"variants": _names(policies)} if policies else {})
         _model_offload(model, validated(ModelBenchSettings, values), predictor_dir, store, json_out)
         return
-    next_token = None
-    if next_token_layer is not None:
-        next_token = {"layer": next_token_layer, "depth": next_token_depth, "candidates": next_token_candidates}
+    next_token = values_for(NextTokenSettings, options) if next_token_layer is not None else None
     settings = validated(
         OffloadBenchSettings,
         {
@@ -183,13 +181,7 @@ def bench_offload(
             "policies": None if policies is None else _names(policies),
             "planning": _names(planning),
             "device": device,
-            "prefetch": {
-                "layers_ahead": layers_ahead,
-                "experts_per_layer": experts_per_layer,
-                "min_probability": min_probability,
-                "eviction": eviction,
-                "oracle_reach": oracle_reach,
-            },
+            "prefetch": prefetch,
             "next_token": next_token,
         },
     )

@@ -47,3 +47,10 @@ def default(model: type[BaseModel], field: str):
     """The field's default as the option takes it (lists comma-separated)."""
     value = model.model_fields[field].get_default(call_default_factory=True)
     return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def values_for(model: type[BaseModel], options: dict) -> dict:
+    """The values of ``model``'s fields among a command's ``options`` (its ``locals()``), by
+    name: options and settings fields share names (see :mod:`specmoe.settings`)."""
+    prefix = getattr(model, "flag_prefix", "").replace("-", "_")
+    return {field: options[prefix + field] for field in model.model_fields if prefix + field in options}

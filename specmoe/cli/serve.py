@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from specmoe.cli.params import default, option
+from specmoe.cli.params import default, option, values_for
 from specmoe.offload.policy import PrefetchSettings
 from specmoe.offload.settings import NextTokenSettings, TierSize
 from specmoe.settings import validated
@@ -85,20 +85,12 @@ def serve_command(
     from specmoe.offload.live.runtime import OffloadRuntime
     from specmoe.predictors.base import load_predictor
 
+    options = locals()
     size = TierSize.parse(fast_tier)
-    prefetch = validated(
-        PrefetchSettings,
-        {
-            "layers_ahead": layers_ahead,
-            "experts_per_layer": experts_per_layer,
-            "min_probability": min_probability,
-            "eviction": eviction,
-        },
-    )
+    prefetch = validated(PrefetchSettings, values_for(PrefetchSettings, options))
     next_token = None
     if next_token_layer is not None:
-        values = {"layer": next_token_layer, "depth": next_token_depth, "candidates": next_token_candidates}
-        next_token = validated(NextTokenSettings, values)
+        next_token = validated(NextTokenSettings, values_for(NextTokenSettings, options))
     predictor = load_predictor(predictor_dir) if predictor_dir else None
     host_cache_bytes = None
     if host_cache is not None:

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from specmoe.cli.params import default, option, parse_list
+from specmoe.cli.params import default, option, parse_list, values_for
 from specmoe.offload.policy import PrefetchSettings
 from specmoe.offload.simulated.settings import HardwareSettings, SweepSettings
 from specmoe.settings import validated
@@ -45,10 +45,8 @@ def simulate_command(
     from specmoe.report.plots import png_bytes, simulated_speed
     from specmoe.traces.store import TraceStore
 
-    machine = validated(
-        HardwareSettings,
-        {"hardware": hardware, "bandwidth_gbps": bandwidth_gbps, "latency_us": latency_us, "compute_ms": compute_ms},
-    )
+    options = locals()
+    machine = validated(HardwareSettings, values_for(HardwareSettings, options))
     sweep = validated(
         SweepSettings,
         {
@@ -56,13 +54,7 @@ def simulate_command(
             "batch_sizes": parse_list(batch_sizes, int, "--batch-sizes"),
             "max_windows": max_windows,
             "split": split,
-            "prefetch": {
-                "layers_ahead": layers_ahead,
-                "experts_per_layer": experts_per_layer,
-                "min_probability": min_probability,
-                "eviction": eviction,
-                "oracle_reach": oracle_reach,
-            },
+            "prefetch": values_for(PrefetchSettings, options),
         },
     )
     store = TraceStore.open(traces)

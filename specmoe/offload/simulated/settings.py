@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from specmoe.offload.policy import POLICIES, PrefetchSettings
+from specmoe.offload.settings import CacheFractions
 from specmoe.offload.simulated.cost import PRESETS, HardwareProfile, measured_profile, preset
 from specmoe.settings import Settings
 
@@ -41,9 +42,7 @@ class HardwareSettings(Settings):
 class SweepSettings(Settings):
     """Every policy over fast-tier sizes and batch sizes, on one split of a trace store."""
 
-    cache_fractions: tuple[float, ...] = Field(
-        (0.1, 0.25, 0.5), min_length=1, description="Fast-tier sizes, as fractions of all routed experts."
-    )
+    cache_fractions: CacheFractions = (0.1, 0.25, 0.5)
     batch_sizes: tuple[int, ...] = Field((1,), min_length=1, description="Decode batch sizes.")
     max_windows: int | None = Field(64, gt=0, description="Sequences replayed from the split.")
     split: Literal["train", "val", "test"] = Field("test", description="Split the sequences come from.")
@@ -51,13 +50,6 @@ class SweepSettings(Settings):
         ("lru", "lfu", "lrfu", "belady"), description="Policies without prefetch compared beside the others."
     )
     prefetch: PrefetchSettings = PrefetchSettings()
-
-    @field_validator("cache_fractions")
-    @classmethod
-    def _fractions(cls, value):
-        if any(not 0 < f <= 1 for f in value):
-            raise ValueError(f"fractions must lie in (0, 1], got {','.join(map(str, value))}")
-        return value
 
     @field_validator("batch_sizes")
     @classmethod

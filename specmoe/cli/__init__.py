@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
@@ -23,11 +24,33 @@ from specmoe.cli import (
 from specmoe.errors import PeerError, SpecmoeError
 
 app = typer.Typer(
-    help="Predict which MoE experts upcoming layers will use, and prefetch them.",
+    help="Run MoE models whose experts do not fit in memory: predict which experts the next "
+    "layers will use, and prefetch them.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: wraps at 80 columns without cutting option names
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from specmoe import __version__
+
+        typer.echo(f"specmoe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Run MoE models whose experts do not fit in memory: predict which experts the next layers
+    will use, and prefetch them. `specmoe run` runs the whole pipeline on the built-in default."""
+
+
 app.command(name="run")(run.run_command)
 app.command(name="report")(run.report_command)
 app.command(name="collect")(collect.collect_command)

@@ -17,15 +17,15 @@ from specmoe.offload.policy import PrefetchSettings
 from specmoe.offload.settings import NextTokenSettings
 from specmoe.settings import validated
 
-app = typer.Typer(help="Benchmarks (write JSON).", no_args_is_help=True)
+app = typer.Typer(help="Benchmarks (write JSON).", no_args_is_help=True, rich_markup_mode=None)
 
 
 @app.command("collect")
 def bench_collect(
     model: Annotated[str, typer.Option(help="Model id, path or built-in name.")] = "switch-128e",
     max_tokens: Annotated[int, typer.Option(help="Tokens per measurement.")] = 16384,
-    seq_len: Annotated[int, typer.Option()] = 128,
-    batch_size: Annotated[int, typer.Option()] = 32,
+    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 32,
     repeats: Annotated[int, typer.Option(help="Alternating hooked / plain passes.")] = 5,
     processes: Annotated[
         str | None,
@@ -40,8 +40,10 @@ def bench_collect(
     ] = 8,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
 ) -> None:
-    """Collection throughput, and the overhead of recording hooks versus the plain forward pass;
-    with --processes, how both scale over torchrun processes."""
+    """Collection throughput and recording overhead.
+
+    Tokens/s of `specmoe collect`, and the overhead of its recording hooks against the plain
+    forward pass; with --processes, how both scale over torchrun processes."""
     from specmoe.bench.collection import benchmark_collection
     from specmoe.bench.collection_scaling import benchmark_scaling
     from specmoe.cli.params import parse_list
@@ -75,12 +77,15 @@ def bench_predictors(
     json_out: Annotated[Path, typer.Option("--json", help="JSON output; a Markdown table goes beside it (.md).")],
     predictor: Annotated[list[str] | None, typer.Option(help="name[:preset], repeatable (default: all).")] = None,
     budget: Annotated[str, typer.Option(help="cpu (capped epochs/steps) or full.")] = "cpu",
-    split_seed: Annotated[int, typer.Option()] = 0,
-    bootstrap: Annotated[int, typer.Option()] = 1000,
+    split_seed: Annotated[int, typer.Option(help="Seed of the document split.")] = 0,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples over documents for the 95% intervals.")] = 1000,
     save_dir: Annotated[Path | None, typer.Option(help="Also save every fitted predictor here.")] = None,
 ) -> None:
-    """Train and score every predictor on the same document split; JSON + Markdown table.
-    Interrupted, it resumes on the same command: finished predictors wait in JSON.partial.jsonl."""
+    """Train and score every predictor on one split.
+
+    Every predictor on the same document split; JSON and a Markdown table beside it.
+    Interrupted, it resumes on the same command: finished predictors wait in
+    JSON.partial.jsonl."""
     from specmoe.bench.predictors import DEFAULT_PREDICTORS, benchmark_predictors, markdown_table, write_report
     from specmoe.bench.progress import discard, progress_file_for
 
@@ -152,8 +157,12 @@ def bench_offload(
     experts_dir: Annotated[Path | None, typer.Option(help="Where the expert files go (a real disk).")] = None,
     split_seed: Annotated[int, typer.Option(help="Seed of the document split whose test part is replayed.")] = 0,
 ) -> None:
-    """Measured tokens/s per policy: real recorded routing, experts of a real shape in a slow tier.
-    Interrupted, it resumes on the same command: finished runs wait in JSON.partial.jsonl."""
+    """Measured offloaded decoding, policy by policy.
+
+    With --traces: recorded routing replayed with experts of a real shape (random weights)
+    read from this machine's disk. With --model: the checkpoint itself decoding, beside
+    resident, accelerate and mmap runs under one memory limit. Interrupted, a --traces run
+    resumes on the same command: finished runs wait in JSON.partial.jsonl."""
     from specmoe.bench.offload import benchmark_offload, offload_table
     from specmoe.bench.progress import discard, progress_file_for
 
@@ -226,8 +235,10 @@ def bench_expert_reads(
     experts: Annotated[int, typer.Option(min=1, help="Experts read per pass, in random order, none twice.")] = 64,
     repeats: Annotated[int, typer.Option(min=1, help="Passes per source, the sources interleaved.")] = 3,
 ) -> None:
-    """Milliseconds per expert read from the aligned expert store and straight from the
-    checkpoint: which source offloaded runs should read from on this machine."""
+    """Expert reads: the store against the checkpoint.
+
+    Milliseconds per expert read from the aligned expert store and straight from the
+    checkpoint's safetensors: which source offloaded runs should read from here."""
     from specmoe.bench.model_offload import compare_expert_reads
 
     result = compare_expert_reads(model, store=store, experts=experts, repeats=repeats)

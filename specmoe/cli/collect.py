@@ -70,7 +70,9 @@ def collect_command(
     ] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow code from the checkpoint repository.")] = False,
 ) -> None:
-    """Run an MoE model over text and record which experts every token was routed to.
+    """Record which experts every token was routed to.
+
+    Runs an MoE model over text and writes a resumable trace store.
 
     Under torchrun (`torchrun --nproc-per-node N -m specmoe collect ...`) the shards are shared
     out over the N processes; the store is the one a single process would write."""

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="Build text corpora from offline sources.", no_args_is_help=True)
+app = typer.Typer(help="Build text corpora from offline sources.", no_args_is_help=True, rich_markup_mode=None)
 
 
 @app.command("build")
@@ -19,7 +19,9 @@ def build(
     ],
     max_chars_per_source: Annotated[int | None, typer.Option(help="Cap per source, in characters.")] = None,
 ) -> None:
-    """Build a JSONL corpus (one document per line, with ids) from installed Debian packages."""
+    """Build a JSONL corpus from installed Debian packages.
+
+    One document per line, with ids."""
     from specmoe.corpus.documents import write_jsonl_gz
     from specmoe.corpus.sources import build_corpus
 

@@ -19,8 +19,10 @@ def evaluate_command(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples over documents (0: none).")] = 1000,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write rows + cost as JSON here.")] = None,
 ) -> None:
-    """Score a predictor: top1_acc, hit1, recall@k, recall@2k per horizon and layer, with 95%
-    bootstrap intervals, chance levels and CPU cost."""
+    """Score a predictor on held-out traces.
+
+    top1_acc, hit1, recall@k, recall@2k per horizon and layer, with 95% bootstrap intervals,
+    chance levels and CPU cost."""
     from specmoe.evaluation.evaluate import evaluate_directory
 
     result = evaluate_directory(predictor_dir, traces, split=split, seed=split_seed, bootstrap=bootstrap)

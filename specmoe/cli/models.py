@@ -7,12 +7,14 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="Supported model families and the built-in models.", no_args_is_help=True)
+app = typer.Typer(help="Supported model families and the built-in models.", no_args_is_help=True, rich_markup_mode=None)
 
 
 @app.command("list")
 def list_models() -> None:
-    """Print the supported MoE families (by config model_type) and the built-in models."""
+    """List the supported families and built-in models.
+
+    Families by their config model_type."""
     from specmoe.models.builtin.specs import BUILTIN_SPECS, DEFAULT_BUILTIN
     from specmoe.models.registry import ADAPTERS
 
@@ -31,9 +33,11 @@ def train_builtin_command(
     name: Annotated[str, typer.Argument(help="Built-in model name.")],
     steps: Annotated[int, typer.Option(help="Optimizer steps (16 windows of 128 tokens each).")] = 1200,
     out: Annotated[Path | None, typer.Option(help="Output directory (default: the packaged location).")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights and the data order.")] = 0,
 ) -> None:
-    """Retrain a built-in model on the shipped corpus (CPU, minutes)."""
+    """Retrain a built-in model on the shipped corpus.
+
+    On CPU, in minutes."""
     from specmoe.errors import InputError
     from specmoe.models.builtin.specs import BUILTIN_SPECS
     from specmoe.models.builtin.train import TrainSettings, train_builtin
@@ -55,7 +59,9 @@ def random_checkpoint_command(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "bfloat16",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
 ) -> None:
-    """Write a random-weight checkpoint of the family's default config (its flagship's shape:
+    """Write a random-weight checkpoint of a real shape.
+
+    The family's default config (its flagship's shape:
     olmoe is OLMoE-1B-7B, mixtral Mixtral-8x7B), one layer at a time, never holding the model:
     a model larger than memory to test offloading with."""
     import yaml

@@ -21,7 +21,9 @@ def prepare_command(
         bool, typer.Option(help="Run the checkpoint's own Python code (only for checkpoints you trust).")
     ] = False,
 ) -> None:
-    """Stream the checkpoint expert by expert into an aligned expert store (memory: one
+    """Write a checkpoint's expert store, once.
+
+    Streams the checkpoint expert by expert into an aligned expert store (memory: one
     expert), kept for every later `serve`, `bench offload --model` and `collect --offload`
     of this checkpoint. A finished, current store is reused; a stale or half-written one is
     rebuilt."""

@@ -21,7 +21,10 @@ def run_command(
         list[str] | None, typer.Option("--set", help="Override a config value: section.key=value (YAML value).")
     ] = None,
 ) -> None:
-    """The whole pipeline: collect → train → evaluate → simulate → offload benchmark → report."""
+    """Run the whole pipeline, resumably.
+
+    collect → train → evaluate → simulate → offload benchmark → report, in one run directory;
+    a rerun reuses finished stages and resumes the rest."""
     from specmoe.run.config import load_run_config
     from specmoe.run.pipeline import run_pipeline
 
@@ -34,7 +37,9 @@ def run_command(
 def report_command(
     run_dir: Annotated[Path, typer.Argument(help="A directory written by `specmoe run`.")],
 ) -> None:
-    """Re-render report.html and summary.md of a run directory from its stage outputs."""
+    """Re-render a run directory's report.
+
+    report.html and summary.md, from the stage outputs."""
     from specmoe.report.build import write_report
 
     typer.echo(f"report: {write_report(run_dir)}")

@@ -74,7 +74,9 @@ def serve_command(
         bool, typer.Option(help="Run the checkpoint's own Python code (only for checkpoints you trust).")
     ] = False,
 ) -> None:
-    """Greedy generation of a model whose routed experts stay on disk: the rest is loaded
+    """Generate with a model whose experts stay on disk.
+
+    Greedy generation: everything but the routed experts is loaded
     (never the experts), and a byte-budgeted fast tier holds the experts decoding needs, read
     with the page cache bypassed and prefetched by a predictor; prints the text and the
     runtime's counters (to stderr, as JSON)."""

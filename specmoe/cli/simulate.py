@@ -38,7 +38,10 @@ def simulate_command(
     oracle_reach: Annotated[int | None, option(P, "oracle_reach")] = None,
     split_seed: Annotated[int, typer.Option(help="Seed of the document split.")] = 0,
 ) -> None:
-    """SIMULATION: replay recorded routing through fast-tier caches and prefetch policies."""
+    """SIMULATION of caches and prefetching.
+
+    Recorded routing replayed through fast-tier caches and prefetch policies under a cost
+    model: every figure is simulated."""
     from specmoe.models.loading import expert_nbytes
     from specmoe.offload.simulated.sweep import run_sweep, write_sweep
     from specmoe.predictors.base import load_predictor

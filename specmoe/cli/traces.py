@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="Inspect, query and merge trace stores.", no_args_is_help=True)
+app = typer.Typer(help="Inspect, query and merge trace stores.", no_args_is_help=True, rich_markup_mode=None)
 
 
 @app.command("info")
@@ -16,7 +16,9 @@ def info(
     directory: Annotated[Path, typer.Argument(help="Trace store directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Summary of a trace store and per-layer expert-usage statistics (checksums verified)."""
+    """Summarise a trace store.
+
+    Per-layer expert-usage statistics (checksums verified)."""
     from specmoe.traces.stats import store_summary
     from specmoe.traces.store import TraceStore
 
@@ -69,7 +71,9 @@ def _log2(x: int) -> float:
 
 @app.command("verify")
 def verify(directory: Annotated[Path, typer.Argument(help="Trace store directory.")]) -> None:
-    """Check every shard against the manifest's sizes and SHA-256 checksums, and decode it."""
+    """Check a store's files and decode them.
+
+    Every shard against the manifest's sizes and SHA-256 checksums."""
     from specmoe.traces.store import TraceStore
 
     store = TraceStore.open(directory, verify_checksums=True)
@@ -88,7 +92,9 @@ def query(
     ] = None,
     output: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
 ) -> None:
-    """Run SQL over a store's Parquet shards with DuckDB; the query reads getvariable('store')."""
+    """Run SQL over a store's shards with DuckDB.
+
+    The query reads getvariable('store')."""
     from specmoe.cli.params import parse_params
     from specmoe.errors import InputError
     from specmoe.traces.query import query_text, run_query
@@ -116,7 +122,9 @@ def merge(
     stores: Annotated[list[Path], typer.Argument(help="Stores to merge, in the order their rows should follow.")],
     out: Annotated[Path, typer.Option(help="New store directory. Rerunning the same command resumes.")],
 ) -> None:
-    """Combine stores of the same model and settings, collected apart over different texts."""
+    """Merge stores collected apart.
+
+    Stores of the same model and settings, collected over different texts."""
     from specmoe.traces.merge import merge_stores
 
     merged = merge_stores(stores, out)

@@ -22,7 +22,9 @@ def train_command(
     split_seed: Annotated[int, typer.Option(help="Seed of the document split.")] = 0,
     param: Annotated[list[str] | None, typer.Option(help="Extra constructor argument key=value (JSON values).")] = None,
 ) -> None:
-    """Fit an expert predictor on the train split (early stopping on val) and save it."""
+    """Fit an expert predictor and save it.
+
+    On the train split, with early stopping on val."""
     from specmoe.cli.params import parse_params
     from specmoe.training.fit import fit_and_save
 

@@ -78,6 +78,7 @@ def collect_command(
     out over the N processes; the store is the one a single process would write."""
     import torch
 
+    from specmoe.corpus.builtin import check_text_sources
     from specmoe.traces.collector import CollectConfig, collect
     from specmoe.traces.stats import store_summary
 
@@ -99,6 +100,7 @@ def collect_command(
         max_memory=max_memory,
         offload_folder=offload_folder,
     )
+    check_text_sources(text)
     runtime = None
     if fast_tier is not None:
         from specmoe.errors import InputError

@@ -78,6 +78,8 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False):
         except json.JSONDecodeError as exc:
             raise InputError(f"{local_config}: not valid JSON ({exc.msg})") from None
         adapter_for(str(model_type))
+    elif not Path(source).exists():
+        _check_hub_id(name_or_path)
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises OSError, ValueError or its own validation errors
@@ -90,6 +92,32 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False):
             )
         )
         raise InputError(f"cannot load model config from {name_or_path!r}: {exc}.{hint}") from None
+
+
+def _check_hub_id(name: str) -> None:
+    """Offline first: a name that is neither built in nor a directory is a hub id, found in the
+    Hugging Face cache or fetched; fail at once, not after the hub client's retries, when it
+    is not cached and the hub cannot be reached."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    if not offline:
+        try:
+            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
+            return
+        except OSError:
+            pass
+    raise InputError(
+        f"{name!r} is not a built-in model ({', '.join(BUILTIN_SPECS)}), not a local directory, not in the "
+        f"Hugging Face cache, and the hub {'is switched off (HF_HUB_OFFLINE)' if offline else 'cannot be reached'}"
+    )
 
 
 def wrap_model(model_id: str, model: nn.Module, tokenizer=None) -> LoadedModel:

@@ -50,7 +50,13 @@ def train_builtin_command(
 
 @app.command("random-checkpoint")
 def random_checkpoint_command(
-    model_type: Annotated[str, typer.Argument(help="A supported family's model_type, e.g. olmoe, mixtral, qwen3_moe.")],
+    shape: Annotated[
+        str,
+        typer.Argument(
+            help="A real model's shape (olmoe-1b-7b, mixtral-8x7b, qwen3-30b-a3b, qwen1.5-moe-a2.7b, "
+            "deepseek-v2-lite) or a family's model_type (its transformers default config)."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="New directory for the checkpoint.")],
     set_: Annotated[
         list[str] | None,
@@ -61,9 +67,8 @@ def random_checkpoint_command(
 ) -> None:
     """Write a random-weight checkpoint of a real shape.
 
-    The family's default config (its flagship's shape:
-    olmoe is OLMoE-1B-7B, mixtral Mixtral-8x7B), one layer at a time, never holding the model:
-    a model larger than memory to test offloading with."""
+    One decoder layer at a time, never holding the model: a model larger than memory to
+    test offloading with."""
     import yaml
 
     from specmoe.errors import InputError
@@ -77,5 +82,5 @@ def random_checkpoint_command(
         overrides[key] = yaml.safe_load(value)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise InputError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    path = write_random_checkpoint(model_type, out, overrides=overrides, dtype=dtype, seed=seed)
+    path = write_random_checkpoint(shape, out, overrides=overrides, dtype=dtype, seed=seed)
     typer.echo(f"wrote {path}")

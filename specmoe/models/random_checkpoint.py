@@ -1,8 +1,8 @@
 """A checkpoint of a real model's shape with random weights, written without ever holding
 the model: the stand-in for a model larger than memory that no package ships.
 
-transformers' default config of a family is its flagship's shape (``olmoe``: OLMoE-1B-7B,
-``mixtral``: Mixtral-8x7B, ``qwen3_moe``: Qwen3-30B-A3B); any field can be overridden. The
+A shape is a family (its transformers default config) or a real model's name from
+:data:`SHAPES`; any field can be overridden. The
 skeleton is built on the meta device, and the tensors are drawn one decoder layer at a time,
 converted back to the checkpoint layout transformers saves (one tensor per expert where the
 family stores them so) and written as one safetensors shard per layer with an index, as
@@ -20,6 +20,18 @@ from tqdm import tqdm
 
 from specmoe.errors import InputError
 from specmoe.models.loading import SEQ2SEQ_FAMILIES, resolve_model_path
+
+
+SHAPES = {
+    "olmoe-1b-7b": ("olmoe", {"intermediate_size": 1024}),
+    "mixtral-8x7b": ("mixtral", {}),
+    "qwen3-30b-a3b": ("qwen3_moe", {"num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4}),
+    "qwen1.5-moe-a2.7b": ("qwen2_moe", {}),
+    "deepseek-v2-lite": ("deepseek_v2", {"hidden_size": 2048, "num_hidden_layers": 27, "moe_intermediate_size": 1408,
+                                          "n_routed_experts": 64, "num_experts_per_tok": 6, "kv_lora_rank": 512,
+                                          "q_lora_rank": None, "first_k_dense_replace": 1}),
+}
+"""Real models' shapes (their configs on the hub), by name, as (family, fields over its default)."""
 
 
 def write_random_checkpoint(
@@ -40,6 +52,9 @@ def write_random_checkpoint(
 
     from specmoe.models.registry import adapter_for
 
+    if model_type in SHAPES:
+        model_type, shape = SHAPES[model_type]
+        overrides = {**shape, **(overrides or {})}
     adapter_for(model_type)
     out = Path(out)
     if out.exists() and any(out.iterdir()):

@@ -71,6 +71,22 @@ def command_flags(settings: BaseModel, defaults: type[BaseModel] | None = None, 
     return flags
 
 
+def flags(**values) -> list[str]:
+    """Options from keyword values: ``seq_len=128`` is ``--seq-len 128``, ``True`` a bare flag,
+    a list one option per item; ``False`` and ``None`` are left out."""
+    out = []
+    for name, value in values.items():
+        if value is None or value is False:
+            continue
+        if value is True:
+            out.append(flag_name(name))
+        elif isinstance(value, (list, tuple)):
+            out += [word for item in value for word in (flag_name(name), str(item))]
+        else:
+            out += [flag_name(name), str(value)]
+    return out
+
+
 def command_line(words: list[str], *settings: tuple[BaseModel, type[BaseModel] | None]) -> str:
     """``specmoe WORDS... OPTIONS``, quoted for a shell."""
     flags = [flag for item, defaults in settings for flag in command_flags(item, defaults)]

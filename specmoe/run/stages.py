@@ -15,11 +15,11 @@ Run directory::
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 
 from specmoe.errors import InputError
 from specmoe.run.config import PredictorSpec, RunConfig
+from specmoe.settings import command_line, flags
 
 SKIPPED = "skipped.json"
 
@@ -69,20 +69,13 @@ def collect(config: RunConfig, out: Path) -> dict:
     finally:
         if runtime is not None:
             runtime.close()
-    flags = [
-        f"--model {config.model.id}",
-        *(f"--text {t}" for t in c.texts),
-        f"--out {out / 'traces'}",
-        f"--seq-len {c.seq_len}",
-        f"--batch-size {c.batch_size}",
-        f"--dtype {config.model.dtype}",
-    ]
-    flags += [f"--max-tokens {c.max_tokens}"] if c.max_tokens else []
-    flags += [f"--generate {c.generate}"] if c.generate else []
-    flags += ["--save-router-inputs"] * c.save_router_inputs + ["--save-residuals"] * c.save_residuals
-    flags += ["--trust-remote-code"] * config.model.trust_remote_code
-    flags += [f"--fast-tier {config.model.fast_tier}"] if config.model.fast_tier else []
-    return {"tokens": store.manifest.num_tokens, "command": "specmoe collect " + " ".join(flags)}
+    words = ["collect", *flags(model=config.model.id, text=c.texts, out=out / "traces", seq_len=c.seq_len)]
+    words += flags(
+        batch_size=c.batch_size, dtype=config.model.dtype, max_tokens=c.max_tokens, generate=c.generate or None
+    )
+    words += flags(save_router_inputs=c.save_router_inputs, save_residuals=c.save_residuals)
+    words += flags(trust_remote_code=config.model.trust_remote_code, fast_tier=config.model.fast_tier)
+    return {"tokens": store.manifest.num_tokens, "command": command_line(words)}
 
 
 def describe(config: RunConfig, out: Path) -> dict:
@@ -109,11 +102,8 @@ def trainer(spec: PredictorSpec):
             target.mkdir(parents=True, exist_ok=True)
             (target / SKIPPED).write_text(json.dumps({"reason": reason}))
             return {"skipped": reason}
-        command = (
-            f"specmoe train --predictor {spec.name} --traces {out / 'traces'} --out {target}"
-            + (f" --preset {spec.preset}" if spec.preset else "")
-            + "".join(f" --param {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in params.items())
-        )
+        words = ["train", *flags(predictor=spec.name, traces=out / "traces", out=target, preset=spec.preset)]
+        command = command_line(words + flags(param=[f"{k}={json.dumps(v)}" for k, v in params.items()]))
         _, info = fit_and_save(
             spec.name,
             out / "traces",
@@ -143,10 +133,8 @@ def evaluator(spec: PredictorSpec):
         result = evaluate_directory(source, out / "traces", seed=p.split_seed, bootstrap=p.bootstrap)
         train_info = json.loads((source / "train_info.json").read_text())
         result.update(label=spec.label, fit_seconds=train_info["fit_seconds"])
-        result["command"] = (
-            f"specmoe evaluate --predictor-dir {source} --traces {out / 'traces'} --split-seed {p.split_seed} "
-            f"--bootstrap {p.bootstrap} --json {target}"
-        )
+        words = flags(predictor_dir=source, traces=out / "traces", split_seed=p.split_seed, bootstrap=p.bootstrap)
+        result["command"] = command_line(["evaluate", *words, "--json", target])
         target.write_text(json.dumps(result, indent=2))
         h1 = next(r for r in result["rows"] if r["horizon"] == 1 and r["layer"] == "all")
         return {"test_top1_acc_h1": round(h1["top1_acc"], 4), "command": result["command"]}
@@ -198,7 +186,6 @@ def bytes_per_expert(config: RunConfig) -> int:
 def simulate(config: RunConfig, out: Path) -> dict:
     from specmoe.offload.simulated.settings import HardwareSettings, SweepSettings
     from specmoe.offload.simulated.sweep import run_sweep, write_sweep
-    from specmoe.settings import command_line
 
     s = config.simulate
     chosen = _usable_predictors(config, out, s.prefetch_predictors, routing_only=False)
@@ -206,9 +193,9 @@ def simulate(config: RunConfig, out: Path) -> dict:
     size = bytes_per_expert(config)
     seed = config.predictors.split_seed
     report = run_sweep(out / "traces", s.profile(), size, predictors, s, split_seed=seed)
-    words = ["simulate", "--traces", out / "traces", "--out", out / "simulation", "--expert-bytes", size]
-    words += [word for _, directory in chosen.values() for word in ("--predictor-dir", directory)]
-    words += ["--split-seed", seed]
+    directories = [directory for _, directory in chosen.values()]
+    words = ["simulate", *flags(traces=out / "traces", out=out / "simulation", expert_bytes=size)]
+    words += flags(predictor_dir=directories, split_seed=seed)
     report["command"] = command_line(words, (s, SweepSettings), (s, HardwareSettings))
     write_sweep(report, out / "simulation")
     return {"rows": len(report["rows"]), "command": report["command"]}
@@ -218,7 +205,6 @@ def offload(config: RunConfig, out: Path) -> dict:
     from specmoe.bench.offload import benchmark_offload
     from specmoe.bench.progress import discard, progress_file_for
     from specmoe.bench.settings import OffloadBenchSettings
-    from specmoe.settings import command_line
 
     o = config.offload
     predictors = _usable_predictors(config, out, o.prefetch_predictors, routing_only=True)
@@ -235,9 +221,8 @@ def offload(config: RunConfig, out: Path) -> dict:
         experts_dir=out,
         progress_file=progress_file_for(json_out),  # an interrupted stage resumes its runs
     )
-    words = ["bench", "offload", "--traces", out / "traces", "--json", json_out, "--experts-dir", out]
-    words += [word for directory in directories for word in ("--predictor-dir", directory)]
-    words += ["--split-seed", config.predictors.split_seed]
+    words = ["bench", "offload", *flags(traces=out / "traces", experts_dir=out, predictor_dir=directories)]
+    words += ["--json", json_out, *flags(split_seed=config.predictors.split_seed)]
     report["command"] = command_line(words, (settings, None))
     json_out.parent.mkdir(exist_ok=True)
     json_out.write_text(json.dumps(report, indent=2))

@@ -103,9 +103,17 @@ def _check_hub_id(name: str) -> None:
     from urllib.parse import urlparse
 
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
-        return
+    builtins = ", ".join(BUILTIN_SPECS)
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except HFValidationError:
+        # Not a valid hub id either (an absolute path, "a/b/c", ".."): most likely a mistyped directory.
+        raise InputError(
+            f"{name!r}: no such directory, and not a Hugging Face hub id (ORG/NAME). Built-in models: {builtins}."
+        ) from None
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     if not offline:
@@ -115,8 +123,8 @@ def _check_hub_id(name: str) -> None:
         except OSError:
             pass
     raise InputError(
-        f"{name!r} is not a built-in model ({', '.join(BUILTIN_SPECS)}), not a local directory, not in the "
-        f"Hugging Face cache, and the hub {'is switched off (HF_HUB_OFFLINE)' if offline else 'cannot be reached'}"
+        f"{name!r} is not a local directory, not in the Hugging Face cache, and the hub "
+        f"{'is switched off (HF_HUB_OFFLINE)' if offline else 'cannot be reached'}. Built-in models: {builtins}."
     )
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import yaml
 from specmoe.errors import InputError
 from specmoe.run import stages
 from specmoe.run.config import RunConfig
+from specmoe.storage.paths import join_inside, remove_inside
 
 
 @dataclass
@@ -113,10 +113,11 @@ def run_pipeline(config: RunConfig, out: Path, *, command: str = "") -> dict:
         if ledger.is_done(stage, fingerprint):
             typer.echo(f"{header}: done earlier ({ledger.records[stage.name]['seconds']:.0f} s), reused", err=True)
             continue
-        output = out / stage.output
-        if ledger.is_stale(stage, fingerprint) and output.exists():
+        output = join_inside(out, stage.output, f"output of stage {stage.name}")
+        if ledger.is_stale(stage, fingerprint) and os.path.lexists(output):
+            # Only what a recorded stage wrote, checked to lie inside the run directory.
             typer.echo(f"{header}: config changed since its last run; redoing it", err=True)
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
+            remove_inside(out, output)
         typer.echo(f"{header} ...", err=True)
         ledger.start(stage, fingerprint)
         t0 = time.perf_counter()

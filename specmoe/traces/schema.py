@@ -11,9 +11,10 @@ import json
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from specmoe.errors import CorruptStoreError
+from specmoe.storage.paths import UnsafePathError, check_name
 
 FORMAT = "specmoe-traces"
 FORMAT_VERSION = 1
@@ -79,17 +80,34 @@ class CollectionInfo(BaseModel):
 
 class FileEntry(BaseModel):
     file: str
-    bytes: int
-    sha256: str
+    """A file name inside the store directory (never a path: see ``_plain_name``)."""
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("file")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        try:
+            return check_name(value, "file")
+        except UnsafePathError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class ShardEntry(BaseModel):
-    index: int
+    index: int = Field(ge=0)
     routing: FileEntry
     hidden: dict[str, FileEntry] = {}
-    num_tokens: int
-    first_window: int
-    num_windows: int
+    num_tokens: int = Field(ge=0)
+    first_window: int = Field(ge=0)
+    num_windows: int = Field(ge=0)
+
+    @field_validator("hidden")
+    @classmethod
+    def _known_kinds(cls, value: dict) -> dict:
+        unknown = sorted(set(value) - set(HIDDEN_KINDS))
+        if unknown:
+            raise ValueError(f"unknown hidden-state kinds {unknown}; known: {list(HIDDEN_KINDS)}")
+        return value
 
 
 class Manifest(BaseModel):

@@ -79,7 +79,7 @@ def store_summary(store: TraceStore, *, with_statistics: bool = True) -> dict:
     m = store.manifest
     doc_ids: set[str] = set()
     for shard in m.shards:
-        column = pq.read_table(store.directory / shard.routing.file, columns=["doc_id"]).column("doc_id")
+        column = pq.read_table(store.path_of(shard.routing), columns=["doc_id"]).column("doc_id")
         doc_ids.update(pc.unique(column.cast(pa.string())).to_pylist())
     first = store.default_stack()
     summary = {

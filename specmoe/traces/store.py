@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from specmoe.errors import CorruptStoreError
+from specmoe.storage.paths import UnsafePathError, join_inside
 from specmoe.traces.schema import FileEntry, Manifest, ShardEntry
 
 
@@ -113,12 +114,19 @@ class TraceStore:
         self.manifest.save(self.manifest_directory)
         return entry
 
+    def path_of(self, entry: FileEntry) -> Path:
+        """Where a manifest entry's file lies: inside the store, or a :class:`CorruptStoreError`."""
+        try:
+            return join_inside(self.directory, entry.file, "manifest file")
+        except UnsafePathError as exc:
+            raise CorruptStoreError(f"{self.directory / 'manifest.json'}: {exc}") from None
+
     def remove_unlisted_files(self) -> list[str]:
         """Delete shard files the manifest does not list (a shard killed in flight)."""
         listed = {self.directory / "manifest.json"}
         for shard in self.manifest.shards:
-            listed.add(self.directory / shard.routing.file)
-            listed.update(self.directory / entry.file for entry in shard.hidden.values())
+            listed.add(self.path_of(shard.routing))
+            listed.update(self.path_of(entry) for entry in shard.hidden.values())
         removed = []
         for path in self.directory.iterdir():
             if path.is_file() and path not in listed and (path.name.startswith((".shard-", "shard-", ".manifest"))):
@@ -141,7 +149,7 @@ class TraceStore:
     def check_files(self, *, verify_checksums: bool = False) -> None:
         for shard in self.manifest.shards:
             for entry in (shard.routing, *shard.hidden.values()):
-                path = self.directory / entry.file
+                path = self.path_of(entry)
                 if not path.is_file():
                     raise CorruptStoreError(f"{path}: listed in the manifest but missing")
                 size = path.stat().st_size
@@ -165,7 +173,7 @@ class TraceStore:
         if stack not in self.manifest.model.stacks:
             raise KeyError(f"no stack {stack!r} in this store; stacks: {self.stacks}")
         shard = self.manifest.shards[index]
-        path = self.directory / shard.routing.file
+        path = self.path_of(shard.routing)
         columns = [
             "doc_id",
             "doc_group",
@@ -211,7 +219,7 @@ class TraceStore:
         shard = self.manifest.shards[index]
         if kind not in shard.hidden:
             raise KeyError(f"this store has no {kind} states (collect with --save-router-inputs)")
-        path = self.directory / shard.hidden[kind].file
+        path = self.path_of(shard.hidden[kind])
         try:
             with safe_open(str(path), framework="pt") as handle:
                 return handle.get_tensor(stack)

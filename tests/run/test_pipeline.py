@@ -142,3 +142,57 @@ def test_a_directory_that_is_not_a_run_is_refused(tmp_path):
     (tmp_path / "traces").mkdir()
     with pytest.raises(InputError, match="no `specmoe run` wrote"):
         run_pipeline(load_run_config(), tmp_path)
+
+
+class _StageRan(Exception):
+    pass
+
+
+def _stale_stage_run(tmp_path, monkeypatch, output):
+    """Run the pipeline with one stage writing ``output`` that an earlier config finished,
+    so the rerun wants to remove that output first."""
+    from specmoe.run import pipeline
+
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    (out / "stages.json").write_text(json.dumps({"evil": {"fingerprint": "old", "status": "done", "seconds": 1}}))
+
+    def action(config, run_dir):
+        raise _StageRan
+
+    monkeypatch.setattr(pipeline, "plan", lambda config: [pipeline.Stage("evil", {"v": 1}, action, output)])
+    run_pipeline(load_run_config(), out)
+
+
+@pytest.fixture
+def victim(tmp_path):
+    directory = tmp_path / "victim"
+    (directory / "token").mkdir(parents=True)
+    (directory / "token" / "precious").write_text("not the run's")
+    return directory
+
+
+@pytest.mark.parametrize("output", ["../victim", "predictors/../../victim", "{absolute}"])
+def test_a_stage_output_outside_the_run_directory_is_never_deleted(tmp_path, monkeypatch, victim, output):
+    # Every victim lies in tmp_path: with the protection removed, this test must fail by
+    # deleting its own victim, never a path of the machine.
+    with pytest.raises(InputError, match="not a safe name|must be a relative path"):
+        _stale_stage_run(tmp_path, monkeypatch, output.format(absolute=victim))
+    assert (victim / "token" / "precious").exists()
+
+
+def test_a_link_in_the_run_directory_is_removed_never_followed(tmp_path, monkeypatch, victim):
+    (tmp_path / "out" / "predictors").mkdir(parents=True)
+    (tmp_path / "out" / "predictors" / "token").symlink_to(victim / "token")
+    with pytest.raises(_StageRan):
+        _stale_stage_run(tmp_path, monkeypatch, "predictors/token")
+    assert not (tmp_path / "out" / "predictors" / "token").exists()
+    assert (victim / "token" / "precious").exists()
+
+
+def test_a_linked_parent_that_leads_out_of_the_run_directory_is_refused(tmp_path, monkeypatch, victim):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "predictors").symlink_to(victim)
+    with pytest.raises(InputError, match="outside"):
+        _stale_stage_run(tmp_path, monkeypatch, "predictors/token")
+    assert (victim / "token" / "precious").exists()

@@ -88,3 +88,26 @@ def test_cli_reports_bad_store_in_one_line(tmp_path):
     )
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("field", ["routing", "router_input"])
+@pytest.mark.parametrize("name", ["../victim.parquet", "{absolute}", "sub/shard.parquet", ".."])
+def test_manifest_file_names_cannot_leave_the_store(store_dir, field, name):
+    victim = store_dir.parent / "victim.parquet"
+    victim.write_bytes(b"someone else's")
+    manifest = json.loads((store_dir / "manifest.json").read_text())
+    entry = manifest["shards"][0]["routing"] if field == "routing" else manifest["shards"][0]["hidden"][field]
+    entry["file"] = name.format(absolute=victim)
+    (store_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptStoreError, match="not a safe name"):
+        TraceStore.open(store_dir)
+    assert victim.read_bytes() == b"someone else's"
+
+
+def test_manifest_with_an_unknown_hidden_kind_is_refused(store_dir):
+    manifest = json.loads((store_dir / "manifest.json").read_text())
+    shard = manifest["shards"][0]
+    shard["hidden"]["../../x"] = shard["hidden"]["router_input"]
+    (store_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptStoreError, match="unknown hidden-state kinds"):
+        TraceStore.open(store_dir)

@@ -25,12 +25,13 @@ from specmoe.corpus.documents import HF_PREFIX, read_documents
 from specmoe.errors import InputError
 from specmoe.models.loading import LoadedModel, load_model, resolve_model_path
 from specmoe.models.placement import check_placement, load_kwargs
+from specmoe.storage.integrity import sha256_file
 from specmoe.torchrun import ControlChannel, init_process_group
 from specmoe.traces.batches import write_shards
 from specmoe.traces.distributed import assemble, check_existing_store, check_world_size, open_rank_part, owns
 from specmoe.traces.greedy import check_can_generate
 from specmoe.traces.schema import CollectionInfo, Manifest, ModelInfo, StackInfo, TokenizerInfo
-from specmoe.traces.store import TraceStore, sha256_of
+from specmoe.traces.store import TraceStore
 
 
 @dataclass
@@ -171,7 +172,7 @@ def _new_manifest(cfg: CollectConfig, loaded: LoadedModel, hidden_size: int) -> 
     identity = {
         "model": cfg.model,
         "model_revision": revision,
-        "texts": [p if p.startswith(HF_PREFIX) else sha256_of(Path(p)) for p in texts],
+        "texts": [p if p.startswith(HF_PREFIX) else sha256_file(Path(p)) for p in texts],
         "seq_len": cfg.seq_len,
         "windows_per_shard": cfg.windows_per_shard,
         "max_tokens": cfg.max_tokens,

@@ -8,12 +8,12 @@ file per shard and kind: dense fp16 tensors that are memory-mapped zero-copy int
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from specmoe.errors import CorruptStoreError
+from specmoe.storage import atomic
 from specmoe.storage.paths import UnsafePathError, check_name
 
 FORMAT = "specmoe-traces"
@@ -123,12 +123,7 @@ class Manifest(BaseModel):
 
     def save(self, directory: Path) -> None:
         """Atomic: a kill leaves either the old manifest or the new one, never half of one."""
-        tmp = directory / f".{MANIFEST}.tmp"
-        with tmp.open("w") as handle:
-            handle.write(self.model_dump_json(indent=2))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, directory / MANIFEST)
+        atomic.write_text(directory / MANIFEST, self.model_dump_json(indent=2))
 
     @classmethod
     def load(cls, directory: Path) -> Manifest:

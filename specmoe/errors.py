@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import re
 
 
 class SpecmoeError(Exception):
@@ -49,14 +51,28 @@ _REMEDIES = {
 }
 
 
-def os_error_message(exc: OSError, path: object = None) -> str:
+_ERRNO_IN_TEXT = re.compile(r"(?:os error|errno) (\d+)", re.IGNORECASE)
+
+
+def os_errno(exc: BaseException) -> int | None:
+    """The OS error number behind ``exc``: an ``OSError``'s own, or one that a library
+    (safetensors, pyarrow) wrote into its message as ``os error 28`` / ``[errno 28]``."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno
+    found = _ERRNO_IN_TEXT.search(str(exc))
+    return int(found.group(1)) if found else None
+
+
+def os_error_message(exc: BaseException, path: object = None) -> str:
     """One line for an OS error: the path involved (``path``, else the error's own), what
     went wrong and what to do."""
-    where = path or exc.filename
-    reason = _REMEDIES.get(exc.errno, f"{exc.strerror or exc} (errno {exc.errno}): check the path and rerun")
+    where = path or getattr(exc, "filename", None)
+    code = os_errno(exc)
+    reason = _REMEDIES.get(code) or f"{os.strerror(code) if code else exc} (errno {code}): check the path and rerun"
     return f"{where}: {reason}" if where else reason
 
 
-def storage_error(exc: OSError, path: object = None) -> StorageError:
-    """The :class:`StorageError` for ``exc``, naming ``path``."""
+def storage_error(exc: BaseException, path: object = None) -> StorageError:
+    """The :class:`StorageError` for ``exc`` (an OS error, or a library's error caused by
+    one), naming ``path``."""
     return StorageError(os_error_message(exc, path))

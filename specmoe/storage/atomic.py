@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from specmoe.errors import storage_error
+from specmoe.errors import os_errno, storage_error
 
 _TEMPORARY = re.compile(r"\..+\.tmp-\d+")
 
@@ -70,11 +70,10 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     tmp = temporary_path(final)
     try:
         yield tmp
-    except OSError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        raise storage_error(exc, final) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and os_errno(exc) is not None:  # safetensors reports disk full in its own type
+            raise storage_error(exc, final) from None
         raise
     commit(tmp, final)
 

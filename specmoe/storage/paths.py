@@ -22,6 +22,15 @@ then letters, digits, ``. _ + : -`` (``:`` joins a predictor and its preset); at
 characters; never a path separator."""
 
 
+METADATA_PREFIX = ".specmoe"
+"""Files the project keeps beside its outputs (locks, verified markers) start with this."""
+
+
+def is_project_metadata(name: str) -> bool:
+    """Whether a file name is one of the project's own bookkeeping files, not user data."""
+    return name.startswith(METADATA_PREFIX)
+
+
 class UnsafePathError(InputError):
     """A name or path that would leave the directory it belongs to."""
 

@@ -21,14 +21,24 @@ import torch
 
 import specmoe
 from specmoe.corpus.builtin import resolve_text_source
-from specmoe.corpus.documents import HF_PREFIX, read_documents
+from specmoe.corpus.documents import HF_PREFIX, read_documents, text_pieces
 from specmoe.errors import InputError
 from specmoe.models.loading import LoadedModel, load_model, resolve_model_path
 from specmoe.models.placement import check_placement, load_kwargs
+from specmoe.storage import atomic
 from specmoe.storage.integrity import sha256_file
+from specmoe.storage.locks import DirectoryLock
+from specmoe.storage.paths import is_project_metadata
 from specmoe.torchrun import ControlChannel, init_process_group
 from specmoe.traces.batches import write_shards
-from specmoe.traces.distributed import assemble, check_existing_store, check_world_size, open_rank_part, owns
+from specmoe.traces.distributed import (
+    RANKS_DIR,
+    assemble,
+    check_existing_store,
+    check_world_size,
+    open_rank_part,
+    owns,
+)
 from specmoe.traces.greedy import check_can_generate
 from specmoe.traces.schema import CollectionInfo, Manifest, ModelInfo, StackInfo, TokenizerInfo
 from specmoe.traces.store import TraceStore
@@ -105,16 +115,24 @@ class Window:
 
 
 def plan_windows(texts: list[str], tokenizer, seq_len: int) -> Iterator[Window]:
-    """Deterministic window stream. A BOS token, when the tokenizer has one, starts every window."""
+    """Deterministic window stream. A BOS token, when the tokenizer has one, starts every window.
+    Documents are read and tokenised piece by piece, so memory stays bounded by the pieces and
+    the window however long a document is (docs/guarantees.md: where pieces are cut)."""
     bos = tokenizer.bos_token_id
-    body = seq_len - 1 if bos is not None else seq_len
+    head = [bos] if bos is not None else []
+    body = seq_len - len(head)
     index = 0
     for text in texts:
         for doc in read_documents(resolve_text_source(text)):
-            ids = tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"]
-            for start in range(0, len(ids), body):
-                chunk = ids[start : start + body]
-                yield Window(index, doc.doc_id, doc.split_key, ([bos] if bos is not None else []) + chunk)
+            pending: list[int] = []
+            for piece in text_pieces(doc.blocks()):
+                pending += tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]
+                while len(pending) > body:  # keep a last, possibly partial, window for the document's end
+                    yield Window(index, doc.doc_id, doc.split_key, head + pending[:body])
+                    pending = pending[body:]
+                    index += 1
+            if pending:
+                yield Window(index, doc.doc_id, doc.split_key, head + pending)
                 index += 1
 
 
@@ -163,7 +181,13 @@ def model_revision(model: str, loaded: LoadedModel) -> str:
     return digest.hexdigest()[:16]
 
 
-def _new_manifest(cfg: CollectConfig, loaded: LoadedModel, hidden_size: int) -> Manifest:
+def _fingerprint(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _new_manifest(cfg: CollectConfig, loaded: LoadedModel, hidden_size: int) -> tuple[Manifest, str]:
+    """The manifest of a new store for ``cfg``, and the fingerprint that stores written before
+    the batch size joined it carry for the same settings."""
     texts = [str(resolve_text_source(t)) for t in cfg.texts]
     for path in texts:
         if not path.startswith(HF_PREFIX) and not Path(path).is_file():
@@ -182,6 +206,10 @@ def _new_manifest(cfg: CollectConfig, loaded: LoadedModel, hidden_size: int) -> 
     }
     if cfg.generate:  # absent otherwise, so prefill stores keep their fingerprint
         identity["generate"] = cfg.generate
+    legacy = _fingerprint(identity)
+    # A batch pads its windows to one length and changes the shapes of the arithmetic, which
+    # can flip a near-tie in the routing: the batch size changes the data.
+    identity["batch_size"] = cfg.batch_size
     stacks = {
         stack: StackInfo(num_layers=count, block_names=[l.name for l in loaded.layers_of(stack)])
         for stack, count in loaded.stacks.items()
@@ -212,17 +240,24 @@ def _new_manifest(cfg: CollectConfig, loaded: LoadedModel, hidden_size: int) -> 
             mode="greedy" if cfg.generate else "prefill",
             generated_tokens=cfg.generate,
             decoder_input="shift_right(input_ids): decoder row t holds input token t-1" if len(stacks) > 1 else "",
-            fingerprint=hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16],
+            fingerprint=_fingerprint(identity),
         ),
-    )
+    ), legacy
 
 
-def open_or_create(out: Path, fresh: Manifest, world: int = 1) -> TraceStore:
-    """The store in ``out`` if it was started with ``fresh``'s settings (to resume), else a new one."""
-    out.mkdir(parents=True, exist_ok=True)
+def open_or_create(out: Path, fresh: Manifest, world: int = 1, legacy_fingerprint: str | None = None) -> TraceStore:
+    """The store in ``out`` if it was started with ``fresh``'s settings (to resume), else a new
+    one. ``legacy_fingerprint``: what a store written before the batch size joined the
+    fingerprint carries for these settings. Call with ``out`` locked."""
+    atomic.remove_temporaries(out)  # what a killed writer left, the first manifest write included
     if (out / "manifest.json").exists():
         store = TraceStore.open(out)
-        if store.manifest.collection.fingerprint != fresh.collection.fingerprint:
+        if not store.manifest.shards and not (out / RANKS_DIR).exists():
+            fresh.save(out)  # a run that failed before its first shard left nothing to keep
+            return TraceStore(out, fresh)
+        stored = store.manifest.collection
+        legacy = stored.fingerprint == legacy_fingerprint and stored.batch_size == fresh.collection.batch_size
+        if stored.fingerprint != fresh.collection.fingerprint and not legacy:
             raise InputError(
                 f"{out} holds traces collected with other settings or text "
                 f"(fingerprint {store.manifest.collection.fingerprint}, this run "
@@ -232,7 +267,7 @@ def open_or_create(out: Path, fresh: Manifest, world: int = 1) -> TraceStore:
         if world == 1:  # under torchrun each rank cleans up after its own shards
             store.remove_unlisted_files()
         return store
-    if any(out.iterdir()):
+    if any(not is_project_metadata(p.name) for p in out.iterdir()):
         raise InputError(f"{out} exists, is not empty and is not a trace store; choose another --out")
     store = TraceStore(out, fresh)
     fresh.save(out)
@@ -242,7 +277,13 @@ def open_or_create(out: Path, fresh: Manifest, world: int = 1) -> TraceStore:
 def collect(cfg: CollectConfig, loaded: LoadedModel | None = None) -> TraceStore:
     """Collect routing traces into ``cfg.out``; resumes an interrupted run of the same settings.
     Under torchrun the shards are shared out over the job's processes (see
-    :mod:`specmoe.traces.distributed`); the store is the same as one process would write."""
+    :mod:`specmoe.traces.distributed`); the store is the same as one process would write.
+    ``cfg.out`` is locked meanwhile, shared by the ranks of one job."""
+    with DirectoryLock(cfg.out, "specmoe collect"):
+        return _collect_locked(cfg, loaded)
+
+
+def _collect_locked(cfg: CollectConfig, loaded: LoadedModel | None) -> TraceStore:
     world = init_process_group()[1]
     control = ControlChannel(world)
     # A resume with another rank count is refused before a model that may take minutes loads.
@@ -260,10 +301,10 @@ def collect(cfg: CollectConfig, loaded: LoadedModel | None = None) -> TraceStore
     )
     if cfg.generate:
         check_can_generate(loaded)
-    fresh = _new_manifest(cfg, loaded, hidden_size)
+    fresh, legacy = _new_manifest(cfg, loaded, hidden_size)
     if world > 1:
-        return _collect_sharded(cfg, loaded, fresh, control, world)
-    store = open_or_create(cfg.out, fresh)
+        return _collect_sharded(cfg, loaded, fresh, legacy, control, world)
+    store = open_or_create(cfg.out, fresh, legacy_fingerprint=legacy)
     manifest = store.manifest
     if manifest.complete:
         return store
@@ -278,10 +319,10 @@ def collect(cfg: CollectConfig, loaded: LoadedModel | None = None) -> TraceStore
 
 
 def _collect_sharded(
-    cfg: CollectConfig, loaded: LoadedModel, fresh: Manifest, control: ControlChannel, world: int
+    cfg: CollectConfig, loaded: LoadedModel, fresh: Manifest, legacy: str, control: ControlChannel, world: int
 ) -> TraceStore:
     rank = control.rank
-    if not control.on_main(lambda: open_or_create(cfg.out, fresh, world).manifest.complete):
+    if not control.on_main(lambda: open_or_create(cfg.out, fresh, world, legacy).manifest.complete):
         part = open_rank_part(cfg.out, fresh, rank, world)
         done = {shard.index for shard in part.manifest.shards}
         shards = (

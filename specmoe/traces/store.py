@@ -25,10 +25,10 @@ import pyarrow.parquet as pq
 from specmoe.errors import CorruptStoreError
 from specmoe.storage import atomic
 from specmoe.storage.integrity import VerifiedFiles, check_finite, check_range, read_verified, sha256_file
-from specmoe.storage.paths import UnsafePathError, join_inside
+from specmoe.storage.paths import METADATA_PREFIX, UnsafePathError, join_inside
 from specmoe.traces.schema import FileEntry, Manifest, ShardEntry
 
-VERIFIED_MARKER = ".specmoe.verified.json"
+VERIFIED_MARKER = METADATA_PREFIX + ".verified.json"
 REMEDY = (
     "the file changed after it was written (a disk fault or an edit): restore the store from a copy, "
     "or collect the traces again into a new --out"

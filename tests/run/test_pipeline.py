@@ -196,3 +196,67 @@ def test_a_linked_parent_that_leads_out_of_the_run_directory_is_refused(tmp_path
     with pytest.raises(InputError, match="outside"):
         _stale_stage_run(tmp_path, monkeypatch, "predictors/token")
     assert (victim / "token" / "precious").exists()
+
+
+def test_a_second_run_into_the_same_directory_is_refused(tmp_path):
+    from specmoe.storage.locks import DirectoryLockedError
+    from tests.storage.test_locks import _holder
+
+    holder = _holder(tmp_path / "out")
+    try:
+        with pytest.raises(DirectoryLockedError, match=f"in use by pid {holder.pid}"):
+            run_pipeline(load_run_config(), tmp_path / "out")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_an_unreadable_stage_record_is_one_clear_error(tmp_path):
+    from specmoe.errors import CorruptDataError
+
+    (tmp_path / "stages.json").write_text('{"collect": ')
+    with pytest.raises(CorruptDataError, match="stages.json: not a readable stage record"):
+        run_pipeline(load_run_config(), tmp_path)
+
+
+def test_a_run_killed_while_training_resumes_and_leaves_no_temporaries(tiny_checkpoints, tmp_path):
+    """SIGKILL `specmoe run` as it renames its first training checkpoint into place."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.traces.test_collector import KILL_ON_COMMIT
+
+    corpus = write_run_corpus(tmp_path / "c.jsonl")
+    config = tiny_run_config(
+        None,
+        tiny_checkpoints["olmoe"],
+        corpus,
+        offload=False,
+        extra=(
+            "predictors.models=[{name: interlayer, preset: small, params: {epochs: 2, max_steps_per_epoch: 2, batch_size: 64}}]",
+            "simulate.prefetch_predictors=[interlayer-small]",
+            "offload.prefetch_predictors=[interlayer-small]",
+        ),
+    )
+    path = tmp_path / "run.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    args = ["run", "--config", str(path), "--out", str(tmp_path / "out")]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_ON_COMMIT, "trainer.json", *args], env=env, capture_output=True, check=False
+    )
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    stages_done = json.loads((tmp_path / "out" / "stages.json").read_text())
+    assert stages_done["train:interlayer-small"]["status"] == "running"
+    resumed = subprocess.run(
+        [sys.executable, "-m", "specmoe", *args], env=env, capture_output=True, text=True, check=False
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "stages.json").read_text())["collect"] == stages_done["collect"]
+    leftovers = [str(p) for p in (tmp_path / "out").rglob("*") if ".tmp-" in p.name]
+    assert leftovers == []
+    checkpoints = tmp_path / "out" / "predictors" / "interlayer-small" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch-0001", "epoch-0002"]

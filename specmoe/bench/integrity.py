@@ -1,0 +1,122 @@
+"""What checking trace data on read costs (``scripts/bench-verification.py``).
+
+Each pass reads every shard of a store the way a consumer does, in three variants
+interleaved pass by pass so machine drift hits all of them alike:
+
+- ``unchecked``: the decoding of before the checks (memory-mapped Parquet, safetensors opened
+  as they are), nothing verified;
+- ``checked``: :meth:`TraceStore.read_shard` and :meth:`TraceStore.hidden_states` as every
+  command now reads them (routing bytes hashed each read, hidden states through their
+  verified markers, values range-checked);
+- ``first_read``: the same after the markers are dropped, so every hidden-state file is hashed
+  whole (what the first read after a copy or an edit costs).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+import specmoe
+from specmoe.storage.integrity import sha256_file
+from specmoe.traces.store import VERIFIED_MARKER, TraceStore
+
+
+def _unchecked_pass(store: TraceStore, stack: str, kinds: list[str]) -> None:
+    from safetensors import safe_open
+
+    grids = [f"{stack}.expert_ids", f"{stack}.gate_weights"]
+    columns = ["doc_id", "doc_group", "window", "position", "token_id", *grids]
+    for shard in store.manifest.shards:
+        table = pq.read_table(store.path_of(shard.routing), columns=columns, memory_map=True)
+        for name in grids:
+            table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        for kind in kinds:
+            with safe_open(str(store.path_of(shard.hidden[kind])), framework="pt") as handle:
+                handle.get_tensor(stack)
+
+
+def _checked_pass(directory: Path, stack: str, kinds: list[str], *, drop_markers: bool) -> None:
+    if drop_markers:
+        (directory / VERIFIED_MARKER).unlink(missing_ok=True)
+    store = TraceStore.open(directory)
+    for index in range(len(store.manifest.shards)):
+        store.read_shard(index, stack)
+        for kind in kinds:
+            store.hidden_states(index, kind, stack)
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def _summary(seconds: list[float]) -> dict:
+    return {
+        "median_s": round(statistics.median(seconds), 4),
+        "min_s": round(min(seconds), 4),
+        "max_s": round(max(seconds), 4),
+        "runs_s": [round(s, 4) for s in seconds],
+    }
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def benchmark_verification(traces: str | Path, *, repeats: int = 5) -> dict:
+    """Seconds per pass over the whole store, per variant, with the spread of ``repeats``."""
+    directory = Path(traces)
+    store = TraceStore.open(directory)
+    stack = store.default_stack()
+    kinds = list(store.manifest.collection.hidden)
+    sizes = {"routing": 0, **dict.fromkeys(kinds, 0)}
+    for shard in store.manifest.shards:
+        sizes["routing"] += shard.routing.bytes
+        for kind in kinds:
+            sizes[kind] += shard.hidden[kind].bytes
+    variants = {
+        "unchecked": lambda: _unchecked_pass(store, stack, kinds),
+        "checked": lambda: _checked_pass(directory, stack, kinds, drop_markers=False),
+        "first_read": lambda: _checked_pass(directory, stack, kinds, drop_markers=True),
+    }
+    _checked_pass(directory, stack, kinds, drop_markers=True)  # warm the page cache, leave markers
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(_timed(fn))
+    _checked_pass(directory, stack, kinds, drop_markers=False)  # leave the markers current
+    total_bytes = sum(sizes.values())
+    hash_s = [_timed(lambda: [sha256_file(p) for p in directory.glob("shard-*")]) for _ in range(repeats)]
+    unchecked = statistics.median(times["unchecked"])
+    return {
+        "benchmark": "verification",
+        "traces": str(directory),
+        "shards": len(store.manifest.shards),
+        "tokens": store.manifest.num_tokens,
+        "bytes": sizes,
+        "repeats": repeats,
+        "passes": {name: _summary(seconds) for name, seconds in times.items()},
+        "checked_overhead_fraction": round(statistics.median(times["checked"]) / unchecked - 1, 4),
+        "first_read_overhead_fraction": round(statistics.median(times["first_read"]) / unchecked - 1, 4),
+        "full_hash": {**_summary(hash_s), "mb_per_s": round(total_bytes / 1e6 / statistics.median(hash_s), 1)},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "specmoe_version": specmoe.__version__,
+        "commit": _commit(),
+    }

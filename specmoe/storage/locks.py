@@ -62,6 +62,7 @@ def torchrun_job() -> tuple[str, str] | None:
 class _Held:
     count: int
     fds: list[int] = field(default_factory=list)
+    member_file: Path | None = None
 
 
 _HELD: dict[str, _Held] = {}
@@ -162,7 +163,7 @@ class DirectoryLock:
                     f"{self.directory}: another process already acts as {self.member} of job {self.job}"
                 ) from None
             fds.append(member_fd)
-        _HELD[self._key] = _Held(1, fds)
+        _HELD[self._key] = _Held(1, fds, self.directory / f"{LOCK_FILE}.{self.member}" if self.member else None)
         return self
 
     def _lock(self, fd: int) -> None:
@@ -223,6 +224,8 @@ class DirectoryLock:
         held.count -= 1
         if held.count == 0:
             del _HELD[self._key]
+            if held.member_file is not None:  # a member's own file: nobody else may hold it
+                held.member_file.unlink(missing_ok=True)
             for fd in held.fds:
                 os.close(fd)  # closing drops the flock; the record stays for the next holder
 

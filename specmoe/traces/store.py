@@ -212,8 +212,8 @@ class TraceStore:
         self._check_values(data, path)
         return data
 
-    def routing_columns(self, index: int, columns: list[str]) -> pa.Table:
-        """Some columns of shard ``index``, decoded from bytes checked against the manifest."""
+    def routing_columns(self, index: int, columns: list[str] | None) -> pa.Table:
+        """Some columns (None: all) of shard ``index``, decoded from bytes checked against the manifest."""
         shard = self.manifest.shards[index]
         path = self.path_of(shard.routing)
         data = read_verified(
@@ -245,6 +245,19 @@ class TraceStore:
         """Stream shards one at a time; the whole store is never in memory."""
         for index in range(len(self.manifest.shards)):
             yield self.read_shard(index, stack)
+
+    def hidden_arrays(self, index: int, kind: str) -> dict[str, np.ndarray]:
+        """Every stack's hidden states of one shard, as numpy, decoded from checked bytes."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load
+
+        entry = self.manifest.shards[index].hidden[kind]
+        path = self.path_of(entry)
+        data = read_verified(path, entry.sha256, size=entry.bytes, remedy=REMEDY, error=CorruptStoreError)
+        try:
+            return load(data)
+        except (SafetensorError, ValueError) as exc:
+            raise CorruptStoreError(f"{path}: cannot read hidden states ({exc}); {REMEDY}") from None
 
     def hidden_states(self, index: int, kind: str = "router_input", stack: str | None = None):
         """Memory-mapped fp16 hidden states of one shard, shape (T, L, D), as a torch tensor."""

@@ -80,3 +80,32 @@ def test_a_long_document_is_tokenised_piece_by_piece_into_the_windows_of_the_who
     head = 1 if tokenizer.bos_token_id is not None else 0
     assert [t for w in windows for t in w.token_ids[head:]] == whole
     assert all(len(w.token_ids) == 64 for w in windows[:-1])
+
+
+def test_a_huge_single_line_document_reaches_the_tokenizer_in_bounded_pieces(monkeypatch, tmp_path):
+    """Memory is bounded by the piece, not the document: the tokenizer never sees more than
+    two pieces' worth of text, and a --max-tokens limit stops the reading early."""
+    from itertools import islice
+
+    from specmoe.corpus import documents
+    from specmoe.traces.collector import plan_windows
+
+    seen: list[int] = []
+
+    class CountingTokenizer:
+        bos_token_id = None
+
+        def __call__(self, text, **kwargs):
+            seen.append(len(text))
+            return {"input_ids": [len(word) for word in text.split(" ")]}
+
+    read: list[int] = []
+    real_blocks = documents._read_text_blocks
+    monkeypatch.setattr(
+        documents, "_read_text_blocks", lambda path: (read.append(len(b)) or b for b in real_blocks(path))
+    )
+    monkeypatch.setattr(documents, "PIECE_CHARS", 4096)
+    (tmp_path / "one-line.txt").write_text("word " * 400_000)  # 2 MB, no newline
+    windows = list(islice(plan_windows([str(tmp_path / "one-line.txt")], CountingTokenizer(), 128), 20))
+    assert len(windows) == 20 and max(seen) <= 2 * 4096
+    assert sum(read) < 200_000  # characters read: the blocks it needed, not the 2 MB

@@ -204,8 +204,9 @@ def test_a_second_run_into_the_same_directory_is_refused(tmp_path):
 
     holder = _holder(tmp_path / "out")
     try:
+        # A model that does not exist: were the lock not checked, the run would fail at once on it.
         with pytest.raises(DirectoryLockedError, match=f"in use by pid {holder.pid}"):
-            run_pipeline(load_run_config(), tmp_path / "out")
+            run_pipeline(load_run_config(None, [f"model.id={tmp_path / 'no-model'}"]), tmp_path / "out")
     finally:
         holder.kill()
         holder.wait()

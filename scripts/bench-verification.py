@@ -7,16 +7,23 @@ import argparse
 import json
 from pathlib import Path
 
-from specmoe.bench.integrity import benchmark_verification
+from specmoe.bench.integrity import benchmark_verification, consumer_overhead
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("traces", type=Path)
     parser.add_argument("json", type=Path)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--consumers", default="", help="Predictors to fit and score, checked against unchecked.")
     args = parser.parse_args()
     report = benchmark_verification(args.traces, repeats=args.repeats)
-    report["command"] = f"python scripts/bench-verification.py {args.traces} {args.json} --repeats {args.repeats}"
+    consumers = [name for name in args.consumers.split(",") if name]
+    if consumers:
+        report["consumers"] = consumer_overhead(args.traces, consumers, repeats=min(args.repeats, 3))
+    report["command"] = f"python scripts/bench-verification.py {args.traces} {args.json} --repeats {args.repeats}" + (
+        f" --consumers {args.consumers}" if consumers else ""
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: report[k] for k in ("passes", "checked_overhead_fraction", "first_read_overhead_fraction")}))
+    keys = ("passes", "checked_overhead_fraction", "first_read_overhead_fraction", "consumers")
+    print(json.dumps({k: report[k] for k in keys if k in report}, indent=1))

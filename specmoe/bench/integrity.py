@@ -10,6 +10,10 @@ interleaved pass by pass so machine drift hits all of them alike:
   verified markers, values range-checked);
 - ``first_read``: the same after the markers are dropped, so every hidden-state file is hashed
   whole (what the first read after a copy or an edit costs).
+
+:func:`consumer_overhead` puts that into proportion: a real consumer (fit a predictor on the
+train split and score it on val, as ``specmoe train`` does) with the store's reads as they are,
+against the same with the unchecked decoding patched in, interleaved.
 """
 
 from __future__ import annotations
@@ -19,13 +23,83 @@ import platform
 import statistics
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 
 import specmoe
 from specmoe.storage.integrity import sha256_file
-from specmoe.traces.store import VERIFIED_MARKER, TraceStore
+from specmoe.traces.store import VERIFIED_MARKER, ShardData, TraceStore
+
+
+def _unchecked_read_shard(self: TraceStore, index: int, stack: str | None = None) -> ShardData:
+    """``read_shard`` as it was before the checks: memory-mapped Parquet, nothing verified."""
+    stack = stack or self.default_stack()
+    grids = [f"{stack}.expert_ids", f"{stack}.gate_weights"]
+    table = pq.read_table(
+        self.path_of(self.manifest.shards[index].routing),
+        columns=["doc_id", "doc_group", "window", "position", "token_id", *grids],
+        memory_map=True,
+    )
+    shape = (table.num_rows, self.manifest.model.stacks[stack].num_layers, self.manifest.model.top_k)
+
+    def grid(name, dtype):
+        return table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(shape)
+
+    return ShardData(
+        doc_ids=table.column("doc_id").to_numpy(zero_copy_only=False).astype(object),
+        doc_groups=table.column("doc_group").to_numpy(zero_copy_only=False).astype(object),
+        windows=table.column("window").to_numpy(),
+        positions=table.column("position").to_numpy(),
+        token_ids=table.column("token_id").to_numpy(),
+        expert_ids=grid(grids[0], np.int16),
+        gate_weights=grid(grids[1], np.float32),
+    )
+
+
+def _unchecked_hidden_states(self: TraceStore, index: int, kind: str = "router_input", stack: str | None = None):
+    from safetensors import safe_open
+
+    with safe_open(str(self.path_of(self.manifest.shards[index].hidden[kind])), framework="pt") as handle:
+        return handle.get_tensor(stack or self.default_stack())
+
+
+def _fit_and_score(directory: Path, predictor: str) -> None:
+    from specmoe.evaluation.evaluate import dataset_for
+    from specmoe.predictors.registry import make_predictor
+
+    model = make_predictor(predictor)
+    train = dataset_for(model, TraceStore.open(directory), "train", 0)
+    model.fit(train, train.with_split("val"))
+    model.score(train.with_split("val"))
+
+
+def consumer_overhead(traces: str | Path, predictors: list[str], *, repeats: int = 3) -> dict:
+    """Seconds of fit-and-score per predictor, checked and unchecked reads interleaved."""
+    from unittest import mock
+
+    directory = Path(traces)
+    results = {}
+    for predictor in predictors:
+        times: dict[str, list[float]] = {"unchecked": [], "checked": []}
+        run = partial(_fit_and_score, directory, predictor)
+        run()  # warm the page cache and any lazy imports
+        for _ in range(repeats):
+            with (
+                mock.patch.object(TraceStore, "read_shard", _unchecked_read_shard),
+                mock.patch.object(TraceStore, "hidden_states", _unchecked_hidden_states),
+            ):
+                times["unchecked"].append(_timed(run))
+            times["checked"].append(_timed(run))
+        results[predictor] = {
+            **{name: _summary(seconds) for name, seconds in times.items()},
+            "overhead_fraction": round(
+                statistics.median(times["checked"]) / statistics.median(times["unchecked"]) - 1, 4
+            ),
+        }
+    return results
 
 
 def _unchecked_pass(store: TraceStore, stack: str, kinds: list[str]) -> None:

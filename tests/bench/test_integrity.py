@@ -13,3 +13,11 @@ def test_benchmark_reports_every_variant_with_its_spread(tmp_path):
         assert len(variant["runs_s"]) == 2 and variant["min_s"] <= variant["median_s"] <= variant["max_s"]
     assert report["bytes"]["routing"] == sum(s.routing.bytes for s in store.manifest.shards)
     assert TraceStore.open(store.directory, verify_checksums=True).read_shard(0) is not None
+
+
+def test_consumer_overhead_times_both_read_paths(tmp_path):
+    from specmoe.bench.integrity import consumer_overhead
+
+    store = make_synthetic_store(tmp_path / "s", num_docs=16)
+    result = consumer_overhead(store.directory, ["popularity"], repeats=1)
+    assert set(result["popularity"]) == {"unchecked", "checked", "overhead_fraction"}

@@ -84,19 +84,24 @@ def test_fingerprints_follow_only_what_a_stage_reads():
     assert "train:combo" not in after
 
 
-def test_interrupted_run_resumes_without_redoing_work(tiny_checkpoints, tmp_path, monkeypatch):
-    corpus = write_run_corpus(tmp_path / "c.jsonl")
-    config = tiny_run_config(
+def _one_predictor_config(checkpoint, corpus, spec: str, label: str):
+    """A tiny run with one predictor (``spec`` in YAML), which also drives prefetch."""
+    return tiny_run_config(
         None,
-        tiny_checkpoints["olmoe"],
+        checkpoint,
         corpus,
         offload=False,
         extra=(
-            "predictors.models=[{name: ngram}]",
-            "offload.prefetch_predictors=[ngram]",
-            "simulate.prefetch_predictors=[ngram]",
+            f"predictors.models=[{spec}]",
+            f"offload.prefetch_predictors=[{label}]",
+            f"simulate.prefetch_predictors=[{label}]",
         ),
     )
+
+
+def test_interrupted_run_resumes_without_redoing_work(tiny_checkpoints, tmp_path, monkeypatch):
+    corpus = write_run_corpus(tmp_path / "c.jsonl")
+    config = _one_predictor_config(tiny_checkpoints["olmoe"], corpus, "{name: ngram}", "ngram")
     out = tmp_path / "out"
 
     def crash(*_args):
@@ -229,17 +234,8 @@ def test_a_run_killed_while_training_resumes_and_leaves_no_temporaries(tiny_chec
     from tests.traces.test_collector import KILL_ON_COMMIT
 
     corpus = write_run_corpus(tmp_path / "c.jsonl")
-    config = tiny_run_config(
-        None,
-        tiny_checkpoints["olmoe"],
-        corpus,
-        offload=False,
-        extra=(
-            "predictors.models=[{name: interlayer, preset: small, params: {epochs: 2, max_steps_per_epoch: 2, batch_size: 64}}]",
-            "simulate.prefetch_predictors=[interlayer-small]",
-            "offload.prefetch_predictors=[interlayer-small]",
-        ),
-    )
+    spec = "{name: interlayer, preset: small, params: {epochs: 2, max_steps_per_epoch: 2, batch_size: 64}}"
+    config = _one_predictor_config(tiny_checkpoints["olmoe"], corpus, spec, "'interlayer:small'")
     path = tmp_path / "run.yaml"
     import yaml
 
@@ -251,7 +247,7 @@ def test_a_run_killed_while_training_resumes_and_leaves_no_temporaries(tiny_chec
     )
     assert killed.returncode == -9, killed.stderr.decode()[-2000:]
     stages_done = json.loads((tmp_path / "out" / "stages.json").read_text())
-    assert stages_done["train:interlayer-small"]["status"] == "running"
+    assert stages_done["train:interlayer:small"]["status"] == "running"
     resumed = subprocess.run(
         [sys.executable, "-m", "specmoe", *args], env=env, capture_output=True, text=True, check=False
     )
@@ -259,5 +255,5 @@ def test_a_run_killed_while_training_resumes_and_leaves_no_temporaries(tiny_chec
     assert json.loads((tmp_path / "out" / "stages.json").read_text())["collect"] == stages_done["collect"]
     leftovers = [str(p) for p in (tmp_path / "out").rglob("*") if ".tmp-" in p.name]
     assert leftovers == []
-    checkpoints = tmp_path / "out" / "predictors" / "interlayer-small" / "checkpoints"
+    checkpoints = tmp_path / "out" / "predictors" / "interlayer:small" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch-0001", "epoch-0002"]

@@ -139,3 +139,28 @@ def test_an_unexpected_error_is_one_line_pointing_at_debug(monkeypatch, capsys):
     monkeypatch.setenv("SPECMOE_DEBUG", "1")
     with pytest.raises(RuntimeError, match="no check foresaw"):
         cli.main()
+
+
+@pytest.mark.parametrize("signum, status", [(2, 130), (15, 143)])
+def test_ctrl_c_and_sigterm_stop_with_a_line_and_the_rerun_resumes(tiny_checkpoints, tmp_path, signum, status):
+    import time
+
+    args = ["collect", "--model", tiny_checkpoints["olmoe"], "--text", "builtin", "--max-tokens", "12000"]
+    args += ["--seq-len", "32", "--batch-size", "2", "--windows-per-shard", "4", "--out", tmp_path / "t"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "specmoe", *map(str, args)], env=ENV, stderr=subprocess.PIPE, text=True
+    )
+    manifest = tmp_path / "t" / "manifest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (manifest.exists() and json.loads(manifest.read_text())["shards"]):
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == status, err
+    if signum == 2:
+        assert "interrupted: finished work is kept" in err and "Traceback" not in err
+    done = len(json.loads(manifest.read_text())["shards"])
+    assert done >= 1 and not json.loads(manifest.read_text())["complete"]
+    if signum == 2:  # the rerun resumes (the same for both: a signal unwinds, nothing is half-written)
+        assert specmoe(*args).returncode == 0
+        assert json.loads(manifest.read_text())["complete"]

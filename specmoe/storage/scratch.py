@@ -30,6 +30,9 @@ SCRATCH_ENV = "SPECMOE_TMPDIR"
 OWNER_FILE = ".owner"
 ORPHAN_AGE_S = 600
 """A subdirectory without an owner file (killed between mkdir and lock) older than this is removed."""
+YOUNG_S = 30
+"""A subdirectory younger than this is never swept: its owner may be between creating the
+owner file and locking it."""
 
 
 def scratch_root() -> Path:
@@ -40,11 +43,14 @@ def scratch_root() -> Path:
 
 def _owner_is_gone(directory: Path) -> bool:
     owner = directory / OWNER_FILE
+    try:
+        age = time.time() - directory.stat().st_mtime
+    except OSError:
+        return False
+    if age < YOUNG_S:
+        return False
     if not owner.exists():
-        try:
-            return time.time() - directory.stat().st_mtime > ORPHAN_AGE_S
-        except OSError:
-            return False
+        return age > ORPHAN_AGE_S
     try:
         fd = os.open(owner, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -46,6 +47,9 @@ def test_a_killed_owners_directory_is_removed_by_the_next_start_and_a_live_ones_
         victim.send_signal(signal.SIGKILL)
         victim.wait()
         assert os.path.isdir(left)  # a kill runs no cleanup
+        assert sweep_stale(tmp_path) == []  # too young: it might be a directory being set up
+        for directory in (left, kept):
+            os.utime(directory, (time.time() - 60, time.time() - 60))
         assert [str(p) for p in sweep_stale(tmp_path)] == [left]
         assert not os.path.exists(left) and os.path.isdir(kept)
     finally:

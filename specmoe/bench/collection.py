@@ -19,8 +19,9 @@ import specmoe
 from specmoe.models.loading import LoadedModel, load_model
 from specmoe.storage.scratch import scratch_dir
 from specmoe.traces.batches import batch_tensors, run_batch
-from specmoe.traces.collector import CollectConfig, collect, limit_tokens, plan_windows
+from specmoe.traces.collector import CollectConfig, collect
 from specmoe.traces.recorder import RoutingRecorder
+from specmoe.traces.windows import limit_tokens, plan_windows
 
 
 def machine_info() -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import torch
 
 import specmoe
 from specmoe.corpus.builtin import resolve_text_source
-from specmoe.corpus.documents import HF_PREFIX, read_documents, text_pieces
+from specmoe.corpus.documents import HF_PREFIX
 from specmoe.errors import InputError
 from specmoe.models.loading import LoadedModel, load_model, resolve_model_path
 from specmoe.models.placement import check_placement, load_kwargs
@@ -42,6 +42,7 @@ from specmoe.traces.distributed import (
 from specmoe.traces.greedy import check_can_generate
 from specmoe.traces.schema import CollectionInfo, Manifest, ModelInfo, StackInfo, TokenizerInfo
 from specmoe.traces.store import TraceStore
+from specmoe.traces.windows import Window, greedy_prompts, limit_tokens, plan_windows
 
 
 @dataclass
@@ -103,53 +104,6 @@ class CollectConfig:
             for kind, on in (("router_input", self.save_router_inputs), ("residual_out", self.save_residuals))
             if on
         ]
-
-
-@dataclass
-class Window:
-    index: int
-    doc_id: str
-    doc_group: str
-    """Split key: documents of one group (near-duplicates, parallel texts) share a split."""
-    token_ids: list[int] = field(repr=False)
-
-
-def plan_windows(texts: list[str], tokenizer, seq_len: int) -> Iterator[Window]:
-    """Deterministic window stream. A BOS token, when the tokenizer has one, starts every window.
-    Documents are read and tokenised piece by piece, so memory stays bounded by the pieces and
-    the window however long a document is (docs/guarantees.md: where pieces are cut)."""
-    bos = tokenizer.bos_token_id
-    head = [bos] if bos is not None else []
-    body = seq_len - len(head)
-    index = 0
-    for text in texts:
-        for doc in read_documents(resolve_text_source(text)):
-            pending: list[int] = []
-            for piece in text_pieces(doc.blocks()):
-                pending += tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]
-                while len(pending) > body:  # keep a last, possibly partial, window for the document's end
-                    yield Window(index, doc.doc_id, doc.split_key, head + pending[:body])
-                    pending = pending[body:]
-                    index += 1
-            if pending:
-                yield Window(index, doc.doc_id, doc.split_key, head + pending)
-                index += 1
-
-
-def greedy_prompts(windows: Iterator[Window], prompt_len: int) -> Iterator[Window]:
-    """Each window's first ``prompt_len`` tokens; shorter windows (document ends) are skipped."""
-    for window in windows:
-        if len(window.token_ids) >= prompt_len:
-            yield Window(window.index, window.doc_id, window.doc_group, window.token_ids[:prompt_len])
-
-
-def limit_tokens(windows: Iterator[Window], max_tokens: int | None, generated: int = 0) -> Iterator[Window]:
-    seen = 0
-    for window in windows:
-        if max_tokens is not None and seen >= max_tokens:
-            return
-        seen += len(window.token_ids) + generated
-        yield window
 
 
 def plan_shards(cfg: CollectConfig, tokenizer) -> Iterator[tuple[int, list[Window]]]:

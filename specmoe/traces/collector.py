@@ -160,6 +160,9 @@ def _new_manifest(cfg: CollectConfig, loaded: LoadedModel, hidden_size: int) -> 
     }
     if cfg.generate:  # absent otherwise, so prefill stores keep their fingerprint
         identity["generate"] = cfg.generate
+    devices = sorted({parameter.device.type for parameter in loaded.model.parameters()})
+    if devices != ["cpu"]:  # another device's arithmetic; absent on CPU, so CPU stores keep their fingerprint
+        identity["devices"] = devices
     legacy = _fingerprint(identity)
     # A batch pads its windows to one length and changes the shapes of the arithmetic, which
     # can flip a near-tie in the routing: the batch size changes the data.

@@ -71,6 +71,19 @@ def test_rerun_of_a_finished_store_is_a_no_op_and_other_settings_are_refused(tin
         _collect(tiny_checkpoints["olmoe"], small_corpus, out, seq_len=16, batch_size=5)
 
 
+def test_the_device_the_model_ran_on_is_in_the_fingerprint(tiny_checkpoints, small_corpus, tmp_path):
+    """Another device's arithmetic can flip a near-tie in the routing; CPU stores keep the
+    fingerprint they had before devices were recorded."""
+    from specmoe.traces.collector import _new_manifest
+
+    loaded = load_model(str(tiny_checkpoints["olmoe"]))
+    cfg = CollectConfig(model=str(tiny_checkpoints["olmoe"]), texts=[str(small_corpus)], out=tmp_path / "t")
+    on_cpu, _ = _new_manifest(cfg, loaded, 32)
+    loaded.model.parameters = lambda: iter([torch.empty(1, device="meta")])  # as if placed elsewhere
+    elsewhere, _ = _new_manifest(cfg, loaded, 32)
+    assert on_cpu.collection.fingerprint != elsewhere.collection.fingerprint
+
+
 def test_a_store_of_before_the_batch_size_joined_the_fingerprint_still_resumes(
     tiny_checkpoints, small_corpus, tmp_path, monkeypatch
 ):

@@ -211,7 +211,6 @@ class DirectoryLock:
             "purpose": self.purpose,
             "job": self.job,
             "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "argv": sys.argv,
         }
         data = json.dumps(record).encode()
         os.ftruncate(fd, 0)

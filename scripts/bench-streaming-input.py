@@ -4,7 +4,9 @@ docs/benchmarks.md ("Streaming input").
     python scripts/bench-streaming-input.py OUT.json [--mb 50] [--max-tokens 2000]
         [--checkout DIR ...] [--repeats 1]
 
-Writes a document of MB megabytes of words on one line (no newline), then runs
+Writes a document of MB megabytes on one line (no newline): words separated by spaces, or
+with --letters one run of letters with no space at all (one giant word for the tokenizer's
+pre-tokenizer: the case where tokenising a whole document at once is slowest), then runs
 `python -m specmoe collect --model olmoe-64e --text DOC --max-tokens N` once per checkout
 (PYTHONPATH=DIR; default: this one), repeats interleaved, and records each child's peak RSS
 (ru_maxrss from wait4) and wall time.
@@ -23,14 +25,15 @@ from pathlib import Path
 from specmoe.storage.scratch import scratch_dir
 
 
-def write_document(path: Path, megabytes: int) -> None:
+def write_document(path: Path, megabytes: int, letters: bool) -> None:
     rng = random.Random(0)
     words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(5000)]
+    separator = "" if letters else " "
     target = megabytes * 1_000_000
     with path.open("w") as handle:
         written = 0
         while written < target:
-            chunk = " ".join(rng.choice(words) for _ in range(10_000)) + " "
+            chunk = separator.join(rng.choice(words) for _ in range(10_000)) + separator
             handle.write(chunk)
             written += len(chunk)
 
@@ -61,11 +64,12 @@ if __name__ == "__main__":
     parser.add_argument("--max-tokens", type=int, default=2000)
     parser.add_argument("--checkout", type=Path, action="append")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--letters", action="store_true", help="No spaces: one giant word.")
     args = parser.parse_args()
     checkouts = args.checkout or [Path(__file__).resolve().parents[1]]
     with scratch_dir("bench-streaming") as tmp:
         document = tmp / "one-line.txt"
-        write_document(document, args.mb)
+        write_document(document, args.mb, args.letters)
         runs = [
             run_once(checkout.resolve(), document, tmp / f"traces-{i}", args.max_tokens)
             for _ in range(args.repeats)
@@ -76,6 +80,7 @@ if __name__ == "__main__":
         "benchmark": "streaming-input",
         "document_bytes": size,
         "lines": 1,
+        "spaces": not args.letters,
         "max_tokens": args.max_tokens,
         "runs": runs,
         "command": "python scripts/bench-streaming-input.py " + " ".join(sys.argv[1:]),

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from specmoe.bench.integrity import benchmark_verification, consumer_overhead
+from specmoe.bench.integrity import benchmark_verification, consumer_overhead, git_commit
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -15,13 +15,19 @@ if __name__ == "__main__":
     parser.add_argument("json", type=Path)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--consumers", default="", help="Predictors to fit and score, checked against unchecked.")
+    parser.add_argument("--skip-passes", action="store_true", help="Only the consumers.")
     args = parser.parse_args()
-    report = benchmark_verification(args.traces, repeats=args.repeats)
+    if args.skip_passes:
+        report = {"benchmark": "verification", "traces": str(args.traces), "commit": git_commit()}
+    else:
+        report = benchmark_verification(args.traces, repeats=args.repeats)
     consumers = [name for name in args.consumers.split(",") if name]
     if consumers:
-        report["consumers"] = consumer_overhead(args.traces, consumers, repeats=min(args.repeats, 3))
-    report["command"] = f"python scripts/bench-verification.py {args.traces} {args.json} --repeats {args.repeats}" + (
-        f" --consumers {args.consumers}" if consumers else ""
+        report["consumers"] = consumer_overhead(args.traces, consumers, repeats=args.repeats)
+    report["command"] = (
+        f"python scripts/bench-verification.py {args.traces} {args.json} --repeats {args.repeats}"
+        + (f" --consumers {args.consumers}" if consumers else "")
+        + (" --skip-passes" if args.skip_passes else "")
     )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))

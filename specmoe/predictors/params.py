@@ -73,7 +73,7 @@ def check_params(cls: type, params: object, source: str) -> dict:
     :class:`InputError` naming ``source`` and the parameter otherwise."""
     name = getattr(cls, "name", cls.__name__)
     if not isinstance(params, dict):
-        raise InputError(f"{source}: {name} parameters must be a mapping, got {type(params).__name__}")
+        raise InputError(f"{source}: parameters of {name} must be a mapping, got {type(params).__name__}")
     annotations = constructor_annotations(cls)
     unknown = sorted(set(params) - set(annotations))
     if unknown:
@@ -83,11 +83,9 @@ def check_params(cls: type, params: object, source: str) -> dict:
         try:
             checked[key] = TypeAdapter(annotations[key]).validate_json(json.dumps(value), strict=True)
         except (ValidationError, TypeError, ValueError):
-            raise InputError(
-                f"{source}: {name} parameter {key}={value!r} must be {_type_name(annotations[key])}"
-            ) from None
+            raise InputError(f"{source}: parameter {key}={value!r} must be {_type_name(annotations[key])}") from None
         lowest = 1 if key in AT_LEAST_ONE else 0
         for number in _numbers(checked[key]):
             if not math.isfinite(number) or number < lowest:
-                raise InputError(f"{source}: {name} parameter {key}={value!r} must be a finite number >= {lowest}")
+                raise InputError(f"{source}: parameter {key}={value!r} must be a finite number >= {lowest}")
     return checked

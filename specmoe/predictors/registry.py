@@ -52,7 +52,7 @@ def make_predictor(name: str, preset: str | None = None, **overrides) -> ExpertP
             raise InputError(f"predictor {name!r} has no preset {preset!r}; presets: {sorted(presets) or 'none'}")
         params.update(presets[preset])
     params.update(overrides)
-    return cls(**check_params(cls, params, f"predictor {name!r}"))
+    return cls(**check_params(cls, params, f"bad parameters for predictor {name!r}"))
 
 
 def _import_optional_families() -> None:

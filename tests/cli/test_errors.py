@@ -147,9 +147,11 @@ def test_ctrl_c_and_sigterm_stop_with_a_line_and_the_rerun_resumes(tiny_checkpoi
 
     args = ["collect", "--model", tiny_checkpoints["olmoe"], "--text", "builtin", "--max-tokens", "12000"]
     args += ["--seq-len", "32", "--batch-size", "2", "--windows-per-shard", "4", "--out", tmp_path / "t"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "specmoe", *map(str, args)], env=ENV, stderr=subprocess.PIPE, text=True
-    )
+    # A shell running the suite in the background starts it with SIGINT ignored, which a child
+    # inherits; a user's terminal does not. The child restores Python's Ctrl-C handler first.
+    child = "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    child += "sys.argv[0] = 'specmoe'; runpy.run_module('specmoe', run_name='__main__')"
+    proc = subprocess.Popen([sys.executable, "-c", child, *map(str, args)], env=ENV, stderr=subprocess.PIPE, text=True)
     manifest = tmp_path / "t" / "manifest.json"
     deadline = time.time() + 120
     while time.time() < deadline and not (manifest.exists() and json.loads(manifest.read_text())["shards"]):

@@ -1,10 +1,17 @@
-"""Every foreseeable failure of a real `specmoe` process: one line naming the path and what to
-do, a non-zero status, no traceback; `--debug` / SPECMOE_DEBUG=1 show the traceback."""
+"""Every foreseeable failure of the `specmoe` command: one line naming the path and what to
+do, a non-zero status, no traceback; `--debug` / SPECMOE_DEBUG=1 show the traceback.
 
+Most run the entry point in this process (a new process costs seconds of imports); the ones
+about tracebacks and signals run a real one."""
+
+import contextlib
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -13,7 +20,7 @@ from tests.predictors.synthetic import make_synthetic_store, save_popularity
 ENV = {**os.environ, "PYTHONPATH": os.getcwd(), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def specmoe(*args, env=None):
+def specmoe_process(*args, env=None):
     return subprocess.run(
         [sys.executable, "-m", "specmoe", *map(str, args)],
         capture_output=True,
@@ -22,6 +29,24 @@ def specmoe(*args, env=None):
         timeout=300,
         check=False,
     )
+
+
+def specmoe(*args):
+    """``specmoe ARGS`` through its entry point in this process: its status and stderr."""
+    from specmoe.cli import main
+
+    argv, sigterm, stderr = sys.argv, signal.getsignal(signal.SIGTERM), io.StringIO()
+    sys.argv = ["specmoe", *map(str, args)]
+    try:
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            main()
+        status = 0
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGTERM, sigterm)
+    return SimpleNamespace(returncode=status, stderr=stderr.getvalue())
 
 
 def one_line_error(proc, *expected, status=2):
@@ -62,7 +87,7 @@ def test_train_and_evaluate_refuse_a_corrupt_shard_in_one_line(flipped_store, tm
 
 def test_debug_flag_and_environment_show_the_traceback(flipped_store, tmp_path):
     for args, env in ((("--debug",), None), ((), {"SPECMOE_DEBUG": "1"})):
-        proc = specmoe(
+        proc = specmoe_process(
             *args, "train", "--predictor", "popularity", "--traces", flipped_store, "--out", tmp_path, env=env
         )
         assert proc.returncode != 0 and "Traceback" in proc.stderr and "CorruptStoreError" in proc.stderr

@@ -62,3 +62,21 @@ def finished_run(tiny_checkpoints, tmp_path_factory):
     config = tiny_run_config(None, tiny_checkpoints["olmoe"], corpus)
     run_pipeline(config, root / "out", command="specmoe run (test)")
     return root / "out", config
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 600 KiB tmpfs mounted for the test (needs root with CAP_SYS_ADMIN; skipped otherwise)."""
+    import subprocess
+
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here ({proc.stderr.strip() or 'mount failed'})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)

@@ -2,7 +2,7 @@
 
 Hooked and plain passes alternate over identical batches, so drift in machine load hits
 both; the overhead is the ratio of medians. End-to-end throughput is a real ``collect``
-run (tokenisation, forward, Parquet writing) into a temporary directory.
+run (tokenisation, forward, Parquet writing) into the project's temporary directory.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,9 +17,11 @@ import torch
 
 import specmoe
 from specmoe.models.loading import LoadedModel, load_model
+from specmoe.storage.scratch import scratch_dir
 from specmoe.traces.batches import batch_tensors, run_batch
-from specmoe.traces.collector import CollectConfig, collect, limit_tokens, plan_windows
+from specmoe.traces.collector import CollectConfig, collect
 from specmoe.traces.recorder import RoutingRecorder
+from specmoe.traces.windows import limit_tokens, plan_windows
 
 
 def machine_info() -> dict:
@@ -74,7 +75,7 @@ def benchmark_collection(
     for _ in range(repeats):
         plain_s.append(timed(plain))
         hooked_s.append(timed(hooked))
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir("bench-collect") as tmp:
         cfg = CollectConfig(
             model=model,
             texts=[text],

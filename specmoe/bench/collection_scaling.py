@@ -17,7 +17,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ import torch
 import specmoe
 from specmoe.bench.collection import forward_passes, machine_info, timed
 from specmoe.errors import InputError
+from specmoe.storage.scratch import scratch_dir
 
 
 def benchmark_scaling(
@@ -73,9 +73,9 @@ def benchmark_scaling(
 
 
 def _launch(count: int, threads: int, settings: dict) -> dict:
-    with tempfile.TemporaryDirectory(prefix="specmoe-bench-collect-") as tmp:
-        result = Path(tmp) / "result.json"
-        job = {**settings, "out": str(Path(tmp) / "traces"), "result": str(result)}
+    with scratch_dir("bench-collect-scaling") as tmp:
+        result = tmp / "result.json"
+        job = {**settings, "out": str(tmp / "traces"), "result": str(result)}
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={count}"]
         command += ["-m", "specmoe.bench.collection_scaling", json.dumps(job)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}

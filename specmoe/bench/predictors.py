@@ -16,6 +16,7 @@ from specmoe.evaluation.evaluate import dataset_for, evaluate
 from specmoe.evaluation.latency import model_time_per_token_us
 from specmoe.predictors.neural.base import TorchPredictor
 from specmoe.predictors.registry import make_predictor, parse_label
+from specmoe.storage import atomic
 from specmoe.traces.splits import assign_splits
 from specmoe.traces.store import TraceStore
 
@@ -157,5 +158,5 @@ def markdown_table(report: dict) -> str:
 
 def write_report(report: dict, json_out: Path, markdown_out: Path | None = None) -> None:
     json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(report, indent=2))
-    (markdown_out or json_out.with_suffix(".md")).write_text(markdown_table(report))
+    atomic.write_text(json_out, json.dumps(report, indent=2))
+    atomic.write_text(markdown_out or json_out.with_suffix(".md"), markdown_table(report))

@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from specmoe.storage import atomic
+
 
 def evaluate_command(
     predictor_dir: Annotated[Path, typer.Option(help="A predictor saved by `specmoe train`.")],
@@ -29,7 +31,7 @@ def evaluate_command(
     result["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=2))
+        atomic.write_text(json_out, json.dumps(result, indent=2))
     typer.echo(f"{result['predictor']} on {traces} [{split}, seed {split_seed}]")
     typer.echo(f"{'h':>2} {'layer':>5} {'top1_acc':>18} {'hit1':>7} {'recall@k':>18} {'recall@2k':>9} {'tokens':>8}")
     for row in result["rows"]:

@@ -13,6 +13,7 @@ from specmoe.cli.params import default, option, parse_list, values_for
 from specmoe.offload.policy import PrefetchSettings
 from specmoe.offload.simulated.settings import HardwareSettings, SweepSettings
 from specmoe.settings import validated
+from specmoe.storage import atomic
 
 H, S, P = HardwareSettings, SweepSettings, PrefetchSettings
 
@@ -67,7 +68,7 @@ def simulate_command(
     report = run_sweep(traces, profile, bytes_per_expert, predictors, sweep, split_seed=split_seed)
     report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     write_sweep(report, out)
-    (out / "speed_vs_memory.png").write_bytes(png_bytes(simulated_speed(report)))
+    atomic.write_bytes(out / "speed_vs_memory.png", png_bytes(simulated_speed(report)))
     typer.echo(f"SIMULATION ({profile.name}, {bytes_per_expert / 2**20:.2f} MiB/expert) -> {out}/simulation.json")
     typer.echo(f"{'batch':>5} {'cache':>6} {'policy':<28} {'tok/s':>9} {'stall':>6} {'hit':>6} {'gap closed':>10}")
     for r in report["rows"]:

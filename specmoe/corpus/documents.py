@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from specmoe.errors import InputError
+from specmoe.errors import InputError, storage_error
+
+PIECE_CHARS = 1 << 16
+"""Characters handed to a tokenizer at once: memory stays bounded whatever a document's length."""
 
 
 @dataclass(frozen=True)
@@ -25,16 +28,58 @@ class Document:
         source: where it came from, e.g. ``"web-bible"`` or a file name.
         group: documents sharing a group (near-duplicates, chapters of one work) always land
             on the same side of a split. Defaults to ``doc_id``.
+        reader: for a document read lazily (a plain-text file), yields its text block by
+            block; ``text`` is then empty. Read it through :meth:`blocks`.
     """
 
     doc_id: str
     text: str
     source: str = ""
     group: str = ""
+    reader: Callable[[], Iterator[str]] | None = field(default=None, compare=False, repr=False)
 
     @property
     def split_key(self) -> str:
         return self.group or self.doc_id
+
+    def blocks(self) -> Iterator[str]:
+        """The text, in blocks of any size (one block unless the document is read lazily)."""
+        if self.reader is None:
+            yield self.text
+        else:
+            yield from self.reader()
+
+
+def _cut(text: str, limit: int) -> int:
+    """Where to end a piece of at most ``limit`` characters: before a space that follows and
+    precedes a non-space (a byte-level BPE pre-tokenizer starts a word with its space there,
+    so tokenising piece by piece gives the whole text's tokens), else after any whitespace,
+    else at ``limit``."""
+    position = text.rfind(" ", 1, limit + 1)
+    while position > 0:
+        if position + 1 < len(text) and not text[position - 1].isspace() and not text[position + 1].isspace():
+            return position
+        position = text.rfind(" ", 1, position)
+    for position in range(limit, 0, -1):
+        if text[position - 1].isspace():
+            return position
+    return limit
+
+
+def text_pieces(blocks: Iterable[str], max_chars: int | None = None) -> Iterator[str]:
+    """Re-cut a stream of text blocks into pieces of at most ``max_chars`` characters, cut
+    where tokenisation does not change (see :func:`_cut`); a piece holds at most
+    ``2 * max_chars`` characters in memory (default :data:`PIECE_CHARS`)."""
+    max_chars = max_chars or PIECE_CHARS
+    pending = ""
+    for block in blocks:
+        pending += block
+        while len(pending) > max_chars:
+            cut = _cut(pending, max_chars)
+            yield pending[:cut]
+            pending = pending[cut:]
+    if pending:
+        yield pending
 
 
 def _open_text(path: Path):
@@ -43,9 +88,22 @@ def _open_text(path: Path):
     return path.open("r", encoding="utf-8")
 
 
+def _open_bytes(path: Path):
+    try:
+        return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
+    except OSError as exc:
+        raise storage_error(exc, path) from None
+
+
 def _read_jsonl(path: Path) -> Iterator[Document]:
-    with _open_text(path) as handle:
-        for line_no, line in enumerate(handle, 1):
+    with _open_bytes(path) as handle:
+        for line_no, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(
+                    f"{path}:{line_no}: not UTF-8 (byte {exc.start} of the line); fix or drop it"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -59,20 +117,40 @@ def _read_jsonl(path: Path) -> Iterator[Document]:
 
 
 def _read_parquet(path: Path) -> Iterator[Document]:
+    """Row group by row group (small batches), so a large file is never in memory whole."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for a bad file
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: cannot read as Parquet ({exc})") from None
-    if "text" not in table.column_names:
-        raise InputError(f'{path}: Parquet file has no "text" column (columns: {table.column_names})')
-    texts = table.column("text").to_pylist()
-    id_col = next((c for c in ("id", "doc_id") if c in table.column_names), None)
-    ids = table.column(id_col).to_pylist() if id_col else [f"{path.name}:{i}" for i in range(len(texts))]
-    for doc_id, text in zip(ids, texts):
-        if text:
-            yield Document(str(doc_id), text, path.name)
+    names = parquet.schema_arrow.names
+    if "text" not in names:
+        raise InputError(f'{path}: Parquet file has no "text" column (columns: {names})')
+    id_col = next((c for c in ("id", "doc_id") if c in names), None)
+    row = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=64, columns=["text"] + ([id_col] if id_col else [])):
+            texts = batch.column("text").to_pylist()
+            ids = batch.column(id_col).to_pylist() if id_col else [f"{path.name}:{row + i}" for i in range(len(texts))]
+            row += len(texts)
+            for doc_id, text in zip(ids, texts):
+                if text:
+                    yield Document(str(doc_id), text, path.name)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: cannot read as Parquet ({exc})") from None
+
+
+def _read_text_blocks(path: Path, block_chars: int = PIECE_CHARS) -> Iterator[str]:
+    try:
+        with _open_text(path) as handle:
+            while block := handle.read(block_chars):
+                yield block
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text (give .txt, .jsonl or .parquet)") from None
+    except OSError as exc:
+        raise storage_error(exc, path) from None
 
 
 HF_PREFIX = "hf:"
@@ -100,7 +178,8 @@ def read_documents(path: str | Path) -> Iterator[Document]:
 
     ``.jsonl``/``.jsonl.gz``: one JSON object per line with ``text`` (and optionally ``id``,
     ``source``, ``group``). ``.parquet``: a ``text`` column (and optionally ``id``). Any other
-    file is plain UTF-8 text and is one document whose id is the file name.
+    file is plain UTF-8 text and is one document whose id is the file name, read lazily
+    (:meth:`Document.blocks`).
     ``hf:NAME[:SPLIT[:COLUMN]]`` streams a Hugging Face dataset (online only).
     """
     if str(path).startswith(HF_PREFIX):
@@ -114,14 +193,8 @@ def read_documents(path: str | Path) -> Iterator[Document]:
         yield from _read_jsonl(path)
     elif name.endswith(".parquet"):
         yield from _read_parquet(path)
-    else:
-        try:
-            with _open_text(path) as handle:
-                text = handle.read()
-        except UnicodeDecodeError:
-            raise InputError(f"{path}: not UTF-8 text (give .txt, .jsonl or .parquet)") from None
-        if text.strip():
-            yield Document(path.name, text, path.name)
+    else:  # read lazily: a file may hold one document of any size
+        yield Document(path.name, "", path.name, reader=lambda: _read_text_blocks(path))
 
 
 def write_jsonl_gz(documents: list[Document], path: Path) -> None:

@@ -16,8 +16,11 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from specmoe.errors import InputError
+from specmoe.errors import CorruptDataError, InputError, storage_error
 from specmoe.predictors.data import Context, TraceDataset
+from specmoe.predictors.params import check_params
+from specmoe.storage import atomic
+from specmoe.storage.integrity import read_verified, sha256_file
 
 CONFIG_FILE = "predictor.json"
 WEIGHTS_FILE = "predictor.safetensors"
@@ -103,20 +106,53 @@ class ExpertPredictor:
 
     # --- persistence ------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
+        """Weights first, then ``predictor.json`` with their SHA-256: each file is replaced
+        atomically, and a kill between the two leaves a pair whose checksum does not match."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_tensors().items()}
-        save_file(tensors, directory / WEIGHTS_FILE)
-        config = {"predictor": self.name, "params": self.get_params(), "meta": self.fitted_meta()}
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        with atomic.atomic_path(directory / WEIGHTS_FILE) as tmp:
+            save_file(tensors, tmp)
+        config = {
+            "predictor": self.name,
+            "params": self.get_params(),
+            "meta": self.fitted_meta(),
+            "weights_sha256": sha256_file(directory / WEIGHTS_FILE),
+        }
+        atomic.write_json(directory / CONFIG_FILE, config)
         return directory
 
 
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (byte {exc.start}); {RESAVE}") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); {RESAVE}") from None
+    except OSError as exc:
+        raise storage_error(exc, path) from None
+    if not isinstance(config, dict) or not isinstance(config.get("predictor"), str):
+        raise InputError(f'{path}: not a predictor config (needs an object with a "predictor" name); {RESAVE}')
+    meta = config.get("meta", {})
+    if not isinstance(meta, dict) or any(
+        not isinstance(meta.get(key, 1), int) or isinstance(meta.get(key), bool) or meta.get(key, 1) < 1
+        for key in ("num_layers", "num_experts", "top_k", "hidden_size")
+    ):
+        raise InputError(f"{path}: meta must hold positive integers (num_layers, num_experts, top_k); {RESAVE}")
+    return config
+
+
+RESAVE = "train the predictor again, or restore its directory from a copy"
+
+
 def load_predictor(directory: str | Path) -> ExpertPredictor:
-    """Load a predictor saved with :meth:`ExpertPredictor.save`."""
-    from safetensors.torch import load_file
+    """Load a predictor saved with :meth:`ExpertPredictor.save`; its parameters are checked
+    and its weights verified against the checksum saved with them."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
 
     from specmoe.predictors.registry import predictor_class
 
@@ -124,16 +160,24 @@ def load_predictor(directory: str | Path) -> ExpertPredictor:
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
         raise InputError(f"{directory} is not a saved predictor: no {CONFIG_FILE}")
-    try:
-        config = json.loads(config_path.read_text())
-        cls = predictor_class(config["predictor"])
-        predictor = cls(**config["params"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise InputError(f"{config_path}: not a valid predictor config ({exc})") from None
+    config = _read_config(config_path)
+    cls = predictor_class(config["predictor"])
+    predictor = cls(**check_params(cls, config.get("params", {}), str(config_path)))
     weights = directory / WEIGHTS_FILE
+    expected = config.get("weights_sha256")
+    if expected is not None:
+        data = read_verified(weights, str(expected), remedy=RESAVE)
+    else:  # saved before checksums were recorded: nothing to check against
+        try:
+            data = weights.read_bytes()
+        except OSError as exc:
+            raise storage_error(exc, weights) from None
     try:
-        tensors = load_file(weights)
-    except Exception as exc:  # safetensors raises its own types for bad files
-        raise InputError(f"{weights}: cannot read predictor weights ({exc})") from None
-    predictor.load_state_tensors(tensors, config.get("meta", {}))
+        tensors = load(data)
+    except (SafetensorError, ValueError) as exc:
+        raise CorruptDataError(f"{weights}: cannot read predictor weights ({exc}); {RESAVE}") from None
+    try:
+        predictor.load_state_tensors(tensors, config.get("meta", {}))
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        raise InputError(f"{directory}: weights do not fit the saved parameters ({exc}); {RESAVE}") from None
     return predictor

@@ -6,6 +6,7 @@ from specmoe.errors import InputError
 from specmoe.predictors.base import ExpertPredictor
 from specmoe.predictors.combination import InterpolatedPredictor
 from specmoe.predictors.counting import NGramPredictor, PopularityPredictor, TokenTablePredictor, TransitionPredictor
+from specmoe.predictors.params import check_params
 
 PREDICTORS: dict[str, type[ExpertPredictor]] = {
     cls.name: cls
@@ -51,10 +52,7 @@ def make_predictor(name: str, preset: str | None = None, **overrides) -> ExpertP
             raise InputError(f"predictor {name!r} has no preset {preset!r}; presets: {sorted(presets) or 'none'}")
         params.update(presets[preset])
     params.update(overrides)
-    try:
-        return cls(**params)
-    except TypeError as exc:
-        raise InputError(f"bad parameters for predictor {name!r}: {exc}") from None
+    return cls(**check_params(cls, params, f"bad parameters for predictor {name!r}"))
 
 
 def _import_optional_families() -> None:

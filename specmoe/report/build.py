@@ -14,6 +14,7 @@ from markupsafe import Markup
 
 from specmoe.report import plots
 from specmoe.report.results import HEADLINE_FRACTION, load_run, with_spread
+from specmoe.storage import atomic
 
 _OFFLOAD_COLUMNS = (
     ("policy", lambda r: plots.policy_label(r)),
@@ -81,7 +82,7 @@ def write_report(run_dir: str | Path) -> Path:
     figures = _figures(run)
     for name, folder in (("simulated", "simulation"), ("measured", "offload")):
         if name in figures:  # also as files, for slides and READMEs
-            (run_dir / folder / "speed_vs_memory.png").write_bytes(figures[name])
+            atomic.write_bytes(run_dir / folder / "speed_vs_memory.png", figures[name])
 
     def figure(key: str, caption: str) -> Markup:
         if key not in figures:
@@ -111,8 +112,8 @@ def write_report(run_dir: str | Path) -> Path:
         figure=figure,
         table=_offload_table,
     )
-    (run_dir / "report.html").write_text(page)
-    (run_dir / "summary.md").write_text(markdown_summary(summary))
+    atomic.write_text(run_dir / "report.html", page)
+    atomic.write_text(run_dir / "summary.md", markdown_summary(summary))
     return run_dir / "report.html"
 
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from specmoe.bench.settings import OffloadBenchSettings
 from specmoe.errors import InputError
 from specmoe.offload.simulated.settings import HardwareSettings, SweepSettings
+from specmoe.storage.paths import UnsafePathError, check_name
 
 
 class _Section(BaseModel):
@@ -74,6 +75,18 @@ class PredictorSpec(_Section):
         from specmoe.predictors.registry import predictor_label
 
         return predictor_label(self.name, self.preset)
+
+    @model_validator(mode="after")
+    def _label_is_a_safe_name(self):
+        # The label names directories of the run (predictors/<label>/, metrics/<label>.json).
+        try:
+            check_name(self.name, "predictor name")
+            if self.preset is not None:
+                check_name(self.preset, f"preset of predictor {self.name}")
+            check_name(self.label, "predictor label")
+        except UnsafePathError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
 
 class PredictorsSection(_Section):

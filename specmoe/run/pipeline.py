@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,9 +20,12 @@ from pathlib import Path
 import typer
 import yaml
 
-from specmoe.errors import InputError
+from specmoe.errors import CorruptDataError, InputError
 from specmoe.run import stages
 from specmoe.run.config import RunConfig
+from specmoe.storage import atomic
+from specmoe.storage.locks import DirectoryLock
+from specmoe.storage.paths import is_project_metadata, join_inside, remove_inside
 
 
 @dataclass
@@ -67,7 +69,17 @@ class RunLedger:
 
     def __init__(self, out: Path):
         self.path = out / "stages.json"
-        self.records: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.records: dict[str, dict] = {}
+        if self.path.exists():
+            try:
+                self.records = json.loads(self.path.read_text())
+            except (ValueError, UnicodeDecodeError):
+                self.records = None
+            if not isinstance(self.records, dict) or not all(isinstance(r, dict) for r in self.records.values()):
+                raise CorruptDataError(
+                    f"{self.path}: not a readable stage record (it is written atomically, so something else "
+                    "changed it); write {} into it and rerun to redo every stage"
+                )
 
     def is_done(self, stage: Stage, fingerprint: str) -> bool:
         record = self.records.get(stage.name, {})
@@ -86,22 +98,26 @@ class RunLedger:
         self._write()
 
     def _write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.records, indent=2))
-        os.replace(tmp, self.path)
+        atomic.write_json(self.path, self.records)
 
 
 def run_pipeline(config: RunConfig, out: Path, *, command: str = "") -> dict:
-    """Run every stage not yet done for ``config`` in ``out``; returns ``summary.json``'s content."""
+    """Run every stage not yet done for ``config`` in ``out``; returns ``summary.json``'s content.
+    ``out`` is locked meanwhile: a second run into it is refused."""
+    with DirectoryLock(out, "specmoe run"):
+        return _run_locked(config, Path(out), command)
+
+
+def _run_locked(config: RunConfig, out: Path, command: str) -> dict:
     from specmoe.report.build import write_report
     from specmoe.report.results import summarize
 
-    if out.is_dir() and any(out.iterdir()) and not (out / "stages.json").exists():
+    atomic.remove_temporaries(out)
+    if any(not is_project_metadata(p.name) for p in out.iterdir()) and not (out / "stages.json").exists():
         raise InputError(
             f"{out} already holds files that no `specmoe run` wrote (no stages.json); choose another --out"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    atomic.write_text(out / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     ledger = RunLedger(out)
     steps = plan(config)
     for name in set(ledger.records) - {stage.name for stage in steps}:  # e.g. a predictor no longer configured
@@ -113,10 +129,11 @@ def run_pipeline(config: RunConfig, out: Path, *, command: str = "") -> dict:
         if ledger.is_done(stage, fingerprint):
             typer.echo(f"{header}: done earlier ({ledger.records[stage.name]['seconds']:.0f} s), reused", err=True)
             continue
-        output = out / stage.output
-        if ledger.is_stale(stage, fingerprint) and output.exists():
+        output = join_inside(out, stage.output, f"output of stage {stage.name}")
+        if ledger.is_stale(stage, fingerprint) and os.path.lexists(output):
+            # Only what a recorded stage wrote, checked to lie inside the run directory.
             typer.echo(f"{header}: config changed since its last run; redoing it", err=True)
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
+            remove_inside(out, output)
         typer.echo(f"{header} ...", err=True)
         ledger.start(stage, fingerprint)
         t0 = time.perf_counter()
@@ -124,6 +141,6 @@ def run_pipeline(config: RunConfig, out: Path, *, command: str = "") -> dict:
         ledger.finish(stage, fingerprint, time.perf_counter() - t0, info)
         typer.echo(f"{header}: {time.perf_counter() - t0:.0f} s", err=True)
     summary = summarize(out, ledger.records, command=command, seconds=time.perf_counter() - started)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic.write_json(out / "summary.json", summary)
     write_report(out)
     return summary

@@ -20,6 +20,7 @@ from pathlib import Path
 from specmoe.errors import InputError
 from specmoe.run.config import PredictorSpec, RunConfig
 from specmoe.settings import command_line, flags
+from specmoe.storage import atomic
 
 SKIPPED = "skipped.json"
 
@@ -83,7 +84,7 @@ def describe(config: RunConfig, out: Path) -> dict:
     from specmoe.traces.store import TraceStore
 
     summary = store_summary(TraceStore.open(out / "traces"))
-    (out / "traces.json").write_text(json.dumps(summary, indent=2))
+    atomic.write_text(out / "traces.json", json.dumps(summary, indent=2))
     return {}
 
 
@@ -100,7 +101,7 @@ def trainer(spec: PredictorSpec):
         if probe.needs_hidden and probe.needs_hidden not in have:
             reason = f"needs {probe.needs_hidden} states; collect with collect.save_residuals/save_router_inputs"
             target.mkdir(parents=True, exist_ok=True)
-            (target / SKIPPED).write_text(json.dumps({"reason": reason}))
+            atomic.write_text(target / SKIPPED, json.dumps({"reason": reason}))
             return {"skipped": reason}
         words = ["train", *flags(predictor=spec.name, traces=out / "traces", out=target, preset=spec.preset)]
         command = command_line(words + flags(param=[f"{k}={json.dumps(v)}" for k, v in params.items()]))
@@ -127,7 +128,7 @@ def evaluator(spec: PredictorSpec):
         target = out / "metrics" / f"{spec.label}.json"
         target.parent.mkdir(parents=True, exist_ok=True)
         if (source / SKIPPED).exists():
-            target.write_text(json.dumps({"label": spec.label, **json.loads((source / SKIPPED).read_text())}))
+            atomic.write_text(target, json.dumps({"label": spec.label, **json.loads((source / SKIPPED).read_text())}))
             return {"skipped": True}
         p = config.predictors
         result = evaluate_directory(source, out / "traces", seed=p.split_seed, bootstrap=p.bootstrap)
@@ -135,7 +136,7 @@ def evaluator(spec: PredictorSpec):
         result.update(label=spec.label, fit_seconds=train_info["fit_seconds"])
         words = flags(predictor_dir=source, traces=out / "traces", split_seed=p.split_seed, bootstrap=p.bootstrap)
         result["command"] = command_line(["evaluate", *words, "--json", target])
-        target.write_text(json.dumps(result, indent=2))
+        atomic.write_text(target, json.dumps(result, indent=2))
         h1 = next(r for r in result["rows"] if r["horizon"] == 1 and r["layer"] == "all")
         return {"test_top1_acc_h1": round(h1["top1_acc"], 4), "command": result["command"]}
 
@@ -225,6 +226,6 @@ def offload(config: RunConfig, out: Path) -> dict:
     words += ["--json", json_out, *flags(split_seed=config.predictors.split_seed)]
     report["command"] = command_line(words, (settings, None))
     json_out.parent.mkdir(exist_ok=True)
-    json_out.write_text(json.dumps(report, indent=2))
+    atomic.write_text(json_out, json.dumps(report, indent=2))
     discard(progress_file_for(json_out))
     return {"rows": len(report["rows"]), "command": report["command"]}

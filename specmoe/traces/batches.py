@@ -17,7 +17,8 @@ from specmoe.traces.recorder import RoutingRecorder
 from specmoe.traces.store import TraceStore, routing_table
 
 if TYPE_CHECKING:
-    from specmoe.traces.collector import CollectConfig, Window
+    from specmoe.traces.collector import CollectConfig
+    from specmoe.traces.windows import Window
 
 
 def batch_tensors(windows: list[Window], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -21,16 +21,28 @@ import torch
 
 import specmoe
 from specmoe.corpus.builtin import resolve_text_source
-from specmoe.corpus.documents import HF_PREFIX, read_documents
+from specmoe.corpus.documents import HF_PREFIX
 from specmoe.errors import InputError
 from specmoe.models.loading import LoadedModel, load_model, resolve_model_path
 from specmoe.models.placement import check_placement, load_kwargs
+from specmoe.storage import atomic
+from specmoe.storage.integrity import sha256_file
+from specmoe.storage.locks import DirectoryLock
+from specmoe.storage.paths import is_project_metadata
 from specmoe.torchrun import ControlChannel, init_process_group
 from specmoe.traces.batches import write_shards
-from specmoe.traces.distributed import assemble, check_existing_store, check_world_size, open_rank_part, owns
+from specmoe.traces.distributed import (
+    RANKS_DIR,
+    assemble,
+    check_existing_store,
+    check_world_size,
+    open_rank_part,
+    owns,
+)
 from specmoe.traces.greedy import check_can_generate
 from specmoe.traces.schema import CollectionInfo, Manifest, ModelInfo, StackInfo, TokenizerInfo
-from specmoe.traces.store import TraceStore, sha256_of
+from specmoe.traces.store import TraceStore
+from specmoe.traces.windows import Window, greedy_prompts, limit_tokens, plan_windows
 
 
 @dataclass
@@ -94,45 +106,6 @@ class CollectConfig:
         ]
 
 
-@dataclass
-class Window:
-    index: int
-    doc_id: str
-    doc_group: str
-    """Split key: documents of one group (near-duplicates, parallel texts) share a split."""
-    token_ids: list[int] = field(repr=False)
-
-
-def plan_windows(texts: list[str], tokenizer, seq_len: int) -> Iterator[Window]:
-    """Deterministic window stream. A BOS token, when the tokenizer has one, starts every window."""
-    bos = tokenizer.bos_token_id
-    body = seq_len - 1 if bos is not None else seq_len
-    index = 0
-    for text in texts:
-        for doc in read_documents(resolve_text_source(text)):
-            ids = tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"]
-            for start in range(0, len(ids), body):
-                chunk = ids[start : start + body]
-                yield Window(index, doc.doc_id, doc.split_key, ([bos] if bos is not None else []) + chunk)
-                index += 1
-
-
-def greedy_prompts(windows: Iterator[Window], prompt_len: int) -> Iterator[Window]:
-    """Each window's first ``prompt_len`` tokens; shorter windows (document ends) are skipped."""
-    for window in windows:
-        if len(window.token_ids) >= prompt_len:
-            yield Window(window.index, window.doc_id, window.doc_group, window.token_ids[:prompt_len])
-
-
-def limit_tokens(windows: Iterator[Window], max_tokens: int | None, generated: int = 0) -> Iterator[Window]:
-    seen = 0
-    for window in windows:
-        if max_tokens is not None and seen >= max_tokens:
-            return
-        seen += len(window.token_ids) + generated
-        yield window
-
-
 def plan_shards(cfg: CollectConfig, tokenizer) -> Iterator[tuple[int, list[Window]]]:
     """``(shard index, its windows)`` for the whole collection, the same in every process."""
     windows = plan_windows(cfg.texts, tokenizer, cfg.seq_len)
@@ -162,7 +135,13 @@ def model_revision(model: str, loaded: LoadedModel) -> str:
     return digest.hexdigest()[:16]
 
 
-def _new_manifest(cfg: CollectConfig, loaded: LoadedModel, hidden_size: int) -> Manifest:
+def _fingerprint(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _new_manifest(cfg: CollectConfig, loaded: LoadedModel, hidden_size: int) -> tuple[Manifest, str]:
+    """The manifest of a new store for ``cfg``, and the fingerprint that stores written before
+    the batch size joined it carry for the same settings."""
     texts = [str(resolve_text_source(t)) for t in cfg.texts]
     for path in texts:
         if not path.startswith(HF_PREFIX) and not Path(path).is_file():
@@ -171,7 +150,7 @@ def _new_manifest(cfg: CollectConfig, loaded: LoadedModel, hidden_size: int) -> 
     identity = {
         "model": cfg.model,
         "model_revision": revision,
-        "texts": [p if p.startswith(HF_PREFIX) else sha256_of(Path(p)) for p in texts],
+        "texts": [p if p.startswith(HF_PREFIX) else sha256_file(Path(p)) for p in texts],
         "seq_len": cfg.seq_len,
         "windows_per_shard": cfg.windows_per_shard,
         "max_tokens": cfg.max_tokens,
@@ -181,6 +160,13 @@ def _new_manifest(cfg: CollectConfig, loaded: LoadedModel, hidden_size: int) -> 
     }
     if cfg.generate:  # absent otherwise, so prefill stores keep their fingerprint
         identity["generate"] = cfg.generate
+    devices = sorted({parameter.device.type for parameter in loaded.model.parameters()})
+    if devices != ["cpu"]:  # another device's arithmetic; absent on CPU, so CPU stores keep their fingerprint
+        identity["devices"] = devices
+    legacy = _fingerprint(identity)
+    # A batch pads its windows to one length and changes the shapes of the arithmetic, which
+    # can flip a near-tie in the routing: the batch size changes the data.
+    identity["batch_size"] = cfg.batch_size
     stacks = {
         stack: StackInfo(num_layers=count, block_names=[l.name for l in loaded.layers_of(stack)])
         for stack, count in loaded.stacks.items()
@@ -211,17 +197,24 @@ def _new_manifest(cfg: CollectConfig, loaded: LoadedModel, hidden_size: int) -> 
             mode="greedy" if cfg.generate else "prefill",
             generated_tokens=cfg.generate,
             decoder_input="shift_right(input_ids): decoder row t holds input token t-1" if len(stacks) > 1 else "",
-            fingerprint=hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16],
+            fingerprint=_fingerprint(identity),
         ),
-    )
+    ), legacy
 
 
-def open_or_create(out: Path, fresh: Manifest, world: int = 1) -> TraceStore:
-    """The store in ``out`` if it was started with ``fresh``'s settings (to resume), else a new one."""
-    out.mkdir(parents=True, exist_ok=True)
+def open_or_create(out: Path, fresh: Manifest, world: int = 1, legacy_fingerprint: str | None = None) -> TraceStore:
+    """The store in ``out`` if it was started with ``fresh``'s settings (to resume), else a new
+    one. ``legacy_fingerprint``: what a store written before the batch size joined the
+    fingerprint carries for these settings. Call with ``out`` locked."""
+    atomic.remove_temporaries(out)  # what a killed writer left, the first manifest write included
     if (out / "manifest.json").exists():
         store = TraceStore.open(out)
-        if store.manifest.collection.fingerprint != fresh.collection.fingerprint:
+        if not store.manifest.shards and not (out / RANKS_DIR).exists():
+            fresh.save(out)  # a run that failed before its first shard left nothing to keep
+            return TraceStore(out, fresh)
+        stored = store.manifest.collection
+        legacy = stored.fingerprint == legacy_fingerprint and stored.batch_size == fresh.collection.batch_size
+        if stored.fingerprint != fresh.collection.fingerprint and not legacy:
             raise InputError(
                 f"{out} holds traces collected with other settings or text "
                 f"(fingerprint {store.manifest.collection.fingerprint}, this run "
@@ -231,7 +224,7 @@ def open_or_create(out: Path, fresh: Manifest, world: int = 1) -> TraceStore:
         if world == 1:  # under torchrun each rank cleans up after its own shards
             store.remove_unlisted_files()
         return store
-    if any(out.iterdir()):
+    if any(not is_project_metadata(p.name) for p in out.iterdir()):
         raise InputError(f"{out} exists, is not empty and is not a trace store; choose another --out")
     store = TraceStore(out, fresh)
     fresh.save(out)
@@ -241,7 +234,13 @@ def open_or_create(out: Path, fresh: Manifest, world: int = 1) -> TraceStore:
 def collect(cfg: CollectConfig, loaded: LoadedModel | None = None) -> TraceStore:
     """Collect routing traces into ``cfg.out``; resumes an interrupted run of the same settings.
     Under torchrun the shards are shared out over the job's processes (see
-    :mod:`specmoe.traces.distributed`); the store is the same as one process would write."""
+    :mod:`specmoe.traces.distributed`); the store is the same as one process would write.
+    ``cfg.out`` is locked meanwhile, shared by the ranks of one job."""
+    with DirectoryLock(cfg.out, "specmoe collect"):
+        return _collect_locked(cfg, loaded)
+
+
+def _collect_locked(cfg: CollectConfig, loaded: LoadedModel | None) -> TraceStore:
     world = init_process_group()[1]
     control = ControlChannel(world)
     # A resume with another rank count is refused before a model that may take minutes loads.
@@ -259,10 +258,10 @@ def collect(cfg: CollectConfig, loaded: LoadedModel | None = None) -> TraceStore
     )
     if cfg.generate:
         check_can_generate(loaded)
-    fresh = _new_manifest(cfg, loaded, hidden_size)
+    fresh, legacy = _new_manifest(cfg, loaded, hidden_size)
     if world > 1:
-        return _collect_sharded(cfg, loaded, fresh, control, world)
-    store = open_or_create(cfg.out, fresh)
+        return _collect_sharded(cfg, loaded, fresh, legacy, control, world)
+    store = open_or_create(cfg.out, fresh, legacy_fingerprint=legacy)
     manifest = store.manifest
     if manifest.complete:
         return store
@@ -277,10 +276,10 @@ def collect(cfg: CollectConfig, loaded: LoadedModel | None = None) -> TraceStore
 
 
 def _collect_sharded(
-    cfg: CollectConfig, loaded: LoadedModel, fresh: Manifest, control: ControlChannel, world: int
+    cfg: CollectConfig, loaded: LoadedModel, fresh: Manifest, legacy: str, control: ControlChannel, world: int
 ) -> TraceStore:
     rank = control.rank
-    if not control.on_main(lambda: open_or_create(cfg.out, fresh, world).manifest.complete):
+    if not control.on_main(lambda: open_or_create(cfg.out, fresh, world, legacy).manifest.complete):
         part = open_rank_part(cfg.out, fresh, rank, world)
         done = {shard.index for shard in part.manifest.shards}
         shards = (

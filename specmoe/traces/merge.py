@@ -15,10 +15,10 @@ import json
 from pathlib import Path
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 import specmoe
 from specmoe.errors import InputError
+from specmoe.storage.locks import DirectoryLock
 from specmoe.traces.collector import open_or_create
 from specmoe.traces.schema import Manifest, MergedStore
 from specmoe.traces.store import TraceStore
@@ -68,8 +68,8 @@ def _check_compatible(stores: list[TraceStore]) -> None:
 
 def _documents(store: TraceStore) -> set[str]:
     docs: set[str] = set()
-    for shard in store.manifest.shards:
-        column = pq.read_table(store.directory / shard.routing.file, columns=["doc_id"]).column("doc_id")
+    for index in range(len(store.manifest.shards)):
+        column = store.routing_columns(index, ["doc_id"]).column("doc_id")
         docs.update(pc.unique(column.cast("string")).to_pylist())
     return docs
 
@@ -88,8 +88,7 @@ def _check_disjoint(stores: list[TraceStore]) -> None:
 
 def _window_count(store: TraceStore) -> int:
     """One past the largest window index (windows rise with the shards)."""
-    last = store.manifest.shards[-1]
-    windows = pq.read_table(store.directory / last.routing.file, columns=["window"]).column("window")
+    windows = store.routing_columns(len(store.manifest.shards) - 1, ["window"]).column("window")
     return int(pc.max(windows).as_py()) + 1
 
 
@@ -129,26 +128,25 @@ def merge_stores(inputs: list[str | Path], out: str | Path) -> TraceStore:
     _check_compatible(stores)
     _check_disjoint(stores)
     fresh = _merged_manifest(stores)
-    target = open_or_create(out, fresh)
-    if target.manifest.complete:
-        return target
-    index = 0
-    for store, source in zip(stores, fresh.collection.merged_from):
-        for shard_index, shard in enumerate(store.manifest.shards):
-            if index >= len(target.manifest.shards):
-                _copy_shard(store, shard_index, target, index, source.window_offset)
-            index += 1
-    target.manifest.complete = True
-    target.manifest.save(out)
+    with DirectoryLock(out, "specmoe traces merge"):
+        target = open_or_create(out, fresh)
+        if target.manifest.complete:
+            return target
+        index = 0
+        for store, source in zip(stores, fresh.collection.merged_from):
+            for shard_index, _ in enumerate(store.manifest.shards):
+                if index >= len(target.manifest.shards):
+                    _copy_shard(store, shard_index, target, index, source.window_offset)
+                index += 1
+        target.manifest.complete = True
+        target.manifest.save(out)
     return target
 
 
 def _copy_shard(store: TraceStore, shard_index: int, target: TraceStore, index: int, window_offset: int) -> None:
-    from safetensors.numpy import load_file
-
     shard = store.manifest.shards[shard_index]
-    table = pq.read_table(store.directory / shard.routing.file)
+    table = store.routing_columns(shard_index, None)
     column = table.schema.get_field_index("window")
     table = table.set_column(column, "window", pc.add(table.column("window"), window_offset))
-    hidden = {kind: load_file(store.directory / entry.file) for kind, entry in shard.hidden.items()}
+    hidden = {kind: store.hidden_arrays(shard_index, kind) for kind in shard.hidden}
     target.write_shard(index, table, hidden, shard.first_window + window_offset, shard.num_windows)

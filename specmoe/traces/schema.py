@@ -8,12 +8,13 @@ file per shard and kind: dense fp16 tensors that are memory-mapped zero-copy int
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from specmoe.errors import CorruptStoreError
+from specmoe.storage import atomic
+from specmoe.storage.paths import UnsafePathError, check_name
 
 FORMAT = "specmoe-traces"
 FORMAT_VERSION = 1
@@ -79,17 +80,34 @@ class CollectionInfo(BaseModel):
 
 class FileEntry(BaseModel):
     file: str
-    bytes: int
-    sha256: str
+    """A file name inside the store directory (never a path: see ``_plain_name``)."""
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("file")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        try:
+            return check_name(value, "file")
+        except UnsafePathError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class ShardEntry(BaseModel):
-    index: int
+    index: int = Field(ge=0)
     routing: FileEntry
     hidden: dict[str, FileEntry] = {}
-    num_tokens: int
-    first_window: int
-    num_windows: int
+    num_tokens: int = Field(ge=0)
+    first_window: int = Field(ge=0)
+    num_windows: int = Field(ge=0)
+
+    @field_validator("hidden")
+    @classmethod
+    def _known_kinds(cls, value: dict) -> dict:
+        unknown = sorted(set(value) - set(HIDDEN_KINDS))
+        if unknown:
+            raise ValueError(f"unknown hidden-state kinds {unknown}; known: {list(HIDDEN_KINDS)}")
+        return value
 
 
 class Manifest(BaseModel):
@@ -105,12 +123,7 @@ class Manifest(BaseModel):
 
     def save(self, directory: Path) -> None:
         """Atomic: a kill leaves either the old manifest or the new one, never half of one."""
-        tmp = directory / f".{MANIFEST}.tmp"
-        with tmp.open("w") as handle:
-            handle.write(self.model_dump_json(indent=2))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, directory / MANIFEST)
+        atomic.write_text(directory / MANIFEST, self.model_dump_json(indent=2))
 
     @classmethod
     def load(cls, directory: Path) -> Manifest:

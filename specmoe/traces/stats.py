@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from specmoe.traces.store import TraceStore
 
@@ -78,8 +77,8 @@ def stack_statistics(store: TraceStore, stack: str) -> dict:
 def store_summary(store: TraceStore, *, with_statistics: bool = True) -> dict:
     m = store.manifest
     doc_ids: set[str] = set()
-    for shard in m.shards:
-        column = pq.read_table(store.directory / shard.routing.file, columns=["doc_id"]).column("doc_id")
+    for index in range(len(m.shards)):
+        column = store.routing_columns(index, ["doc_id"]).column("doc_id")
         doc_ids.update(pc.unique(column.cast(pa.string())).to_pylist())
     first = store.default_stack()
     summary = {

@@ -7,6 +7,7 @@ each rank reads every ``world_size``-th batch; nothing else changes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -16,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from specmoe.errors import SpecmoeError
+from specmoe.storage import atomic
 from specmoe.torchrun import init_process_group
 from specmoe.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from specmoe.training.logging import MetricsLogger
@@ -23,6 +25,20 @@ from specmoe.training.logging import MetricsLogger
 
 class NonFiniteLossError(SpecmoeError):
     """Training produced NaN/Inf twice in a row, even after rolling back."""
+
+
+def training_fingerprint(predictor, train, world: int) -> str:
+    """What decides a training run's result: the predictor's settings, the traces, the split
+    and the number of ranks (each reads every world-th batch). A checkpoint carries it."""
+    manifest = train.store.manifest
+    identity = {
+        "predictor": predictor.name,
+        "params": predictor.get_params(),
+        "traces": [manifest.collection.fingerprint, manifest.num_tokens, len(manifest.shards)],
+        "split_seed": train.seed,
+        "world_size": world,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -86,14 +102,21 @@ def train_predictor(
     steps_per_epoch = min(predictor.max_steps_per_epoch or batches_per_rank, batches_per_rank)
     total = steps_per_epoch * predictor.epochs
     warmup = int(predictor.warmup_fraction * total)
-    state = {"epoch": 0, "step": 0, "best_val": float("inf"), "bad_epochs": 0, "best_epoch": -1}
+    state = {
+        "epoch": 0,
+        "step": 0,
+        "best_val": float("inf"),
+        "bad_epochs": 0,
+        "best_epoch": -1,
+        "non_finite_in_row": 0,
+    }
     good = {k: v.detach().clone() for k, v in predictor.module_.state_dict().items()}
     best = good
+    fingerprint = training_fingerprint(predictor, train, world)
     if resume and out_dir and (ckpt := latest_checkpoint(out_dir)):
-        state, best = load_checkpoint(ckpt, predictor.module_, optimizer)
+        state, best = load_checkpoint(ckpt, predictor.module_, optimizer, fingerprint)
         good = {k: v.detach().clone() for k, v in predictor.module_.state_dict().items()}
     logger = MetricsLogger(out_dir if rank == 0 else None)
-    non_finite_in_row = 0
     for epoch in range(state["epoch"], predictor.epochs):
         predictor.module_.train()
         bar = tqdm(
@@ -110,8 +133,8 @@ def train_predictor(
                 group["lr"] = predictor.lr * _lr_factor(state["step"], total, warmup)
             loss = step_loss(batch)
             if not torch.isfinite(loss):
-                non_finite_in_row += 1
-                if non_finite_in_row >= 2:
+                state["non_finite_in_row"] += 1
+                if state["non_finite_in_row"] >= 2:
                     raise NonFiniteLossError(
                         f"{predictor.name}: loss is {loss.item()} at step {state['step']} again after rolling back; "
                         "lower --lr or check the traces"
@@ -120,7 +143,7 @@ def train_predictor(
                 optimizer.state.clear()
                 logger.log({"event": "rollback", "step": state["step"], "loss": str(loss.item())})
                 continue
-            non_finite_in_row = 0
+            state["non_finite_in_row"] = 0
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(predictor.module_.parameters(), predictor.grad_clip)
@@ -144,6 +167,8 @@ def train_predictor(
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
+        # The rollback point moves to each epoch's end, where a resumed run starts from too.
+        good = {k: v.detach().clone() for k, v in predictor.module_.state_dict().items()}
         logger.log(
             {
                 "epoch": epoch + 1,
@@ -155,7 +180,7 @@ def train_predictor(
             }
         )
         if out_dir and rank == 0:
-            save_checkpoint(out_dir, epoch + 1, predictor.module_, optimizer, state, best)
+            save_checkpoint(out_dir, epoch + 1, predictor.module_, optimizer, state, best, fingerprint)
         if state["bad_epochs"] >= predictor.patience:
             logger.log({"event": "early_stop", "epoch": epoch + 1, "best_epoch": state["best_epoch"] + 1})
             break
@@ -168,6 +193,6 @@ def train_predictor(
         "steps": state["step"],
     }
     logger.close()
-    if out_dir:
-        (out_dir / "training_summary.json").write_text(json.dumps(predictor.training_summary_, indent=2))
+    if out_dir and rank == 0:
+        atomic.write_json(out_dir / "training_summary.json", predictor.training_summary_)
     return predictor

@@ -3,7 +3,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from specmoe.corpus.builtin import load_builtin_corpus
-from specmoe.corpus.documents import Document, read_documents, write_jsonl_gz
+from specmoe.corpus.documents import Document, read_documents, text_pieces, write_jsonl_gz
 from specmoe.errors import InputError
 
 
@@ -28,8 +28,11 @@ def test_bad_inputs_name_file_and_line(tmp_path):
     with pytest.raises(InputError, match='no "text" column'):
         list(read_documents(tmp_path / "n.parquet"))
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00")
-    with pytest.raises(InputError, match="not UTF-8"):
-        list(read_documents(tmp_path / "bin.txt"))
+    with pytest.raises(InputError, match="bin.txt: not UTF-8"):
+        [list(d.blocks()) for d in read_documents(tmp_path / "bin.txt")]
+    (tmp_path / "bin.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(InputError, match="bin.jsonl:2: not UTF-8"):
+        list(read_documents(tmp_path / "bin.jsonl"))
 
 
 def test_jsonl_gz_round_trip_is_byte_stable(tmp_path):
@@ -48,3 +51,11 @@ def test_builtin_corpus_has_two_domains_and_unique_ids():
     # parallel books share one split group
     groups = {d.group for d in docs if d.doc_id.startswith(("web-bible/I Samuel/", "web-bible/II Kings/"))}
     assert groups == {"samuel-kings-chronicles"}
+
+
+def test_text_pieces_rejoin_to_the_text_and_respect_the_limit():
+    text = "alpha beta  gamma\n\ndelta " * 50 + "x" * 300 + " omega"
+    pieces = list(text_pieces(iter([text[:100], text[100:]]), 64))
+    assert "".join(pieces) == text
+    assert all(len(p) <= 64 for p in pieces)
+    assert all(p.startswith((" ", "x")) or p is pieces[0] for p in pieces if p.strip())

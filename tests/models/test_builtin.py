@@ -8,9 +8,9 @@ import torch
 from specmoe.models.builtin.specs import BUILTIN_SPECS
 from specmoe.models.loading import load_model
 from specmoe.traces.batches import run_batch
-from specmoe.traces.collector import limit_tokens, plan_windows
 from specmoe.traces.recorder import RoutingRecorder
 from specmoe.traces.stats import _mutual_information_bits
+from specmoe.traces.windows import limit_tokens, plan_windows
 
 # stacks, experts, top-k, and the least mutual information between consecutive layers' top-1
 # choices, in bits, over 4096 tokens (fewer experts carry fewer bits: mixtral-32e's layers 6-7

@@ -82,20 +82,50 @@ def test_every_predictor_ignores_future_layers(synthetic_splits):
             torch.testing.assert_close(predictor.predict_proba(batch.context(layer)), predictor.predict_proba(context))
 
 
-def test_checkpoint_each_epoch_and_resume(synthetic_splits, tmp_path):
+def test_checkpoint_each_epoch_and_exact_resume(synthetic_splits, tmp_path, monkeypatch):
+    """Killed after its second epoch's checkpoint, then resumed: the same weights, to the bit,
+    as a run never stopped (dropout draws from the RNG, whose state the checkpoint carries)."""
+    from specmoe.training import loop
+
     train, val, _ = synthetic_splits
-    make_predictor("interlayer", **TINY).fit(train, val, out_dir=tmp_path, progress=False)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
-    resumed = make_predictor("interlayer", **{**TINY, "epochs": 3}).fit(
-        train, val, out_dir=tmp_path, resume=True, progress=False
+    settings = {**TINY, "epochs": 3, "dropout": 0.2, "max_steps_per_epoch": 8, "patience": 5}
+    whole = make_predictor("interlayer", **settings).fit(train, val, out_dir=tmp_path / "whole", progress=False)
+    real_save = loop.save_checkpoint
+
+    def save_then_die(out_dir, epoch, *args):
+        real_save(out_dir, epoch, *args)
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        make_predictor("interlayer", **settings).fit(train, val, out_dir=tmp_path / "cut", progress=False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
+    torch.rand(7)  # whatever the process drew meanwhile must not matter
+    resumed = make_predictor("interlayer", **settings).fit(
+        train, val, out_dir=tmp_path / "cut", resume=True, progress=False
     )
-    assert resumed.training_summary_["epochs_run"] == 3
     epochs = [
         json.loads(line)["epoch"]
-        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
         if "epoch" in json.loads(line) and "event" not in json.loads(line)
     ]
     assert epochs == [1, 2, 3]  # the resumed run did only the third epoch
+    assert resumed.training_summary_ == whole.training_summary_
+    for (name, a), b in zip(whole.state_tensors().items(), resumed.state_tensors().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_under_other_settings_is_refused(synthetic_splits, tmp_path):
+    from specmoe.errors import InputError
+
+    train, val, _ = synthetic_splits
+    make_predictor("interlayer", **{**TINY, "epochs": 1}).fit(train, val, out_dir=tmp_path, progress=False)
+    with pytest.raises(InputError, match="made with other settings or traces"):
+        make_predictor("interlayer", **{**TINY, "epochs": 1, "lr": 1e-2}).fit(
+            train, val, out_dir=tmp_path, resume=True, progress=False
+        )
 
 
 def test_non_finite_loss_rolls_back_then_stops_with_a_clear_message(synthetic_splits, monkeypatch):

@@ -70,3 +70,21 @@ def test_missing_and_malformed_files(tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(InputError, match="mapping of sections"):
         load_run_config(tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "{name: ../../victim}",
+        "{name: token, preset: ../../victim}",
+        "{name: token, preset: /tmp/victim}",
+        "{name: .., preset: x}",
+        "{name: 'a/b'}",
+    ],
+)
+def test_predictor_names_and_presets_that_would_leave_the_run_directory_are_refused(spec):
+    """A predictor's label names run-directory paths (predictors/<label>/, metrics/<label>.json)."""
+    with pytest.raises(InputError, match=r"predictors\.models\.0.*not a safe name"):
+        load_run_config(
+            None, [f"predictors.models=[{spec}]", "simulate.prefetch_predictors=null", "offload.prefetch_predictors=[]"]
+        )

@@ -6,8 +6,9 @@ import torch
 
 from specmoe.errors import InputError
 from specmoe.models.loading import load_model
-from specmoe.traces.collector import CollectConfig, collect, plan_windows
+from specmoe.traces.collector import CollectConfig, collect
 from specmoe.traces.recorder import RoutingRecorder
+from specmoe.traces.windows import plan_windows
 
 
 def _collect(checkpoint, text, out, **kw):

@@ -175,6 +175,12 @@ class StackingPredictor(MixturePredictor):
         self.stack_scores_ = self._recall(logs, targets, weights)
         return self
 
+    def member_log_probs(self, context: Context) -> torch.Tensor:
+        """(N, H, M, E) the members' log-probabilities. A member trained for ranking puts
+        experts 90 nats apart, so only the smallest normal float is a safe floor: a larger one
+        (1e-9 was tried) ties every expert below it and loses their order."""
+        return self.member_probs(context).clamp_min(torch.finfo(torch.float32).tiny).log()
+
     def _recall(self, logs: list[torch.Tensor], targets: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
         """(H,) recall@k of the stack with ``weights`` (S, H, M), pooled over source layers."""
         from specmoe.evaluation.metrics import token_metrics
@@ -200,12 +206,12 @@ class StackingPredictor(MixturePredictor):
             for batch in data.iter_batches(4096):
                 rows = (torch.rand(len(batch), generator=generator) < keep).nonzero()[:, 0]
                 for layer in range(self.num_layers_ - 1):
-                    logs[layer].append(self.member_probs(batch.context(layer).select(rows)).clamp_min(1e-9).log())
+                    logs[layer].append(self.member_log_probs(batch.context(layer).select(rows)))
                     targets[layer].append(batch.targets(layer, self.horizons)[rows])
         return [torch.cat(parts) for parts in logs], [torch.cat(parts) for parts in targets]
 
     def predict_proba(self, context: Context) -> torch.Tensor:
-        log_p = self.member_probs(context).clamp_min(1e-9).log()  # (N, H, M, E)
+        log_p = self.member_log_probs(context)  # (N, H, M, E)
         layer = min(context.layer, self.weights_.shape[0] - 1)
         return torch.softmax((log_p * self.weights_[layer][None, :, :, None]).sum(2), -1)
 

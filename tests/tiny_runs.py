@@ -19,7 +19,7 @@ def write_run_corpus(path, documents: int = 40):
     return path
 
 
-TORCH_PREDICTORS = {"interlayer", "multiscale", "lookahead-mlp"}
+TORCH_PREDICTORS = {"interlayer", "multiscale", "lookahead-mlp", "lookahead-corrected"}
 
 
 def tiny_run_config(config_path, checkpoint, corpus, *, offload: bool = True, extra: tuple[str, ...] = ()):

@@ -1,7 +1,10 @@
 """``specmoe bench predictors``: train and score every predictor on one document split.
 
 Torch predictors run under a budget: ``cpu`` caps epochs and steps so the whole benchmark
-fits in minutes on 2 cores; ``full`` uses each predictor's own settings (for a GPU).
+fits in minutes on 2 cores (those whose own settings already converge on 2 cores in minutes,
+``fits_cpu``, keep them); ``full`` uses each predictor's own settings (for a GPU).
+Cross-token predictors are scored on the next token's layers
+(:func:`specmoe.evaluation.metrics.evaluate_next_token`) and get a table of their own.
 """
 
 from __future__ import annotations
@@ -31,17 +34,32 @@ DEFAULT_PREDICTORS = (
     "multiscale:small",
     "lookahead-mlp",
     "ensemble",
+    "lookahead-corrected",
+    "stack",
+    "next-token-table",
+    "next-token-corrected",
 )
 BUDGETS = {"cpu": {"epochs": 2, "max_steps_per_epoch": 100, "batch_size": 128}, "full": {}}
 
 
 def _make(spec: str, budget: str, horizons: int):
     name, preset = parse_label(spec)
-    probe = make_predictor(name, preset, horizons=horizons)
-    overrides = BUDGETS[budget] if isinstance(probe, TorchPredictor) else {}
+    probe = make_predictor(name, preset)
+    capped = isinstance(probe, TorchPredictor) and not probe.fits_cpu
+    overrides = BUDGETS[budget] if capped else {}
     if name == "ensemble" and budget == "cpu":
         overrides = {"member_params": {"interlayer:small": BUDGETS["cpu"]}}
-    return make_predictor(name, preset, horizons=horizons, **overrides)
+    if not hasattr(probe, "predict_next"):  # cross-token predictors have a depth, not horizons
+        overrides = {"horizons": horizons, **overrides}
+    return make_predictor(name, preset, **overrides)
+
+
+def _skip_reason(predictor, store) -> str | None:
+    if predictor.needs_hidden and predictor.needs_hidden not in store.manifest.collection.hidden:
+        return f"traces have no {predictor.needs_hidden} states"
+    if hasattr(predictor, "predict_next") and "encoder" in store.manifest.model.stacks:
+        return "cross-token prediction guesses the next token: it needs a decoder-only model"
+    return None
 
 
 def benchmark_predictors(
@@ -74,8 +92,8 @@ def benchmark_predictors(
             results.append(finished.done[run])
             continue
         predictor = _make(spec, budget, horizons)
-        if predictor.needs_hidden and predictor.needs_hidden not in store.manifest.collection.hidden:
-            results.append({"predictor": spec, "skipped": f"traces have no {predictor.needs_hidden} states"})
+        if reason := _skip_reason(predictor, store):
+            results.append({"predictor": spec, "skipped": reason})
             continue
         train = dataset_for(predictor, store, "train", split_seed, splits)
         started = time.perf_counter()
@@ -90,9 +108,11 @@ def benchmark_predictors(
             predictor, train.with_split("test"), bootstrap=bootstrap, seed=split_seed, model_time_us=model_time
         )
         result.update(predictor=spec, fit_seconds=round(fit_seconds, 2))
+        if summary := getattr(predictor, "training_summary_", None):
+            result["training"] = summary
         if hasattr(predictor, "member_scores_"):  # report each member on test beside the fusion
             result["member_val_recall_at_k"] = dict(zip(predictor.members, predictor.member_scores_.tolist()))
-            result["member_weights"] = dict(zip(predictor.members, predictor.weights_[0].tolist()))
+            result["member_weights"] = dict(zip(predictor.members, predictor.weights_.transpose(0, -1).tolist()))
             result["members"] = {
                 spec: [
                     r
@@ -122,37 +142,75 @@ def benchmark_predictors(
     }
 
 
+def _ci(row: dict, name: str) -> str:
+    low, high = row.get(f"{name}_ci", [0, 0])
+    return f"{row[name]:.3f} [{low:.3f}, {high:.3f}]"
+
+
 def markdown_table(report: dict) -> str:
     lines = [
-        f"Test split of `{report['traces']}` (model `{report['model']}`, L={report['num_layers']}, "
-        f"E={report['num_experts']}, k={report['top_k']}; split seed {report['split_seed']}, documents "
-        f"train/val/test = {report['split_sizes']['train']}/{report['split_sizes']['val']}/"
-        f"{report['split_sizes']['test']}; budget `{report['budget']}`). 95% bootstrap intervals over documents.",
+        (
+            f"Test split of `{report['traces']}` (model `{report['model']}`, L={report['num_layers']}, "
+            f"E={report['num_experts']}, k={report['top_k']}; split seed {report['split_seed']}, documents "
+            f"train/val/test = {report['split_sizes']['train']}/{report['split_sizes']['val']}/"
+            f"{report['split_sizes']['test']}; budget `{report['budget']}`). 95% bootstrap intervals over documents."
+        ),
         "",
-        "| predictor | params | h | top1_acc | hit1 | recall@k | recall@2k | µs/token/layer | × model time |",
-        "|---|---:|---:|---|---:|---|---:|---:|---:|",
+        (
+            "| predictor | params | h | top1_acc | hit1 | exact | recall@k | recall@1.5k | recall@2k | recall@3k "
+            "| µs/token/layer | × model time |"
+        ),
+        "|---|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
-    chance = None
+    chance, crossing = None, []
     for result in report["results"]:
         if "skipped" in result:
-            lines.append(f"| {result['predictor']} | | | skipped: {result['skipped']} | | | | | |")
+            lines.append(f"| {result['predictor']} | | | skipped: {result['skipped']} | | | | | | | | |")
+            continue
+        if any(r.get("crosses_token") for r in result["rows"]):
+            crossing.append(result)
             continue
         cost = result["cost"]
         frac = cost["fraction_of_model_time"]
         for row in (r for r in result["rows"] if r["layer"] == "all"):
             chance = row
-            t_ci, r_ci = row.get("top1_acc_ci", [0, 0]), row.get("recall_at_k_ci", [0, 0])
             lines.append(
-                f"| {result['predictor']} | {cost['params']:,} | {row['horizon']} | {row['top1_acc']:.3f} "
-                f"[{t_ci[0]:.3f}, {t_ci[1]:.3f}] | {row['hit1']:.3f} | {row['recall_at_k']:.3f} "
-                f"[{r_ci[0]:.3f}, {r_ci[1]:.3f}] | {row['recall_at_2k']:.3f} | {cost['latency_us_per_token_layer']:.1f} "
-                f"| {'' if frac is None else f'{frac:.4f}'} |"
+                f"| {result['predictor']} | {cost['params']:,} | {row['horizon']} | {_ci(row, 'top1_acc')} "
+                f"| {row['hit1']:.3f} | {row['exact_match']:.3f} | {_ci(row, 'recall_at_k')} "
+                f"| {row['recall_at_1.5k']:.3f} | {row['recall_at_2k']:.3f} | {row['recall_at_3k']:.3f} "
+                f"| {cost['latency_us_per_token_layer']:.1f} | {'' if frac is None else f'{frac:.4f}'} |"
             )
     if chance:
         lines.append(
             f"| *chance* | | | {chance['chance_top1_acc']:.4f} | {chance['chance_hit1']:.4f} | "
-            f"{chance['chance_recall_at_k']:.4f} | {chance['chance_recall_at_2k']:.4f} | | |"
+            f"{chance['chance_exact_match']:.2g} | {chance['chance_recall_at_k']:.4f} | "
+            f"{chance['chance_recall_at_1.5k']:.4f} | {chance['chance_recall_at_2k']:.4f} | "
+            f"{chance['chance_recall_at_3k']:.4f} | | |"
         )
+    if crossing:
+        lines += [
+            "",
+            (
+                "Across the token boundary: asked after token t's layer `from`, scored on token t+1's layer `to` "
+                "(its horizon counts the layers in between); decoded tokens only in decoding traces. `guess` is "
+                "how often the logit lens's top guess was the next token."
+            ),
+            "",
+            (
+                "| predictor | from | to | h | guess | top1_acc | exact | recall@k | recall@1.5k | recall@2k "
+                "| recall@3k | µs/token |"
+            ),
+            "|---|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---:|",
+        ]
+        for result in crossing:
+            for row in (r for r in result["rows"] if r["layer"] != "all"):
+                lines.append(
+                    f"| {result['predictor']} | {row['source_layer']} | {row['layer']} | {row['horizon']} "
+                    f"| {row.get('guess_accuracy', float('nan')):.3f} | {_ci(row, 'top1_acc')} "
+                    f"| {row['exact_match']:.3f} | {_ci(row, 'recall_at_k')} | {row['recall_at_1.5k']:.3f} "
+                    f"| {row['recall_at_2k']:.3f} | {row['recall_at_3k']:.3f} "
+                    f"| {result['cost']['latency_us_per_token_layer']:.1f} |"
+                )
     return "\n".join(lines) + "\n"
 
 

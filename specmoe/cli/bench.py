@@ -106,6 +106,39 @@ def bench_predictors(
     typer.echo(markdown_table(report))
 
 
+@app.command("predictor-cost")
+def bench_predictor_cost(
+    traces: Annotated[Path, typer.Option(help="Trace store the predictors were fitted on (timed on its test split).")],
+    predictor_dir: Annotated[list[Path], typer.Option(help="A saved predictor, repeatable.")],
+    json_out: Annotated[Path, typer.Option("--json", help="JSON output; a Markdown table goes beside it (.md).")],
+    model: Annotated[
+        list[str] | None, typer.Option(help="Real models to count FLOPs for (default: those of configs/).")
+    ] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes to time.")] = "1,16",
+    rounds: Annotated[int, typer.Option(min=1, help="Timing rounds, each visiting every predictor.")] = 3,
+) -> None:
+    """Each predictor's CPU time and FLOPs per token.
+
+    CPU time at batch 1 and 16, and FLOPs beside one MoE layer and the whole per-token
+    compute of the real models."""
+    from specmoe.bench.predictor_cost import benchmark_predictor_cost, markdown_table
+    from specmoe.cli.params import parse_list
+    from specmoe.models.shapes import PUBLISHED_CONFIGS
+
+    report = benchmark_predictor_cost(
+        traces,
+        predictor_dir,
+        models=tuple(model or PUBLISHED_CONFIGS),
+        batch_sizes=tuple(parse_list(batch_sizes, int, "--batch-sizes")),
+        rounds=rounds,
+    )
+    report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(report, indent=2))
+    json_out.with_suffix(".md").write_text(markdown_table(report))
+    typer.echo(markdown_table(report))
+
+
 B, P, N = OffloadBenchSettings, PrefetchSettings, NextTokenSettings
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from specmoe.errors import SpecmoeError
 from specmoe.evaluation.latency import model_time_per_token_us, predictor_latency_us
-from specmoe.evaluation.metrics import CalibrationAccumulator, evaluate_predictor
+from specmoe.evaluation.metrics import CalibrationAccumulator, evaluate_next_token, evaluate_predictor
 from specmoe.predictors.base import ExpertPredictor, load_predictor
 from specmoe.predictors.data import TraceDataset
 from specmoe.traces.store import TraceStore
@@ -31,9 +31,13 @@ def evaluate(
 ) -> dict:
     """Metrics rows plus cost. Every row names the trace set, split and seed."""
     calibration = CalibrationAccumulator()
-    rows = evaluate_predictor(predictor, data, bootstrap=bootstrap, seed=seed, calibration=calibration)
+    if hasattr(predictor, "predict_next"):  # cross-token: the next token's layers, from each source layer
+        rows = evaluate_next_token(predictor, data, bootstrap=bootstrap, seed=seed)
+        calls_per_token = 1  # asked once per token, after the layer it is deployed at
+    else:
+        rows = evaluate_predictor(predictor, data, bootstrap=bootstrap, seed=seed, calibration=calibration)
+        calls_per_token = data.num_layers - 1  # one prediction after every MoE layer but the last
     latency = predictor_latency_us(predictor, data)
-    calls_per_token = data.num_layers - 1  # one prediction after every MoE layer but the last
     if model_time_us is None:
         try:
             model_time_us = model_time_per_token_us(data.store.manifest.model.id)

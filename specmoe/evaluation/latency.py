@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import replace
 
 import torch
 
-from specmoe.predictors.data import Context, TraceDataset
+from specmoe.predictors.data import TraceDataset
 
 
 def predictor_latency_us(predictor, data: TraceDataset, *, batch_size: int = 1, repeats: int = 200) -> float:
@@ -16,39 +15,30 @@ def predictor_latency_us(predictor, data: TraceDataset, *, batch_size: int = 1, 
     it: for each of ``repeats`` groups of ``batch_size`` new tokens (batch 1 is
     single-sequence decoding), once after every layer that has a next one. New tokens each
     time, so nothing a predictor reuses across the layers of one token is reused across
-    tokens. One CPU thread, as in a serving loop."""
+    tokens. One CPU thread, as in a serving loop. A cross-token predictor is timed at its
+    ``predict_next``, after each layer it serves."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         batch = next(data.iter_batches(max(batch_size, 1) * (repeats + 5)))
-        layers = range(max(data.num_layers - 1, 1))
+        ask = getattr(predictor, "predict_next", predictor.predict_proba)
+        layers = predictor.source_layers() if hasattr(predictor, "predict_next") else range(max(data.num_layers - 1, 1))
         contexts = [batch.context(layer) for layer in layers]
         groups = [slice(i, i + batch_size) for i in range(0, len(batch) - batch_size + 1, batch_size)]
         with torch.no_grad():
             for group in groups[:5]:
                 for context in contexts:
-                    predictor.predict_proba(_rows(context, group))
+                    ask(context.select(group))
             times = []
             for group in groups[5:] or groups:
-                calls = [_rows(context, group) for context in contexts]
+                calls = [context.select(group) for context in contexts]
                 start = time.perf_counter()
                 for context in calls:
-                    predictor.predict_proba(context)
+                    ask(context)
                 times.append((time.perf_counter() - start) / len(calls))
         return statistics.median(times) * 1e6 / batch_size
     finally:
         torch.set_num_threads(threads)
-
-
-def _rows(context: Context, rows: slice) -> Context:
-    return replace(
-        context,
-        expert_ids=context.expert_ids[rows],
-        gate_weights=context.gate_weights[rows],
-        token_ids=context.token_ids[rows],
-        prev_expert_ids=context.prev_expert_ids[rows],
-        hidden=None if context.hidden is None else context.hidden[rows],
-    )
 
 
 def model_time_per_token_us(model_id: str, *, repeats: int = 30) -> float:

@@ -1,14 +1,24 @@
-"""The metrics of docs/design.md, defined once: ``top1_acc``, ``hit1``, ``recall@m``, per horizon
-and per target layer, with 95% bootstrap intervals over documents and chance levels."""
+"""The metrics of docs/design.md, defined once: ``top1_acc``, ``hit1``, ``exact_match``,
+``recall@m`` for m = k, 1.5k, 2k, 3k, per horizon and per target layer, with 95% bootstrap
+intervals over documents and chance levels. docs/predictors.md says which published figure
+each one corresponds to."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import numpy as np
 import torch
 
-METRICS = ("top1_acc", "hit1", "recall_at_k", "recall_at_2k")
+RECALL_WIDTHS = {"recall_at_k": 1.0, "recall_at_1.5k": 1.5, "recall_at_2k": 2.0, "recall_at_3k": 3.0}
+"""recall@m as a multiple of k: the coverage a prefetch set of m experts per layer buys."""
+METRICS = ("top1_acc", "hit1", "exact_match", *RECALL_WIDTHS)
+
+
+def recall_width(name: str, top_k: int, num_experts: int) -> int:
+    """m of ``recall_at_<m>``: the multiple of k rounded up, at most E."""
+    return min(num_experts, math.ceil(RECALL_WIDTHS[name] * top_k))
 
 
 def token_metrics(scores: torch.Tensor, true_ids: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
@@ -16,14 +26,19 @@ def token_metrics(scores: torch.Tensor, true_ids: torch.Tensor, top_k: int) -> d
     slot). Tokens whose true top-1 was dropped have no expert to predict; callers skip them."""
     valid = true_ids >= 0
     k_eff = valid.sum(-1).clamp_min(1).float()
-    ranked = scores.topk(min(2 * top_k, scores.shape[-1]), dim=-1).indices  # (N, 2k)
-    member = (ranked[:, :, None] == true_ids[:, None, :]) & valid[:, None, :]  # (N, 2k, k)
-    hit_at = member.any(-1)  # (N, 2k): is the r-th guess among the true experts
+    num_experts = scores.shape[-1]
+    widest = max(recall_width(name, top_k, num_experts) for name in RECALL_WIDTHS)
+    ranked = scores.topk(widest, dim=-1).indices  # (N, 3k)
+    member = (ranked[:, :, None] == true_ids[:, None, :]) & valid[:, None, :]  # (N, 3k, k)
+    hit_at = member.any(-1)  # (N, 3k): is the r-th guess among the true experts
+    recalls = {
+        name: hit_at[:, : recall_width(name, top_k, num_experts)].sum(-1).float() / k_eff for name in RECALL_WIDTHS
+    }
     return {
         "top1_acc": (ranked[:, 0] == true_ids[:, 0]).float(),
         "hit1": hit_at[:, 0].float(),
-        "recall_at_k": hit_at[:, :top_k].sum(-1).float() / k_eff,
-        "recall_at_2k": hit_at[:, : 2 * top_k].sum(-1).float() / k_eff,
+        "exact_match": (hit_at[:, :top_k].sum(-1) == valid.sum(-1)).float(),  # the whole true set in the top k
+        **recalls,
     }
 
 
@@ -32,8 +47,8 @@ def chance_levels(num_experts: int, top_k: int) -> dict[str, float]:
     return {
         "top1_acc": 1 / num_experts,
         "hit1": top_k / num_experts,
-        "recall_at_k": min(1.0, top_k / num_experts),
-        "recall_at_2k": min(1.0, 2 * top_k / num_experts),
+        "exact_match": 1 / math.comb(num_experts, top_k),
+        **{name: recall_width(name, top_k, num_experts) / num_experts for name in RECALL_WIDTHS},
     }
 
 
@@ -154,5 +169,54 @@ def evaluate_predictor(
     rows = acc.rows(bootstrap, seed)
     for row in rows:
         row["predictor"] = predictor.name
-        row.update({f"chance_{name}": round(value, 6) for name, value in chance.items()})
+        row.update({f"chance_{name}": float(f"{value:.6g}") for name, value in chance.items()})
     return rows
+
+
+def evaluate_next_token(
+    predictor,
+    data,
+    *,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    batch_size: int = 4096,
+    source_layers: list[int] | None = None,
+) -> list[dict]:
+    """Score a cross-token predictor (``predict_next``) on every token of ``data`` that has a
+    next one (in decoding traces: one the model chose): asked after each of ``source_layers``
+    of token t (default: all it serves), against token t+1's layers 0..depth-1. Rows as
+    :func:`evaluate_predictor`'s, per source layer: ``horizon`` = L - source + j counts the
+    layers from token t's source layer to token t+1's layer j (``layer``); ``guess_accuracy``
+    is how often the predictor's own top next-token guess, if it makes one, is the token."""
+    sources = list(source_layers if source_layers is not None else predictor.source_layers())
+    accumulators = {source: MetricAccumulator() for source in sources}
+    guesses = {source: [0, 0] for source in sources}  # right, asked
+    num_layers = data.num_layers
+    with torch.no_grad():
+        for batch in data.iter_batches(batch_size):
+            has_next = batch.next_expert_ids[:, 0, 0] >= 0
+            if not has_next.any():
+                continue
+            rows = has_next.nonzero()[:, 0]
+            for source in sources:
+                context = batch.context(source).select(rows)
+                scores = predictor.predict_next(context)  # (n, depth, E)
+                if hasattr(predictor, "guess"):
+                    top = torch.from_numpy(predictor.guess(context)[0][:, 0])
+                    guesses[source][0] += int((top == batch.next_token_ids[rows]).sum())
+                    guesses[source][1] += len(rows)
+                for j in range(scores.shape[1]):
+                    true = batch.next_expert_ids[rows, j]
+                    values = token_metrics(scores[:, j].float(), true, data.top_k)
+                    accumulators[source].add(num_layers - source + j, j, batch.doc_ids[rows.numpy()], values)
+    chance = chance_levels(data.num_experts, data.top_k)
+    out = []
+    for source, acc in accumulators.items():
+        right, asked = guesses[source]
+        for row in acc.rows(bootstrap, seed):
+            row.update(predictor=predictor.name, source_layer=source, crosses_token=True)
+            row.update({f"chance_{name}": float(f"{value:.6g}") for name, value in chance.items()})
+            if asked:
+                row["guess_accuracy"] = right / asked
+            out.append(row)
+    return out

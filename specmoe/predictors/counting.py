@@ -290,6 +290,14 @@ class TokenTablePredictor(_CountingPredictor):
         self._last_rows = (token_ids.copy(), rows)
         return rows
 
+    def expected_rows(self, token_ids: np.ndarray, probs: np.ndarray, layers: int) -> np.ndarray:
+        """(N, layers, E): layers 0..layers-1 (at most L) of the N rows of candidate tokens (N, C), mixed
+        by their probabilities (N, C): what a guess of the next token says of its routing."""
+        n, candidates = token_ids.shape
+        rows = self.token_rows(token_ids.reshape(-1))[:, :layers]  # fewer if the model has fewer
+        rows = rows.reshape(n, candidates, rows.shape[1], -1)
+        return (probs[:, :, None, None] * rows).sum(1)
+
     def decode_key(self, layer, expert_ids, gate_weights, token_ids):
         return np.ascontiguousarray(token_ids).tobytes()
 

@@ -10,7 +10,7 @@ from a Context, so a predictor cannot leak the future even by accident.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -38,6 +38,17 @@ class Context:
 
     def __len__(self) -> int:
         return self.expert_ids.shape[0]
+
+    def select(self, rows) -> Context:
+        """The same context for a subset of its tokens (an index, a mask or a slice)."""
+        return replace(
+            self,
+            expert_ids=self.expert_ids[rows],
+            gate_weights=self.gate_weights[rows],
+            token_ids=self.token_ids[rows],
+            prev_expert_ids=self.prev_expert_ids[rows],
+            hidden=None if self.hidden is None else self.hidden[rows],
+        )
 
     @classmethod
     def from_routing(
@@ -70,6 +81,12 @@ class RoutingBatch:
     num_experts: int
     windows: np.ndarray | None = None  # (N,) window index, for replaying in decode order
     positions: np.ndarray | None = None  # (N,) position inside the window
+    next_expert_ids: torch.Tensor | None = None
+    """(N, L, k) routing of the token after each one in its window (IGNORE where there is none,
+    or, in decoding traces, where the model did not choose it): the target of cross-token
+    prediction. Never part of a Context."""
+    next_token_ids: torch.Tensor | None = None
+    """(N,) that token's id (IGNORE where there is none), to score next-token guesses."""
 
     @property
     def num_layers(self) -> int:
@@ -112,6 +129,20 @@ def _previous_tokens(expert_ids: np.ndarray, windows: np.ndarray, positions: np.
         ok[ok] &= windows[src[ok]] == windows[ok]
         out[ok, back - 1] = expert_ids[src[ok]]
     return out
+
+
+def _next_tokens(
+    expert_ids: np.ndarray, token_ids: np.ndarray, windows: np.ndarray, positions: np.ndarray, first_decoded: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(T, L, k) routing and (T,) id of the token after each token in its window, where that
+    token sits at position >= ``first_decoded``; IGNORE elsewhere."""
+    routing = np.full(expert_ids.shape, IGNORE, dtype=np.int64)
+    ids = np.full(len(token_ids), IGNORE, dtype=np.int64)
+    after = np.arange(1, len(expert_ids))
+    ok = (windows[after] == windows[after - 1]) & (positions[after] == positions[after - 1] + 1)
+    after = after[ok & (positions[after] >= first_decoded)]
+    routing[after - 1], ids[after - 1] = expert_ids[after], token_ids[after]
+    return routing, ids
 
 
 class TraceDataset:
@@ -191,6 +222,9 @@ class TraceDataset:
             return None
         ids = shard.expert_ids.astype(np.int64)
         prev = _previous_tokens(ids, shard.windows, shard.positions, self.previous_tokens)[keep]
+        collection = self.store.manifest.collection
+        first_decoded = collection.seq_len - collection.generated_tokens if collection.mode == "greedy" else 0
+        following, following_ids = _next_tokens(ids, shard.token_ids, shard.windows, shard.positions, first_decoded)
         hidden = None
         if self.hidden is not None:
             hidden = self.store.hidden_states(index, self.hidden, self.stack)[torch.from_numpy(keep)].float()
@@ -204,6 +238,8 @@ class TraceDataset:
             self.num_experts,
             shard.windows[keep],
             shard.positions[keep],
+            torch.from_numpy(following[keep]),
+            torch.from_numpy(following_ids[keep]),
         )
 
     def iter_batches(self, batch_size: int = 4096, *, shuffle: bool = False, seed: int = 0) -> Iterator[RoutingBatch]:
@@ -229,6 +265,8 @@ class TraceDataset:
                     full.num_experts,
                     full.windows[index],
                     full.positions[index],
+                    full.next_expert_ids[rows],
+                    full.next_token_ids[rows],
                 )
 
     def num_tokens(self) -> int:

@@ -47,6 +47,18 @@ def extract_routers(model_id: str, stack: str) -> dict[str, torch.Tensor]:
     }
 
 
+def lookahead_logits(
+    routers: dict[str, torch.Tensor], state: torch.Tensor, source: int, target: int, hidden: str
+) -> torch.Tensor:
+    """Layer ``target``'s router logits (N, E) for ``hidden`` states (N, D) taken at ``source``,
+    with the tensors of :func:`extract_routers`."""
+    state = state.float()
+    if hidden == "router_input":  # undo layer ``source``'s norm weight, keep the unit RMS
+        state = state / routers["norm"][source].clamp(min=1e-6)
+    x = rms_normalise(state, routers["norm"][target], float(routers["eps"][target]))
+    return x @ routers["router"][target].T + routers["bias"][target]
+
+
 class RouterLookaheadPredictor(ExpertPredictor):
     """Training-free: score layer l+h's experts with its router applied to layer l's state.
 
@@ -110,12 +122,7 @@ class RouterLookaheadPredictor(ExpertPredictor):
 
     def router_logits(self, state: torch.Tensor, source: int, target: int) -> torch.Tensor:
         """Layer ``target``'s router logits (N, E) for hidden states (N, D) taken at ``source``."""
-        r = self.routers_
-        state = state.float()
-        if self.hidden == "router_input":  # undo layer ``source``'s norm weight, keep the unit RMS
-            state = state / r["norm"][source].clamp(min=1e-6)
-        x = rms_normalise(state, r["norm"][target], float(r["eps"][target]))
-        return x @ r["router"][target].T + r["bias"][target]
+        return lookahead_logits(self.routers_, state, source, target, self.hidden)
 
     def fitted_meta(self):
         return {"num_layers": self.num_layers_, "num_experts": self.num_experts_} if hasattr(self, "routers_") else {}

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from specmoe.errors import InputError
 from specmoe.predictors.base import ExpertPredictor
-from specmoe.predictors.combination import InterpolatedPredictor
+from specmoe.predictors.combination import InterpolatedPredictor, StackingPredictor
 from specmoe.predictors.counting import NGramPredictor, PopularityPredictor, TokenTablePredictor, TransitionPredictor
 from specmoe.predictors.params import check_params
 
 PREDICTORS: dict[str, type[ExpertPredictor]] = {
     cls.name: cls
-    for cls in (PopularityPredictor, TransitionPredictor, NGramPredictor, TokenTablePredictor, InterpolatedPredictor)
+    for cls in (
+        PopularityPredictor,
+        TransitionPredictor,
+        NGramPredictor,
+        TokenTablePredictor,
+        InterpolatedPredictor,
+        StackingPredictor,
+    )
 }
 PRESETS: dict[str, dict[str, dict]] = {}
 """``PRESETS[predictor][preset] -> constructor keyword arguments``."""
@@ -56,5 +63,9 @@ def make_predictor(name: str, preset: str | None = None, **overrides) -> ExpertP
 
 
 def _import_optional_families() -> None:
-    """Neural predictors register themselves on import (they pull in more of torch)."""
+    """Neural and cross-token predictors register themselves on import (they pull in more of
+    torch, and the model loader for their lens)."""
     import specmoe.predictors.neural  # noqa: F401
+    from specmoe.predictors.cross_token import NextTokenTablePredictor
+
+    register(NextTokenTablePredictor)

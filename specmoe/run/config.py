@@ -102,6 +102,7 @@ class PredictorsSection(_Section):
             PredictorSpec(name="token"),
             PredictorSpec(name="combo"),
             PredictorSpec(name="lookahead"),
+            PredictorSpec(name="lookahead-corrected", params={"epochs": 2, "max_steps_per_epoch": 60}),
             PredictorSpec(
                 name="interlayer",
                 preset="small",

@@ -70,7 +70,7 @@ class StepLoss(torch.nn.Module):
 
     def forward(self, batch) -> torch.Tensor:
         predictor = self._predictor[0]
-        layers = range(predictor.num_layers_ - 1)
+        layers = predictor.source_layers()
         return sum(predictor.loss(batch, layer) for layer in layers) / len(layers)
 
 

@@ -6,30 +6,6 @@ import torch
 from specmoe.evaluation.metrics import evaluate_predictor
 from specmoe.predictors.data import TraceDataset
 from specmoe.predictors.registry import make_predictor
-from specmoe.traces.collector import CollectConfig, collect
-
-
-@pytest.fixture(scope="module")
-def hidden_store(tiny_checkpoints, tmp_path_factory):
-    import json
-
-    corpus = tmp_path_factory.mktemp("c") / "c.jsonl"
-    corpus.write_text(
-        "\n".join(
-            json.dumps({"id": f"d{i}", "text": f"Text number {i}. " + "a quick fox " * (20 + i)}) for i in range(30)
-        )
-    )
-    return collect(
-        CollectConfig(
-            model=str(tiny_checkpoints["olmoe"]),
-            texts=[str(corpus)],
-            out=tmp_path_factory.mktemp("t") / "traces",
-            seq_len=32,
-            save_router_inputs=True,
-            save_residuals=True,
-            progress=False,
-        )
-    )
 
 
 def test_router_applied_to_its_own_input_reproduces_the_recorded_choice(hidden_store):

@@ -29,6 +29,7 @@ def test_run_writes_every_stage_output(finished_run):
     summary = json.loads((out / "summary.json").read_text())
     labels = {p["label"] for p in summary["predictors"]}
     assert labels == {m.label for m in config.predictors.models}  # the tiny traces keep residuals: nothing skipped
+    assert "lookahead-corrected" in labels and "lookahead-corrected" in (out / "report.html").read_text()
     for p in summary["predictors"]:
         assert len(p["horizons"]) == min(config.predictors.horizons, summary["model"]["num_layers"] - 1)
         assert all(0 <= h["recall_at_k"] <= 1 for h in p["horizons"])

@@ -15,49 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from specmoe.errors import InputError
+from specmoe.models.lens import LogitLens
 from specmoe.offload import Key
 from specmoe.offload.policy import PrefetchSettings, choose_prefetches
 from specmoe.offload.settings import NextTokenSettings
 
-FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_layer_norm")
-
-
-@dataclass
-class LogitLens:
-    """The model's final norm and unembedding, applied to a residual stream taken early."""
-
-    norm: nn.Module
-    head: nn.Module
-
-    @classmethod
-    def of(cls, model: nn.Module) -> LogitLens:
-        """The lens of a Hugging Face causal LM (the modules are shared, not copied)."""
-        if getattr(model.config, "is_encoder_decoder", False):
-            raise InputError("next-token guessing needs a decoder-only model; this one is encoder-decoder")
-        head = model.get_output_embeddings()
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-        norm = next(
-            (getattr(decoder, n) for n in FINAL_NORM_NAMES if isinstance(getattr(decoder, n, None), nn.Module)), None
-        )
-        if head is None or norm is None:
-            raise InputError(
-                f"{type(model).__name__}: cannot find its final norm ({', '.join(FINAL_NORM_NAMES)} on the "
-                "decoder) and output embeddings, which next-token guessing applies to a late layer"
-            )
-        return cls(norm, head)
-
-    def guess(self, residual: torch.Tensor, candidates: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """The ``candidates`` likeliest next tokens for each row of ``residual`` (N, D), and
-        their probabilities renormalised over the candidates, both (N, candidates)."""
-        param = next(self.head.parameters())
-        with torch.no_grad():
-            logits = self.head(self.norm(residual.to(param.device, param.dtype))).float()
-            top = logits.topk(candidates, dim=-1)
-            probs = torch.softmax(top.values, dim=-1)  # softmax over the candidates' logits
-        return top.indices.cpu().numpy(), probs.cpu().numpy()
+__all__ = ["LogitLens", "NextTokenPlanner"]
 
 
 @dataclass
@@ -66,7 +31,7 @@ class NextTokenPlanner:
     output and prefetch, for layers 0..``depth``-1 of t+1, what ``prefetch`` (resolved)
     allows per layer of the experts the guessed tokens route to most (weighted by the
     guesses' probabilities). ``table`` is a fitted token table (anything with
-    ``token_rows(ids) -> (N, L, E)``). Targets stop at the guess layer: a layer-keyed
+    ``expected_rows(ids, probs, layers) -> (N, layers, E)``). Targets stop at the guess layer: a layer-keyed
     prefetch of a later layer would be taken by token t's own pass."""
 
     lens: LogitLens
@@ -84,7 +49,7 @@ class NextTokenPlanner:
                 f"--next-token-depth {s.depth} reaches past the guess layer {s.layer}: a guess "
                 f"made after layer {s.layer} can key layers 0..{s.layer} of the next token"
             )
-        if not hasattr(self.table, "token_rows"):
+        if not hasattr(self.table, "expected_rows"):
             raise InputError(
                 f"next-token prefetch looks experts up by token: it needs a token table predictor, "
                 f"got {getattr(self.table, 'name', type(self.table).__name__)!r}"
@@ -105,10 +70,7 @@ class NextTokenPlanner:
     def plan(self, ids: np.ndarray, probs: np.ndarray) -> list[Key]:
         """Keys for the guessed tokens (from :meth:`guess`), pooled over the batch like any
         plan: a table lookup, cheap enough for the prefetch thread."""
-        n, candidates = ids.shape
-        rows = self.table.token_rows(ids.reshape(-1))  # (N * candidates, L, E)
         targets = range(self.settings.depth)
-        rows = rows[:, : len(targets)].reshape(n, candidates, len(targets), -1)
-        expected = (probs[:, :, None, None] * rows).sum(1)  # (N, targets, E)
+        expected = self.table.expected_rows(ids, probs, len(targets))  # (N, targets, E)
         p = self.prefetch
         return choose_prefetches(expected, targets, p.experts_per_layer, p.min_probability)

@@ -51,6 +51,22 @@ def predictor_loss(
     return ce + confidence_weight * bce
 
 
+def ranking_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The log-sum-exp pairwise ranking loss (LSEP, Li et al. 2017) of scores (N, H, E) against
+    the true (N, H, k) ids: ``log(1 + sum over true i, other j of exp(s_j - s_i))``, a smooth
+    bound on the number of (true, other) pairs ranked the wrong way; none is recall@k = 1. It
+    leaves the true experts' order among themselves free, as recall@k does (for k = 1 it is
+    the cross-entropy)."""
+    positive = torch.zeros(logits.shape).scatter_add_(2, targets.clamp_min(0), (targets >= 0).float()) > 0
+    rows = positive.any(-1)
+    if not rows.any():
+        return logits.sum() * 0.0
+    scores = logits.float()
+    others = torch.logsumexp(scores.masked_fill(positive, float("-inf")), -1)
+    true = torch.logsumexp((-scores).masked_fill(~positive, float("-inf")), -1)
+    return nn.functional.softplus(others + true)[rows].mean()
+
+
 class TorchPredictor(ExpertPredictor):
     """An :class:`ExpertPredictor` whose state is an ``nn.Module`` (``module_``).
 
@@ -60,6 +76,9 @@ class TorchPredictor(ExpertPredictor):
     """
 
     training_defaults: ClassVar[dict] = {}
+    fits_cpu: ClassVar[bool] = False
+    """Its own settings train to convergence on 2 CPU cores in minutes, so a CPU budget
+    (``bench predictors --budget cpu``) leaves them as they are."""
 
     def __init__(
         self,
@@ -95,6 +114,11 @@ class TorchPredictor(ExpertPredictor):
         torch.manual_seed(self.seed)
         self.num_layers_, self.num_experts_, self.top_k_ = num_layers, num_experts, top_k
         self.module_ = self.build_module(num_layers, num_experts, top_k)
+
+    def source_layers(self) -> range:
+        """The layers after which this predictor is asked (each training step averages its
+        loss over them): every layer that has a next one."""
+        return range(self.num_layers_ - 1)
 
     def loss(self, batch: RoutingBatch, layer: int) -> torch.Tensor:
         context = batch.context(layer)
@@ -153,4 +177,12 @@ def embed_routing(embedding: nn.Embedding, ids: torch.Tensor, weights: torch.Ten
     return (embedding(ids) * weights[..., None]).sum(-2)
 
 
-__all__ = ["IGNORE", "PredictorModule", "TorchPredictor", "embed_routing", "predictor_loss", "soft_targets"]
+__all__ = [
+    "IGNORE",
+    "PredictorModule",
+    "TorchPredictor",
+    "embed_routing",
+    "predictor_loss",
+    "ranking_loss",
+    "soft_targets",
+]

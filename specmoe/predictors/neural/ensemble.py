@@ -27,18 +27,11 @@ class EnsemblePredictor(MixturePredictor):
         self.temperature = temperature
         self.member_params = member_params or {}
 
-    def make_member(self, spec: str):
-        from specmoe.predictors.registry import make_predictor
-
-        name, _, preset = spec.partition(":")
-        return make_predictor(name, preset or None, horizons=self.horizons, **self.member_params.get(spec, {}))
-
     def fit(self, train: TraceDataset, val: TraceDataset | None = None):
-        self.members_ = [self.make_member(spec).fit(train, val) for spec in self.members]
+        self.fit_members(train, val)
         scored_on = val or train
         self.member_scores_ = torch.tensor([m.score(scored_on) for m in self.members_])
         self.weights_ = torch.softmax(self.member_scores_ / self.temperature, 0).expand(self.horizons, -1).clone()
-        self.num_layers_, self.num_experts_ = train.num_layers, train.num_experts
         return self
 
     def fitted_meta(self):

@@ -42,8 +42,10 @@ class InterLayerEncoder(nn.Module):
         layer_dropout: float,
         expert_embedding: nn.Embedding,
         layer_embedding: nn.Embedding,
+        cross_layer_attention: bool = True,
     ):
         super().__init__()
+        self.cross_layer_attention = cross_layer_attention
         self.num_layers, self.num_experts, self.horizons = num_layers, num_experts, horizons
         self.context_layers, self.neighbour_tokens = context_layers, neighbour_tokens
         self.embedding_noise, self.layer_dropout = embedding_noise, layer_dropout
@@ -96,7 +98,13 @@ class InterLayerEncoder(nn.Module):
         if mix is not None:  # mixup of whole token sequences, paired by ``perm``
             perm, lam = mix
             x = lam * x + (1 - lam) * x[perm]
-        x = self.encoder(x)
+        if self.cross_layer_attention:
+            x = self.encoder(x)
+        else:  # the ablation: every token attends to itself only; queries get the context as a sum
+            context_sum = x[:, : self.context_layers].sum(1, keepdim=True)
+            x = torch.cat([x[:, : self.context_layers], x[:, self.context_layers :] + context_sum], 1)
+            alone = ~torch.eye(x.shape[1], dtype=torch.bool)
+            x = self.encoder(x, mask=alone)
         return x[:, self.context_layers : self.context_layers + self.horizons]  # (N, H, d)
 
 
@@ -117,6 +125,7 @@ class InterLayerModule(PredictorModule):
         dropout: float,
         embedding_noise: float,
         layer_dropout: float,
+        cross_layer_attention: bool = True,
     ):
         super().__init__()
         self.expert_embedding = nn.Embedding(num_experts + 1, d_model)
@@ -137,6 +146,7 @@ class InterLayerModule(PredictorModule):
                 layer_dropout=layer_dropout,
                 expert_embedding=self.expert_embedding,
                 layer_embedding=self.layer_embedding,
+                cross_layer_attention=cross_layer_attention,
             )
             for c in context_windows
         )
@@ -160,7 +170,9 @@ class InterLayerModule(PredictorModule):
 
 class InterLayerPredictor(TorchPredictor):
     """The seed's inter-layer speculation transformer (presets ``baseline``, ``enhanced``,
-    ``improved``; ``small`` for CPU). Augmentations apply during training only."""
+    ``improved``; ``small`` for CPU). Augmentations apply during training only.
+    ``cross_layer_attention=False`` is an ablation: each token attends to itself only and the
+    queries see the context layers as a sum."""
 
     name = "interlayer"
     context_windows: tuple[int, ...] = ()
@@ -184,6 +196,7 @@ class InterLayerPredictor(TorchPredictor):
         subsample: float = 1.0,
         mixup: float = 0.0,
         embedding_noise: float = 0.0,
+        cross_layer_attention: bool = True,
         **training,
     ):
         super().__init__(horizons=horizons, focal_gamma=focal_gamma, **(self.training_defaults | training))
@@ -192,6 +205,7 @@ class InterLayerPredictor(TorchPredictor):
         self.memory_slots, self.neighbour_tokens, self.dropout = memory_slots, neighbour_tokens, dropout
         self.permute_experts, self.layer_dropout, self.subsample = permute_experts, layer_dropout, subsample
         self.mixup, self.embedding_noise = mixup, embedding_noise
+        self.cross_layer_attention = cross_layer_attention
 
     @property
     def previous_tokens(self) -> int:  # type: ignore[override]
@@ -215,6 +229,7 @@ class InterLayerPredictor(TorchPredictor):
             dropout=self.dropout,
             embedding_noise=self.embedding_noise,
             layer_dropout=self.layer_dropout,
+            cross_layer_attention=self.cross_layer_attention,
         )
 
     def loss(self, batch, layer):

@@ -24,6 +24,11 @@ class OffloadBenchSettings(Settings):
     cache_fractions: tuple[float, ...] = Field(
         (0.1, 0.25, 0.5), min_length=1, description="Fast-tier sizes, as fractions of all routed experts."
     )
+    batch_sizes: tuple[int, ...] = Field(
+        (1,),
+        min_length=1,
+        description="Sequences decoded in lockstep (windows of the test split; a layer needs their experts' union).",
+    )
     policies: tuple[str, ...] | None = Field(
         None,
         description="Policies to run (default: all): " + ", ".join(POLICIES) + "; prefetch runs once per predictor.",
@@ -47,6 +52,13 @@ class OffloadBenchSettings(Settings):
     def _fractions(cls, value):
         if any(not 0 < f <= 1 for f in value):
             raise ValueError(f"fractions must lie in (0, 1], got {','.join(map(str, value))}")
+        return value
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batches(cls, value):
+        if any(b < 1 for b in value):
+            raise ValueError(f"batch sizes must be positive, got {','.join(map(str, value))}")
         return value
 
     @field_validator("policies")

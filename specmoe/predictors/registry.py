@@ -6,10 +6,18 @@ from specmoe.errors import InputError
 from specmoe.predictors.base import ExpertPredictor
 from specmoe.predictors.combination import InterpolatedPredictor
 from specmoe.predictors.counting import NGramPredictor, PopularityPredictor, TokenTablePredictor, TransitionPredictor
+from specmoe.predictors.history import ActivationHistoryPredictor
 
 PREDICTORS: dict[str, type[ExpertPredictor]] = {
     cls.name: cls
-    for cls in (PopularityPredictor, TransitionPredictor, NGramPredictor, TokenTablePredictor, InterpolatedPredictor)
+    for cls in (
+        PopularityPredictor,
+        TransitionPredictor,
+        NGramPredictor,
+        TokenTablePredictor,
+        InterpolatedPredictor,
+        ActivationHistoryPredictor,
+    )
 }
 PRESETS: dict[str, dict[str, dict]] = {}
 """``PRESETS[predictor][preset] -> constructor keyword arguments``."""

@@ -9,6 +9,9 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from specmoe.offload.policy import POLICIES, PrefetchSettings
+
+SIMULATED_PREDICTOR_POLICIES = tuple(n for n, p in POLICIES.items() if p.prefetch == "predictor" and not p.next_token)
+"""A simulation has no model to guess the next token with."""
 from specmoe.offload.simulated.cost import PRESETS, HardwareProfile, measured_profile, preset
 from specmoe.settings import Settings
 
@@ -50,6 +53,9 @@ class SweepSettings(Settings):
     cache_policies: tuple[str, ...] = Field(
         ("lru", "lfu", "lrfu", "belady"), description="Policies without prefetch compared beside the others."
     )
+    predictor_policies: tuple[str, ...] = Field(
+        ("prefetch",), description="Policies run once per predictor (" + ", ".join(SIMULATED_PREDICTOR_POLICIES) + ")."
+    )
     prefetch: PrefetchSettings = PrefetchSettings()
 
     @field_validator("cache_fractions")
@@ -73,4 +79,14 @@ class SweepSettings(Settings):
         wrong = [name for name in value if name not in caches]
         if wrong:
             raise ValueError(f"{', '.join(wrong)}: not a cache policy ({', '.join(caches)})")
+        return value
+
+    @field_validator("predictor_policies")
+    @classmethod
+    def _with_predictors(cls, value):
+        wrong = [name for name in value if name not in SIMULATED_PREDICTOR_POLICIES]
+        if wrong:
+            raise ValueError(
+                f"{', '.join(wrong)}: not a simulated predictor policy ({', '.join(SIMULATED_PREDICTOR_POLICIES)})"
+            )
         return value

@@ -1,0 +1,176 @@
+"""Forecasts of expert use, and what the policy core knows of each expert's next use.
+
+A predictor's calibrated probabilities become a :class:`Forecast`: for upcoming decode
+positions, how likely each listed expert is to be needed there, and a bound for every expert
+not listed. Forecasts drive prefetch (by budget or by value, :mod:`specmoe.offload.value`)
+and prediction-aware eviction: the :class:`Outlook` combines the latest forecast with a use
+rate decaying with a half-life of tokens (recency and frequency, as LRFU counts them) into a
+chance of use at an expert's next opportunity and an expected wait until its next use (what
+Belady evicts by, estimated). The :class:`LinkModel` holds the times the value of a read is
+weighed in. Shared by every engine through :class:`specmoe.offload.policy.Residency`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from specmoe.offload import Key
+
+Prediction = tuple[Key, int, float]
+"""An expert, the decode position whose layer may need it, and the probability it will."""
+Row = tuple[int, tuple[tuple[int, float], ...], float]
+"""A forecast for one target layer, before it is placed in a step: the layer, its listed
+experts with their probabilities (likeliest first) and the bound for every other expert."""
+LRFU_HALF_LIFE_TOKENS = 16
+"""Picked from 8, 16, 32 and 64 on the validation split of olmoe-64e decoding traces
+(docs/benchmarks.md, "Where the gap to the oracle is")."""
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """What a plan made at decode position ``made_at`` expects."""
+
+    made_at: int
+    entries: tuple[Prediction, ...] = ()
+    rest: tuple[tuple[int, float], ...] = ()
+    """Per position covered: the probability bound of every expert the entries leave out."""
+
+    @classmethod
+    def of_rows(cls, rows: Sequence[Row], step: int, num_layers: int, made_at: int) -> Forecast:
+        """Rows of target layers placed in decode step ``step`` (the token being decoded, or,
+        with ``step + 1``, the next one)."""
+        base = step * num_layers
+        entries = tuple(((layer, e), base + layer, q) for layer, listed, _ in rows for e, q in listed)
+        return cls(made_at, entries, tuple((base + layer, bound) for layer, _, bound in rows))
+
+    def requests(self) -> list[tuple[Key, int]]:
+        return [(key, position) for key, position, _ in self.entries]
+
+
+def pooled(probabilities: np.ndarray) -> np.ndarray:
+    """(N, H, E) per-token probabilities -> (H, E): the chance at least one of the N tokens
+    needs the expert (tokens taken as independent)."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 0.0, 1.0)
+    return p[0] if len(p) == 1 else 1.0 - np.prod(1.0 - p, axis=0)
+
+
+def forecast_rows(
+    calibrated: np.ndarray, target_layers: Sequence[int], per_layer: int, chosen: Sequence[Sequence[int]] | None = None
+) -> list[Row]:
+    """Rows for ``target_layers`` from calibrated probabilities (N, H, E), horizon h
+    predicting ``target_layers[h]``: the experts ``chosen`` per target layer (by the
+    fixed-budget rule, :func:`~specmoe.offload.policy.choose_prefetches`), or else the
+    ``per_layer`` likeliest, the candidates a value rule weighs. An expert's probability is
+    its calibrated one pooled over the tokens; the bound is that of the likeliest expert left
+    out."""
+    q = pooled(calibrated[:, : len(target_layers)])  # (H, E)
+    order = np.argsort(-q, axis=-1, kind="stable")
+    rows = []
+    for h, layer in enumerate(target_layers):
+        if chosen is not None:
+            listed = [int(e) for e in chosen[h]]
+        else:
+            listed = [int(e) for e in order[h, :per_layer] if q[h, e] > 0]
+        kept = set(listed)
+        bound = next((float(q[h, e]) for e in order[h] if int(e) not in kept), 0.0)
+        rows.append((int(layer), tuple((e, float(q[h, e])) for e in listed), bound))
+    return rows
+
+
+@dataclass
+class LinkModel:
+    """The times the value of a read is weighed in: one expert's read on the link, one
+    layer's compute, and how long a demand read waits when it arrives while a prefetch reads
+    (the simulator's link finishes the transfer under way: half a read on average; a
+    prefetch from disk pauses at its next chunk). Fixed (the simulator's cost model, the
+    decision-parity tests) or ``learn``-ed from what the measured engines observe (moving
+    averages; the wait stays the same fraction of a read)."""
+
+    read_s: float
+    layer_s: float
+    demand_wait_s: float | None = None
+    """Default: half a read."""
+    learn: bool = False
+    smoothing: float = 0.1
+
+    def __post_init__(self):
+        if self.read_s < 0 or self.layer_s <= 0:
+            raise ValueError(f"a link model needs read_s >= 0 and layer_s > 0, got {self.read_s}, {self.layer_s}")
+        if self.demand_wait_s is None:
+            self.demand_wait_s = 0.5 * self.read_s
+
+    def observe_read(self, seconds: float) -> None:
+        if self.learn:
+            share = self.demand_wait_s / self.read_s if self.read_s > 0 else 0.5
+            self.read_s += self.smoothing * (seconds - self.read_s)
+            self.demand_wait_s = share * self.read_s
+
+    def observe_layer(self, seconds: float) -> None:
+        if self.learn and seconds > 0:
+            self.layer_s += self.smoothing * (seconds - self.layer_s)
+
+
+@dataclass
+class Outlook:
+    """Each expert's next use as far as it can be told: the latest forecast for the expert's
+    next opportunity (the next position of its layer), else its use rate per token.
+
+    The use rate is an LRFU score (each use adds 1, halving every ``half_life_tokens``
+    tokens) times ``1 - 2^(-1/half_life_tokens)``: 1 for an expert used at every token, 0
+    for one never used."""
+
+    num_layers: int
+    half_life_tokens: float = LRFU_HALF_LIFE_TOKENS
+    log_score: dict[Key, float] = field(default_factory=dict)
+    predicted: dict[Key, tuple[int, float]] = field(default_factory=dict)
+    bounds: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.half_life = self.half_life_tokens * self.num_layers  # in positions
+        self.per_token = 1.0 - 2.0 ** (-1.0 / self.half_life_tokens)
+
+    def on_use(self, key: Key, position: int) -> None:
+        now = position / self.half_life
+        score = 2.0 ** (self.log_score.get(key, -math.inf) - now)
+        self.log_score[key] = math.log2(score + 1.0) + now
+
+    def observe(self, forecast: Forecast) -> None:
+        """The newest forecast overrides older ones for the positions it covers."""
+        for position, bound in forecast.rest:
+            self.bounds[position] = bound
+        for key, position, q in forecast.entries:
+            self.predicted[key] = (position, q)
+        if len(self.bounds) > 4 * self.num_layers:  # forget positions long past
+            for position in [p for p in self.bounds if p < forecast.made_at]:
+                del self.bounds[position]
+
+    def rate(self, key: Key, position: int) -> float:
+        score = 2.0 ** (self.log_score.get(key, -math.inf) - position / self.half_life)
+        return min(1.0, score * self.per_token)
+
+    def next_opportunity(self, key: Key, position: int) -> int:
+        """The first position after ``position`` whose layer is the expert's."""
+        ahead = (key[0] - position) % self.num_layers
+        return position + (ahead or self.num_layers)
+
+    def chance_next(self, key: Key, position: int) -> float:
+        """The probability the expert is needed at its next opportunity."""
+        nxt = self.next_opportunity(key, position)
+        rate = self.rate(key, position)
+        forecast = self.predicted.get(key)
+        if forecast is not None and forecast[0] == nxt:
+            return forecast[1]
+        if nxt in self.bounds:  # covered, and not listed: no likelier than the bound
+            return min(rate, self.bounds[nxt])
+        return rate
+
+    def expected_wait(self, key: Key, position: int) -> float:
+        """Positions until the expert's next use, expected: its next opportunity, and if it is
+        not needed there, a wait at its use rate (geometric over tokens)."""
+        nxt = self.next_opportunity(key, position)
+        chance = self.chance_next(key, position)
+        return (nxt - position) + self.num_layers * (1.0 - chance) / max(self.rate(key, position), 1e-6)

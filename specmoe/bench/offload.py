@@ -47,21 +47,33 @@ def _next_token_planners(store: TraceStore, predictors: list, layers: int, setti
     return lambda: NextTokenPlanner(lens, table, settings, layers, prefetch, calibrations.get(id(table)))
 
 
-def _runs(policies: tuple[str, ...], predictors: list, plannings: tuple[str, ...]) -> list[tuple]:
+def _runs(policies: tuple[str, ...], predictors: list, labels: dict, plannings: tuple[str, ...]) -> list[tuple]:
     """(policy, predictor, planning) of every run, in the order of :data:`POLICIES`; each
-    policy with a predictor once per planning mode and per predictor (the one it was built
-    around, where given), the others once."""
+    policy with a predictor once per planning mode and per predictor (the one named after
+    its colon, else the one it was built around where given, else each), the others once."""
     runs = []
     names = [p.name for p in predictors]
     for name in POLICIES:
-        if name not in policies:
-            continue
-        if POLICIES[name].prefetch == "predictor":
-            chosen = [predictors[i] for i in predictors_for(POLICIES[name], names)]
+        for entry in policies:
+            policy, _, wanted = entry.partition(":")
+            if policy != name:
+                continue
+            if POLICIES[name].prefetch != "predictor":
+                runs.append((name, None, plannings[0]))
+                continue
+            if wanted:
+                chosen = [p for p in predictors if wanted in (p.name, labels[id(p)])]
+                if not chosen:
+                    raise InputError(f"--policies {entry}: no --predictor-dir holds a predictor {wanted!r}")
+            else:
+                chosen = [predictors[i] for i in predictors_for(POLICIES[name], names)]
             runs += [(name, p, mode) for p in chosen for mode in plannings]
-        else:
-            runs.append((name, None, plannings[0]))
     return runs
+
+
+def _policy(entry: str) -> str:
+    """The policy of a ``--policies`` entry (``policy`` or ``policy:predictor``)."""
+    return entry.partition(":")[0]
 
 
 def _link(probe: dict) -> LinkModel:
@@ -88,7 +100,7 @@ def benchmark_offload(
     if s.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {s.device}: this machine has no CUDA GPU")
     policies = s.policies or tuple(POLICIES)
-    asked = set(s.policies or ())
+    asked = {entry.partition(":")[0] for entry in s.policies or ()}
     predicted = sorted(p for p in asked if POLICIES[p].prefetch == "predictor")
     if predicted and not predictor_dirs:
         raise InputError(f"--policies {','.join(predicted)} needs at least one --predictor-dir")
@@ -107,11 +119,11 @@ def benchmark_offload(
     for predictor in predictors:
         predictor.check_fits(layers, model.num_experts, f"the traces in {store.directory} ({model.id})")
     if not predictors:  # nothing predicts: prefetch runs are left out unless asked for (refused above)
-        policies = tuple(p for p in policies if POLICIES[p].prefetch != "predictor")
+        policies = tuple(p for p in policies if POLICIES[_policy(p)].prefetch != "predictor")
     prefetch = s.prefetch.resolve(top_k=model.top_k, num_layers=layers)  # checked before experts are written
-    guessing = s.next_token is not None and any(POLICIES[p].next_token for p in policies)
+    guessing = s.next_token is not None and any(POLICIES[_policy(p)].next_token for p in policies)
     if not guessing:
-        policies = tuple(p for p in policies if not POLICIES[p].next_token)
+        policies = tuple(p for p in policies if not POLICIES[_policy(p)].next_token)
     kinds = {p.needs_hidden for p in predictors if p.needs_hidden}
     kinds |= {"residual_out"} if guessing else set()  # what the guess reads
     batches = {b: decode_steps(store, s.warmup + s.tokens, b, split_seed, sorted(kinds)) for b in s.batch_sizes}
@@ -121,12 +133,13 @@ def benchmark_offload(
     calibrations = {  # what turns a predictor's scores into probabilities: fitted on the validation split
         id(p): calibration_for(p, d, store, split_seed=split_seed)
         for p, d in zip(predictors, predictor_dirs)
-        if any(POLICIES[name].prefetch == "predictor" for name in policies)
+        if any(POLICIES[_policy(entry)].prefetch == "predictor" for entry in policies)
     }
     next_token = None
     if guessing:  # the lens loads the model: only when its runs are asked for
         next_token = _next_token_planners(store, predictors, layers, s.next_token, prefetch, calibrations)
         next_token()  # settings checked now, before the experts are written
+    runs = _runs(policies, predictors, labels, s.planning)  # names checked before experts are written
     slow_tier = "disk" if s.device == "cpu" else "host"
     hidden, ffn = s.expert_shape
     rows = []
@@ -137,12 +150,7 @@ def benchmark_offload(
         files.reserve_buffers(int(max(s.cache_fractions) * layers * model.num_experts) + 2)
         machine_interference = interference(files, layers, model.num_experts, s.device)
         total = layers * model.num_experts * expert_bytes
-        configs = [
-            (batch, fraction, *run)
-            for batch in s.batch_sizes
-            for fraction in s.cache_fractions
-            for run in _runs(policies, predictors, s.planning)
-        ]
+        configs = [(batch, fraction, *run) for batch in s.batch_sizes for fraction in s.cache_fractions for run in runs]
         timings: dict[int, list] = {i: [] for i in range(len(configs))}
         rng = np.random.default_rng(0)
         order = [int(i) for _ in range(s.repeats) for i in rng.permutation(len(configs))]

@@ -31,7 +31,10 @@ class OffloadBenchSettings(Settings):
     )
     policies: tuple[str, ...] | None = Field(
         None,
-        description="Policies to run (default: all): " + ", ".join(POLICIES) + "; prefetch runs once per predictor.",
+        description="Policies to run (default: all): "
+        + ", ".join(POLICIES)
+        + "; one with a predictor runs once per predictor (or the one it was built around), or with the one "
+        "named after a colon (cost-aware:token).",
     )
     planning: tuple[Literal[PLANNING], ...] = Field(
         ("background",),
@@ -64,9 +67,13 @@ class OffloadBenchSettings(Settings):
     @field_validator("policies")
     @classmethod
     def _known(cls, value):
-        unknown = [p for p in value or () if p not in POLICIES]
+        names = [entry.partition(":") for entry in value or ()]
+        unknown = [name for name, _, _ in names if name not in POLICIES]
         if unknown or value == ():
             raise ValueError(f"must be a non-empty subset of {','.join(POLICIES)}, got {','.join(value)!r}")
+        blind = [name for name, _, predictor in names if predictor and POLICIES[name].prefetch != "predictor"]
+        if blind:
+            raise ValueError(f"{blind[0]} uses no predictor: name none after it")
         return value
 
 

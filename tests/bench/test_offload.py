@@ -183,7 +183,7 @@ def test_cost_aware_policies_presets_and_batches_run_side_by_side(greedy_traces,
     import shutil
 
     token = shutil.copytree(greedy_traces / "token", tmp_path / "token", ignore=shutil.ignore_patterns("calib*"))
-    policies = ("lru", "next-use", "cost-aware+next-use", "cost-aware+next-token", "mixtral-offloading")
+    policies = ("lru", "next-use:token", "cost-aware+next-use", "cost-aware+next-token", "mixtral-offloading")
     settings = _settings(
         tokens=6, cache_fractions=(0.5,), repeats=1, batch_sizes=(1, 2), policies=policies, next_token={"layer": 1}
     )
@@ -191,7 +191,7 @@ def test_cost_aware_policies_presets_and_batches_run_side_by_side(greedy_traces,
     # the token table was calibrated on the validation split, and the calibration kept beside it
     assert (token / "calibration.json").is_file() and report["calibration"]["token"]["split"] == "val"
     assert sorted((r["policy"], r["batch_size"]) for r in report["rows"]) == sorted(
-        (p, b) for p in policies for b in (1, 2)
+        (p.partition(":")[0], b) for p in policies for b in (1, 2)
     )
     assert report["steps_by_batch_size"] == {"1": 6, "2": 6}
     for row in report["rows"]:
@@ -199,3 +199,16 @@ def test_cost_aware_policies_presets_and_batches_run_side_by_side(greedy_traces,
         assert row["tokens"] == 6 * row["batch_size"]  # windows of 24 decoded tokens: no slot ends early
         if row["policy"].startswith("cost-aware"):  # priced with this machine's times, learnt as it ran
             assert row["link_model"]["learnt"] and row["link_model"]["read_ms"] > 0
+
+
+def test_a_policy_runs_with_the_predictor_named_after_its_colon(greedy_traces, tmp_path):
+    import shutil
+
+    twin = shutil.copytree(greedy_traces / "token", tmp_path / "twin")
+    settings = _settings(tokens=4, cache_fractions=(0.5,), repeats=1, policies=("prefetch:token:twin",))
+    report = benchmark_offload(
+        greedy_traces / "traces", [greedy_traces / "token", twin], settings, experts_dir=tmp_path
+    )
+    assert [r["predictor"] for r in report["rows"]] == ["token:twin"]
+    with pytest.raises(InputError, match="--policies prefetch:lookahead: no --predictor-dir holds a predictor"):
+        benchmark_offload(greedy_traces / "traces", [twin], _settings(policies=("prefetch:lookahead",)))

@@ -54,7 +54,9 @@ class SweepSettings(Settings):
         ("lru", "lfu", "lrfu", "belady"), description="Policies without prefetch compared beside the others."
     )
     predictor_policies: tuple[str, ...] = Field(
-        ("prefetch",), description="Policies run once per predictor (" + ", ".join(SIMULATED_PREDICTOR_POLICIES) + ")."
+        ("prefetch",),
+        description="Policies run once per predictor, or the one it was built around, or the one named after a "
+        "colon (cost-aware:token): " + ", ".join(SIMULATED_PREDICTOR_POLICIES) + ".",
     )
     prefetch: PrefetchSettings = PrefetchSettings()
 
@@ -84,7 +86,7 @@ class SweepSettings(Settings):
     @field_validator("predictor_policies")
     @classmethod
     def _with_predictors(cls, value):
-        wrong = [name for name in value if name not in SIMULATED_PREDICTOR_POLICIES]
+        wrong = [entry for entry in value if entry.partition(":")[0] not in SIMULATED_PREDICTOR_POLICIES]
         if wrong:
             raise ValueError(
                 f"{', '.join(wrong)}: not a simulated predictor policy ({', '.join(SIMULATED_PREDICTOR_POLICIES)})"

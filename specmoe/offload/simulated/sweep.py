@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from specmoe.errors import InputError
 from specmoe.evaluation.evaluate import dataset_for
 from specmoe.offload.policy import POLICIES, predictors_for
 from specmoe.offload.simulated.cost import HardwareProfile
@@ -44,6 +45,7 @@ def run_sweep(
     experts = store.manifest.model.num_experts
     top_k = store.manifest.model.top_k
     prefetch = cfg.prefetch.resolve(top_k=top_k, num_layers=layers)
+    pairs = _pairs(cfg.predictor_policies, predictors)
     rows = []
     for batch_size in cfg.batch_sizes:
         base = TraceDataset(store, cfg.split, seed=split_seed)
@@ -55,16 +57,12 @@ def run_sweep(
                 data, predictor, batch_size=batch_size, horizons=predictor.horizons, max_windows=cfg.max_windows
             )
             calibrate = calibrations[name].apply if name in calibrations else None
-            for policy in cfg.predictor_policies:
+            for policy in {policy for policy, predictor_name in pairs if predictor_name == name}:
                 rule = POLICIES[policy]
                 settings = rule.resolve(cfg.prefetch, top_k=top_k, num_layers=layers)
                 plans[policy, name] = plan_forecasts(probs, settings, rule, calibrate)
             after_output[name] = predictor.needs_hidden == "residual_out"
-        runs = [("on-demand", None), *((name, None) for name in cfg.cache_policies)]
-        names = list(predictors)
-        for policy in cfg.predictor_policies:
-            runs += [(policy, names[i]) for i in predictors_for(POLICIES[policy], names)]
-        runs.append(("oracle", None))
+        runs = [("on-demand", None), *((name, None) for name in cfg.cache_policies), *pairs, ("oracle", None)]
         for fraction in tqdm(cfg.cache_fractions, desc=f"simulate batch {batch_size}", disable=not progress):
             capacity = capacity_bytes(fraction, layers, experts, expert_bytes)
             group = []
@@ -108,6 +106,24 @@ def run_sweep(
         "prefetch": prefetch.model_dump(),
         "rows": rows,
     }
+
+
+def _pairs(entries: tuple[str, ...], predictors: dict) -> list[tuple[str, str]]:
+    """(policy, predictor name) of every run with a predictor: each ``policy:name`` entry
+    with that predictor, each plain policy with the one it was built around where given,
+    else with each."""
+    names, pairs = list(predictors), []
+    for entry in entries:
+        policy, _, wanted = entry.partition(":")
+        if wanted:
+            if wanted not in predictors:
+                raise InputError(f"--predictor-policies {entry}: no --predictor-dir is called {wanted!r}")
+            pairs.append((policy, wanted))
+        else:
+            pairs += [
+                (policy, names[i]) for i in predictors_for(POLICIES[policy], [p.name for p in predictors.values()])
+            ]
+    return pairs
 
 
 def write_sweep(report: dict, out: Path) -> None:

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from specmoe.offload.policy import POLICIES, PrefetchSettings
-from specmoe.offload.settings import PLANNING, NextTokenSettings
+from specmoe.offload.settings import PLANNING, BatchSizes, CacheFractions, NextTokenSettings
 from specmoe.settings import Settings
 
 
@@ -21,10 +21,10 @@ class OffloadBenchSettings(Settings):
     tokens: int = Field(48, gt=0, description="Decode steps timed.")
     warmup: int = Field(16, ge=0, description="Decode steps before the clock starts; they fill the cache.")
     repeats: int = Field(3, ge=1, description="Runs per configuration, in shuffled order; the median is kept.")
-    cache_fractions: tuple[float, ...] = Field(
+    cache_fractions: CacheFractions = Field(
         (0.1, 0.25, 0.5), min_length=1, description="Fast-tier sizes, as fractions of all routed experts."
     )
-    batch_sizes: tuple[int, ...] = Field(
+    batch_sizes: BatchSizes = Field(
         (1,),
         min_length=1,
         description="Sequences decoded in lockstep (windows of the test split; a layer needs their experts' union).",
@@ -49,20 +49,6 @@ class OffloadBenchSettings(Settings):
     )
     prefetch: PrefetchSettings = PrefetchSettings()
     next_token: NextTokenSettings | None = None
-
-    @field_validator("cache_fractions")
-    @classmethod
-    def _fractions(cls, value):
-        if any(not 0 < f <= 1 for f in value):
-            raise ValueError(f"fractions must lie in (0, 1], got {','.join(map(str, value))}")
-        return value
-
-    @field_validator("batch_sizes")
-    @classmethod
-    def _batches(cls, value):
-        if any(b < 1 for b in value):
-            raise ValueError(f"batch sizes must be positive, got {','.join(map(str, value))}")
-        return value
 
     @field_validator("policies")
     @classmethod
@@ -89,7 +75,7 @@ class ModelBenchSettings(Settings):
         description="What runs: resident (the whole model), accelerate (its disk offload), mmap (experts "
         "memory-mapped, the page cache deciding), and specmoe's policies (" + ", ".join(MODEL_VARIANTS[3:]) + ").",
     )
-    cache_fractions: tuple[float, ...] = Field(
+    cache_fractions: CacheFractions = Field(
         (0.25,), min_length=1, description="Fast-tier sizes, as fractions of all routed experts."
     )
     tokens: int = Field(16, gt=0, description="Decode steps timed.")

@@ -6,9 +6,9 @@ classes (names, defaults, help), so the two cannot drift apart."""
 from __future__ import annotations
 
 import re
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from specmoe.errors import InputError
 from specmoe.settings import Settings
@@ -19,6 +19,24 @@ prefetch thread (what a server does); ``inline``: plans on the decoding thread, 
 prefetch thread (to measure what planning costs there); ``synchronous``: plans and reads on
 the decoding thread, at the end of the layer that asked (no overlap: decisions that do not
 depend on timing)."""
+
+
+def _fractions(value: tuple[float, ...]) -> tuple[float, ...]:
+    if any(not 0 < f <= 1 for f in value):
+        raise ValueError(f"fractions must lie in (0, 1], got {','.join(map(str, value))}")
+    return value
+
+
+def _batch_sizes(value: tuple[int, ...]) -> tuple[int, ...]:
+    if any(b < 1 for b in value):
+        raise ValueError(f"batch sizes must be positive, got {','.join(map(str, value))}")
+    return value
+
+
+CacheFractions = Annotated[tuple[float, ...], AfterValidator(_fractions)]
+"""Fast-tier sizes, each a fraction of all routed experts in (0, 1]."""
+BatchSizes = Annotated[tuple[int, ...], AfterValidator(_batch_sizes)]
+"""Numbers of sequences decoded together, each at least 1."""
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 

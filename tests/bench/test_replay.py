@@ -80,7 +80,7 @@ def test_policies_stay_within_budget(setup, policy, planning):
 
 
 def test_a_batch_decodes_in_lockstep_each_layer_reading_its_tokens_union(setup):
-    files, routing, weights, tokens = setup
+    files, routing, _, tokens = setup
     batch = np.stack([routing, np.roll(routing, 1, axis=0)], 1)  # (T, 2, L, k)
     batch[-3:, 1] = NO_TOKEN  # the second sequence ends three steps early
     budget = 6 * files.expert_nbytes(0)

@@ -28,7 +28,47 @@ from specmoe.offload.policy import (
 Plan = Callable[[], Forecast]
 
 
-class Prefetcher:
+class _Requester:
+    """What both prefetchers share: the queue, and forecasts handed to the policy core,
+    whose selection (``rule``, priced with ``link``) picks the reads to request."""
+
+    def __init__(
+        self,
+        transfer: Transfer,
+        tier: FastTier,
+        stats: RuntimeStats,
+        log: EventLog | None = None,
+        *,
+        rule: Policy = POLICIES["prefetch"],
+        link: LinkModel | None = None,
+    ):
+        self.transfer, self.tier, self.stats, self.rule, self.link = transfer, tier, stats, rule, link
+        self.queue = PrefetchQueue(log)
+
+    def _take(self, forecast: Forecast, present, busy_s: float = 0.0) -> list[Request]:
+        added = take_forecast(
+            forecast,
+            self.rule,
+            residency=self.tier.residency,
+            queue=self.queue,
+            link=self.link,
+            nbytes=self.transfer.expert_nbytes,
+            present=present,
+            position=self.tier.residency.position,
+            busy_s=busy_s,
+        )
+        self.stats.prefetch_requests += len(added)
+        return added
+
+    def _planned(self, make_forecast: Plan) -> None:
+        """Make a plan and hand its forecast over, timed as planning."""
+        began, began_cpu = time.perf_counter(), time.thread_time()
+        self.forecast(make_forecast())
+        self.stats.plan_s += time.perf_counter() - began
+        self.stats.plan_cpu_s += time.thread_time() - began_cpu
+
+
+class Prefetcher(_Requester):
     """A background thread that plans prefetches and reads them into the fast tier, in
     request order.
 
@@ -46,20 +86,10 @@ class Prefetcher:
     If planning or a read fails on the thread, the thread stops and the decoder's next call
     raises the failure, rather than waiting for a read that will never come."""
 
-    def __init__(
-        self,
-        transfer: Transfer,
-        tier: FastTier,
-        stats: RuntimeStats,
-        log: EventLog | None = None,
-        *,
-        rule: Policy = POLICIES["prefetch"],
-        link: LinkModel | None = None,
-    ):
-        self.transfer, self.tier, self.stats, self.rule, self.link = transfer, tier, stats, rule, link
-        self.queue = PrefetchQueue(log)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.in_flight: dict[Key, threading.Event] = {}
-        self.cond = threading.Condition(tier.lock)  # one lock for the tier and the queue
+        self.cond = threading.Condition(self.tier.lock)  # one lock for the tier and the queue
         self.stopped = False
         self.failure: BaseException | None = None
         self.demands = 0
@@ -84,20 +114,8 @@ class Prefetcher:
             self._raise_failure()
             reading = len(self.in_flight) > len(self.queue)  # a read under way holds the link
             busy = 0.5 * self.link.read_s if reading and self.link is not None else 0.0
-            added = take_forecast(
-                forecast,
-                self.rule,
-                residency=self.tier.residency,
-                queue=self.queue,
-                link=self.link,
-                nbytes=self.transfer.expert_nbytes,
-                present=self._present,
-                position=self.tier.residency.position,
-                busy_s=busy,
-            )
-            for key, _ in added:
+            for key, _ in self._take(forecast, self._present, busy):
                 self.in_flight[key] = threading.Event()
-            self.stats.prefetch_requests += len(added)
             self.cond.notify_all()
 
     def plan(self, make_requests: Plan, *, keep: bool = False) -> None:
@@ -185,11 +203,7 @@ class Prefetcher:
             self.pending_plan = None
             self.kept_plans.clear()
         for make_forecast in plans:
-            began, began_cpu = time.perf_counter(), time.thread_time()
-            forecast = make_forecast()
-            self.forecast(forecast)
-            self.stats.plan_s += time.perf_counter() - began
-            self.stats.plan_cpu_s += time.thread_time() - began_cpu
+            self._planned(make_forecast)
 
     def _run(self) -> None:
         try:
@@ -230,48 +244,21 @@ def read(transfer: Transfer, tier: FastTier, stats: RuntimeStats, key: Key, betw
         stats.bytes_read += nbytes
 
 
-class SynchronousPrefetcher:
+class SynchronousPrefetcher(_Requester):
     """The prefetcher's interface with every read made on the decoding thread, at the end of
     the layer that requested it (while that layer still holds its experts, as a background
     read overlapping its compute would): no overlap, and decisions that do not depend on
     timing. The simulator with an instant link makes the same decisions (the parity tests)."""
-
-    def __init__(
-        self,
-        transfer: Transfer,
-        tier: FastTier,
-        stats: RuntimeStats,
-        log: EventLog | None = None,
-        *,
-        rule: Policy = POLICIES["prefetch"],
-        link: LinkModel | None = None,
-    ):
-        self.transfer, self.tier, self.stats, self.rule, self.link = transfer, tier, stats, rule, link
-        self.queue = PrefetchQueue(log)
 
     def request(self, requests: list[Request]) -> None:
         added = self.queue.request(requests, self.tier.__contains__, self.tier.residency.position)
         self.stats.prefetch_requests += len(added)
 
     def forecast(self, forecast: Forecast) -> None:
-        added = take_forecast(
-            forecast,
-            self.rule,
-            residency=self.tier.residency,
-            queue=self.queue,
-            link=self.link,
-            nbytes=self.transfer.expert_nbytes,
-            present=self.tier.__contains__,
-            position=self.tier.residency.position,
-        )
-        self.stats.prefetch_requests += len(added)
+        self._take(forecast, self.tier.__contains__)
 
     def plan(self, make_forecast: Plan, *, keep: bool = False) -> None:
-        began, began_cpu = time.perf_counter(), time.thread_time()
-        forecast = make_forecast()
-        self.forecast(forecast)
-        self.stats.plan_s += time.perf_counter() - began
-        self.stats.plan_cpu_s += time.thread_time() - began_cpu
+        self._planned(make_forecast)
 
     def begin_layer(self, position: int, needed: set[Key]) -> None:
         self.queue.begin_layer(position, needed)

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from specmoe.offload.policy import POLICIES, PrefetchSettings
+from specmoe.offload.settings import BatchSizes, CacheFractions
 
 SIMULATED_PREDICTOR_POLICIES = tuple(n for n, p in POLICIES.items() if p.prefetch == "predictor" and not p.next_token)
 """A simulation has no model to guess the next token with."""
@@ -44,10 +45,10 @@ class HardwareSettings(Settings):
 class SweepSettings(Settings):
     """Every policy over fast-tier sizes and batch sizes, on one split of a trace store."""
 
-    cache_fractions: tuple[float, ...] = Field(
+    cache_fractions: CacheFractions = Field(
         (0.1, 0.25, 0.5), min_length=1, description="Fast-tier sizes, as fractions of all routed experts."
     )
-    batch_sizes: tuple[int, ...] = Field((1,), min_length=1, description="Decode batch sizes.")
+    batch_sizes: BatchSizes = Field((1,), min_length=1, description="Decode batch sizes.")
     max_windows: int | None = Field(64, gt=0, description="Sequences replayed from the split.")
     split: Literal["train", "val", "test"] = Field("test", description="Split the sequences come from.")
     cache_policies: tuple[str, ...] = Field(
@@ -59,20 +60,6 @@ class SweepSettings(Settings):
         "colon (cost-aware:token): " + ", ".join(SIMULATED_PREDICTOR_POLICIES) + ".",
     )
     prefetch: PrefetchSettings = PrefetchSettings()
-
-    @field_validator("cache_fractions")
-    @classmethod
-    def _fractions(cls, value):
-        if any(not 0 < f <= 1 for f in value):
-            raise ValueError(f"fractions must lie in (0, 1], got {','.join(map(str, value))}")
-        return value
-
-    @field_validator("batch_sizes")
-    @classmethod
-    def _batches(cls, value):
-        if any(b < 1 for b in value):
-            raise ValueError(f"batch sizes must be positive, got {','.join(map(str, value))}")
-        return value
 
     @field_validator("cache_policies")
     @classmethod

@@ -173,7 +173,7 @@ class Belady(EvictionPolicy):
 
 class NextUse(EvictionPolicy):
     """Prediction-aware: evicts the expert whose next use is expected farthest away
-    (:meth:`Outlook.expected_wait`: the predictors' chance of use at its next opportunity,
+    (:meth:`Outlook.expected_waits`: the predictors' chance of use at its next opportunity,
     within this token or, from a next-token guess, the next; else its LRFU use rate), ties
     to the least recent; a prefetch whose layer ran without it goes first. Belady evicts by
     the recorded next use; this by its forecast."""
@@ -182,23 +182,21 @@ class NextUse(EvictionPolicy):
     by_position = True
 
     def order(self, key, position):
-        demoted = self.last.get(key, -1) == -1
-        return not demoted, -self.outlook.expected_wait(key, position), self.last.get(key, -1)
+        last = self.last.get(key, -1)
+        return last != -1, -self.outlook.expected_wait(key, position), last
+
+    def _sorted(self, candidates: list[Key], position: int) -> np.ndarray:
+        """Candidate indices, first victim first (all at once: a full fast tier asks at
+        every admission, over every resident)."""
+        last = np.array([self.last.get(k, -1) for k in candidates])
+        return np.lexsort((last, -self.outlook.expected_waits(candidates, position), last != -1))
 
     def victim(self, candidates, position, incoming=None):
-        if len(candidates) < 32:
-            return super().victim(candidates, position)
-        # vectorised: a full fast tier asks this at every admission, over every resident
-        outlook, layers = self.outlook, self.outlook.num_layers
-        score = np.array([outlook.log_score.get(k, -math.inf) for k in candidates]) - position / outlook.half_life
-        rate = np.maximum(np.minimum(1.0, np.exp2(score) * outlook.per_token), 1e-6)
-        chance = np.array([outlook.chance_next(k, position) for k in candidates])
-        ahead = np.array([(k[0] - position) % layers for k in candidates])
-        wait = np.where(ahead == 0, layers, ahead) + layers * (1.0 - chance) / rate
-        last = np.array([self.last.get(k, -1) for k in candidates])
-        demoted = last == -1
-        best = np.lexsort((last, -wait, ~demoted))[0]
-        return candidates[int(best)]
+        return candidates[int(self._sorted(candidates, position)[0])]
+
+    def ranking(self, candidates, position, count):
+        eligible = self._eligible(candidates)
+        return [eligible[int(i)] for i in self._sorted(eligible, position)[:count]] if eligible else []
 
 
 def eviction_policy(name: str, num_layers: int, future: dict[Key, list[int]] | None = None) -> EvictionPolicy:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -114,43 +114,57 @@ class LinkModel:
             self.layer_s += self.smoothing * (seconds - self.layer_s)
 
 
-@dataclass
 class Outlook:
     """Each expert's next use as far as it can be told: the latest forecast for the expert's
     next opportunity (the next position of its layer), else its use rate per token.
 
     The use rate is an LRFU score (each use adds 1, halving every ``half_life_tokens``
     tokens) times ``1 - 2^(-1/half_life_tokens)``: 1 for an expert used at every token, 0
-    for one never used."""
+    for one never used. Kept in arrays by (layer, expert), so that a full fast tier ranks
+    all its residents at once (:meth:`expected_waits`): eviction asks at every admission."""
 
-    num_layers: int
-    half_life_tokens: float = LRFU_HALF_LIFE_TOKENS
-    log_score: dict[Key, float] = field(default_factory=dict)
-    predicted: dict[Key, tuple[int, float]] = field(default_factory=dict)
-    bounds: dict[int, float] = field(default_factory=dict)
+    def __init__(self, num_layers: int, half_life_tokens: float = LRFU_HALF_LIFE_TOKENS):
+        self.num_layers = num_layers
+        self.half_life = half_life_tokens * num_layers  # in positions
+        self.per_token = 1.0 - 2.0 ** (-1.0 / half_life_tokens)
+        self.log_score = np.full((num_layers, 64), -np.inf)
+        """log2 of the LRFU score at position 0: comparing needs no decaying."""
+        self.predicted_at = np.full((num_layers, 64), -1, dtype=np.int64)
+        self.predicted = np.zeros((num_layers, 64))
+        """The newest forecast of each expert: the position, and the chance of use there."""
+        self.bounds: dict[int, float] = {}
 
-    def __post_init__(self):
-        self.half_life = self.half_life_tokens * self.num_layers  # in positions
-        self.per_token = 1.0 - 2.0 ** (-1.0 / self.half_life_tokens)
+    def _fit(self, expert: int) -> None:
+        """Room for expert ids up to ``expert``."""
+        width = self.log_score.shape[1]
+        if expert >= width:
+            grow = max(2 * width, expert + 1) - width
+            self.log_score = np.pad(self.log_score, ((0, 0), (0, grow)), constant_values=-np.inf)
+            self.predicted_at = np.pad(self.predicted_at, ((0, 0), (0, grow)), constant_values=-1)
+            self.predicted = np.pad(self.predicted, ((0, 0), (0, grow)))
 
     def on_use(self, key: Key, position: int) -> None:
+        layer, expert = key
+        self._fit(expert)
         now = position / self.half_life
-        score = 2.0 ** (self.log_score.get(key, -math.inf) - now)
-        self.log_score[key] = math.log2(score + 1.0) + now
+        score = 2.0 ** (self.log_score[layer, expert] - now)
+        self.log_score[layer, expert] = math.log2(score + 1.0) + now
 
     def observe(self, forecast: Forecast) -> None:
         """The newest forecast overrides older ones for the positions it covers."""
         for position, bound in forecast.rest:
             self.bounds[position] = bound
-        for key, position, q in forecast.entries:
-            self.predicted[key] = (position, q)
+        for (layer, expert), position, q in forecast.entries:
+            self._fit(expert)
+            self.predicted_at[layer, expert], self.predicted[layer, expert] = position, q
         if len(self.bounds) > 4 * self.num_layers:  # forget positions long past
             for position in [p for p in self.bounds if p < forecast.made_at]:
                 del self.bounds[position]
 
     def rate(self, key: Key, position: int) -> float:
-        score = 2.0 ** (self.log_score.get(key, -math.inf) - position / self.half_life)
-        return min(1.0, score * self.per_token)
+        layer, expert = key
+        self._fit(expert)
+        return min(1.0, 2.0 ** (float(self.log_score[layer, expert]) - position / self.half_life) * self.per_token)
 
     def next_opportunity(self, key: Key, position: int) -> int:
         """The first position after ``position`` whose layer is the expert's."""
@@ -158,19 +172,44 @@ class Outlook:
         return position + (ahead or self.num_layers)
 
     def chance_next(self, key: Key, position: int) -> float:
-        """The probability the expert is needed at its next opportunity."""
-        nxt = self.next_opportunity(key, position)
+        """The probability the expert is needed at its next opportunity (one expert: in
+        Python, which beats numpy on a single value)."""
+        layer, expert = key
         rate = self.rate(key, position)
-        forecast = self.predicted.get(key)
-        if forecast is not None and forecast[0] == nxt:
-            return forecast[1]
-        if nxt in self.bounds:  # covered, and not listed: no likelier than the bound
-            return min(rate, self.bounds[nxt])
-        return rate
+        nxt = self.next_opportunity(key, position)
+        if self.predicted_at[layer, expert] == nxt:
+            return float(self.predicted[layer, expert])
+        bound = self.bounds.get(nxt)  # covered, and not listed: no likelier than the bound
+        return rate if bound is None else min(rate, bound)
 
     def expected_wait(self, key: Key, position: int) -> float:
-        """Positions until the expert's next use, expected: its next opportunity, and if it is
+        return float(self.expected_waits([key], position)[0])
+
+    def expected_waits(self, keys: list[Key], position: int) -> np.ndarray:
+        """Positions until each expert's next use, expected: its next opportunity, and if it is
         not needed there, a wait at its use rate (geometric over tokens)."""
-        nxt = self.next_opportunity(key, position)
-        chance = self.chance_next(key, position)
-        return (nxt - position) + self.num_layers * (1.0 - chance) / max(self.rate(key, position), 1e-6)
+        layers, experts = self._index(keys)
+        ahead = (layers - position) % self.num_layers
+        distance = np.where(ahead == 0, self.num_layers, ahead)
+        rates = np.maximum(self._rates(layers, experts, position), 1e-6)
+        return distance + self.num_layers * (1.0 - self._chances(layers, experts, position)) / rates
+
+    def _index(self, keys: list[Key]) -> tuple[np.ndarray, np.ndarray]:
+        index = np.asarray(keys, dtype=np.int64).reshape(-1, 2)
+        self._fit(int(index[:, 1].max()) if len(index) else 0)
+        return index[:, 0], index[:, 1]
+
+    def _rates(self, layers: np.ndarray, experts: np.ndarray, position: int) -> np.ndarray:
+        score = np.exp2(self.log_score[layers, experts] - position / self.half_life)
+        return np.minimum(1.0, score * self.per_token)
+
+    def _chances(self, layers: np.ndarray, experts: np.ndarray, position: int) -> np.ndarray:
+        ahead = (layers - position) % self.num_layers
+        nxt = position + np.where(ahead == 0, self.num_layers, ahead)
+        chances = self._rates(layers, experts, position)
+        for target in np.unique(nxt):  # covered, and not listed: no likelier than the bound
+            if int(target) in self.bounds:
+                at = nxt == target
+                chances[at] = np.minimum(chances[at], self.bounds[int(target)])
+        listed = self.predicted_at[layers, experts] == nxt
+        return np.where(listed, self.predicted[layers, experts], chances)

@@ -79,6 +79,7 @@ def choose_by_value(
     )
     victims = iter(residency.victims(taken + len(candidates))[taken:])
     outlook = residency.outlook
+    risk: dict = {}  # each victim's chance of use at its next opportunity
     chosen = []
     for key, target, q in candidates:
         ahead = sum(1 for t, _ in schedule if t <= target)
@@ -95,7 +96,9 @@ def choose_by_value(
         victim = None
         if free < size:
             victim = next(victims, None)
-            eviction = read * (outlook.chance_next(victim, position) if victim is not None else 1.0)
+            if victim is not None and victim not in risk:
+                risk[victim] = outlook.chance_next(victim, position)
+            eviction = read * (risk[victim] if victim is not None else 1.0)
         else:
             eviction = 0.0
         if benefit - delay - eviction - interference > 0:

@@ -134,18 +134,18 @@ class Outlook:
         """The newest forecast of each expert: the position, and the chance of use there."""
         self.bounds: dict[int, float] = {}
 
-    def _fit(self, expert: int) -> None:
-        """Room for expert ids up to ``expert``."""
-        width = self.log_score.shape[1]
-        if expert >= width:
-            grow = max(2 * width, expert + 1) - width
-            self.log_score = np.pad(self.log_score, ((0, 0), (0, grow)), constant_values=-np.inf)
-            self.predicted_at = np.pad(self.predicted_at, ((0, 0), (0, grow)), constant_values=-1)
-            self.predicted = np.pad(self.predicted, ((0, 0), (0, grow)))
+    def _fit(self, layer: int, expert: int) -> None:
+        """Room for layers up to ``layer`` and expert ids up to ``expert``."""
+        rows, width = self.log_score.shape
+        if layer >= rows or expert >= width:
+            pad = ((0, max(layer + 1 - rows, 0)), (0, max(2 * width, expert + 1) - width if expert >= width else 0))
+            self.log_score = np.pad(self.log_score, pad, constant_values=-np.inf)
+            self.predicted_at = np.pad(self.predicted_at, pad, constant_values=-1)
+            self.predicted = np.pad(self.predicted, pad)
 
     def on_use(self, key: Key, position: int) -> None:
         layer, expert = key
-        self._fit(expert)
+        self._fit(layer, expert)
         now = position / self.half_life
         score = 2.0 ** (self.log_score[layer, expert] - now)
         self.log_score[layer, expert] = math.log2(score + 1.0) + now
@@ -155,7 +155,7 @@ class Outlook:
         for position, bound in forecast.rest:
             self.bounds[position] = bound
         for (layer, expert), position, q in forecast.entries:
-            self._fit(expert)
+            self._fit(layer, expert)
             self.predicted_at[layer, expert], self.predicted[layer, expert] = position, q
         if len(self.bounds) > 4 * self.num_layers:  # forget positions long past
             for position in [p for p in self.bounds if p < forecast.made_at]:
@@ -163,7 +163,7 @@ class Outlook:
 
     def rate(self, key: Key, position: int) -> float:
         layer, expert = key
-        self._fit(expert)
+        self._fit(layer, expert)
         return min(1.0, 2.0 ** (float(self.log_score[layer, expert]) - position / self.half_life) * self.per_token)
 
     def next_opportunity(self, key: Key, position: int) -> int:
@@ -196,7 +196,8 @@ class Outlook:
 
     def _index(self, keys: list[Key]) -> tuple[np.ndarray, np.ndarray]:
         index = np.asarray(keys, dtype=np.int64).reshape(-1, 2)
-        self._fit(int(index[:, 1].max()) if len(index) else 0)
+        if len(index):
+            self._fit(int(index[:, 0].max()), int(index[:, 1].max()))
         return index[:, 0], index[:, 1]
 
     def _rates(self, layers: np.ndarray, experts: np.ndarray, position: int) -> np.ndarray:

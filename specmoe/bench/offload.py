@@ -30,7 +30,7 @@ from specmoe.bench.settings import OffloadBenchSettings
 from specmoe.errors import InputError
 from specmoe.models.offloaded import load_offloaded
 from specmoe.offload.live.next_token import LogitLens, NextTokenPlanner
-from specmoe.offload.policy import POLICIES, LinkModel, predictors_for
+from specmoe.offload.policy import POLICIES, PRESETS, LinkModel, predictors_for
 from specmoe.offload.settings import TierSize
 from specmoe.predictors.base import load_predictor
 from specmoe.predictors.calibration import calibration_for
@@ -99,7 +99,7 @@ def benchmark_offload(
     s = settings or OffloadBenchSettings()
     if s.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {s.device}: this machine has no CUDA GPU")
-    policies = s.policies or tuple(POLICIES)
+    policies = s.policies or tuple(p for p in POLICIES if p not in PRESETS)  # the anchors' when asked for
     asked = {entry.partition(":")[0] for entry in s.policies or ()}
     predicted = sorted(p for p in asked if POLICIES[p].prefetch == "predictor")
     if predicted and not predictor_dirs:

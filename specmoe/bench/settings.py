@@ -31,7 +31,7 @@ class OffloadBenchSettings(Settings):
     )
     policies: tuple[str, ...] | None = Field(
         None,
-        description="Policies to run (default: all): "
+        description="Policies to run (default: all but the presets): "
         + ", ".join(POLICIES)
         + "; one with a predictor runs once per predictor (or the one it was built around), or with the one "
         "named after a colon (cost-aware:token).",

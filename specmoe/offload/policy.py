@@ -34,6 +34,7 @@ from specmoe.settings import Settings
 
 __all__ = [
     "POLICIES",
+    "PRESETS",
     "EventLog",
     "Forecast",
     "LinkModel",

@@ -14,6 +14,7 @@ layer-keyed fast tier allows. Where one read outlasts even that, it is not a cei
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import platform
 import tempfile
 from pathlib import Path
@@ -22,73 +23,64 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from specmoe.bench.decoding import decode_steps
 from specmoe.bench.progress import FinishedRuns
 from specmoe.bench.replay import ReplayResult, interference, random_experts, replay
 from specmoe.bench.settings import OffloadBenchSettings
 from specmoe.errors import InputError
 from specmoe.models.offloaded import load_offloaded
 from specmoe.offload.live.next_token import LogitLens, NextTokenPlanner
-from specmoe.offload.policy import POLICIES
+from specmoe.offload.policy import POLICIES, PRESETS, LinkModel, predictors_for
 from specmoe.offload.settings import TierSize
 from specmoe.predictors.base import load_predictor
-from specmoe.predictors.data import TraceDataset
+from specmoe.predictors.calibration import calibration_for
 from specmoe.traces.store import TraceStore
 
 
-def _test_tokens(store: TraceStore, tokens: int, split_seed: int, hidden_kinds=()):
-    """The test split's first ``tokens`` tokens in order: routing, gate weights, token ids and
-    the hidden states (T, L, D) of each of ``hidden_kinds``. Of a ``greedy`` store only the
-    decoded tokens are taken (prompts are prefilled, not decoded)."""
-    collection = store.manifest.collection
-    missing = [kind for kind in hidden_kinds if kind not in collection.hidden]
-    if missing:
-        flag = {"residual_out": "--save-residuals", "router_input": "--save-router-inputs"}
-        raise InputError(
-            f"{store.directory} holds no {missing[0]} states, which next-token prefetch or a predictor "
-            f"reads; collect it with {flag.get(missing[0], missing[0])}"
-        )
-    prompt_len = collection.seq_len - collection.generated_tokens if collection.mode == "greedy" else 0
-
-    def take(hidden: str | None) -> list:
-        parts, count = [], 0
-        for batch in TraceDataset(store, "test", seed=split_seed, hidden=hidden).iter_batches(4096):
-            decoded = torch.from_numpy(batch.positions >= prompt_len)
-            if hidden is None:
-                parts.append((batch.expert_ids[decoded], batch.gate_weights[decoded], batch.token_ids[decoded]))
-            else:
-                parts.append(batch.hidden[decoded])
-            count += int(decoded.sum())
-            if count >= tokens:
-                break
-        return parts
-
-    routing, weights, token_ids = (torch.cat(column)[:tokens].numpy() for column in zip(*take(None)))
-    states = {kind: torch.cat(take(kind))[:tokens] for kind in hidden_kinds}
-    return routing, weights, token_ids, states
-
-
-def _next_token_planners(store: TraceStore, predictors: list, layers: int, settings, prefetch):
+def _next_token_planners(store: TraceStore, predictors: list, layers: int, settings, prefetch, calibrations):
     """A factory of fresh next-token planners (each run counts its own guesses): the lens of
     the model the traces came from, the first token table among the predictors."""
     table = next((p for p in predictors if hasattr(p, "token_rows")), None)
     if table is None:
         raise InputError("--next-token-layer looks experts up by token: give a token predictor as a --predictor-dir")
     lens = LogitLens.of(load_offloaded(store.manifest.model.id, dtype="float32", progress=False).loaded.model)
-    return lambda: NextTokenPlanner(lens, table, settings, layers, prefetch)
+    return lambda: NextTokenPlanner(lens, table, settings, layers, prefetch, calibrations.get(id(table)))
 
 
-def _runs(policies: tuple[str, ...], predictors: list, plannings: tuple[str, ...]) -> list[tuple]:
+def _runs(policies: tuple[str, ...], predictors: list, labels: dict, plannings: tuple[str, ...]) -> list[tuple]:
     """(policy, predictor, planning) of every run, in the order of :data:`POLICIES`; each
-    prefetching policy once per predictor and planning mode, the others once."""
+    policy with a predictor once per planning mode and per predictor (the one named after
+    its colon, else the one it was built around where given, else each), the others once."""
     runs = []
+    names = [p.name for p in predictors]
     for name in POLICIES:
-        if name not in policies:
-            continue
-        if POLICIES[name].prefetch == "predictor":
-            runs += [(name, p, mode) for p in predictors for mode in plannings]
-        else:
-            runs.append((name, None, plannings[0]))
+        for entry in policies:
+            policy, _, wanted = entry.partition(":")
+            if policy != name:
+                continue
+            if POLICIES[name].prefetch != "predictor":
+                runs.append((name, None, plannings[0]))
+                continue
+            if wanted:
+                chosen = [p for p in predictors if wanted in (p.name, labels[id(p)])]
+                if not chosen:
+                    raise InputError(f"--policies {entry}: no --predictor-dir holds a predictor {wanted!r}")
+            else:
+                chosen = [predictors[i] for i in predictors_for(POLICIES[name], names)]
+            runs += [(name, p, mode) for p in chosen for mode in plannings]
     return runs
+
+
+def _policy(entry: str) -> str:
+    """The policy of a ``--policies`` entry (``policy`` or ``policy:predictor``)."""
+    return entry.partition(":")[0]
+
+
+def _link(probe: dict) -> LinkModel:
+    """The times reads are weighed in, from the start: the probe's read beside a computing
+    layer and layer beside a read; learnt further as each run decodes."""
+    read_ms = probe.get("expert_load_ms_while_computing") or probe["expert_load_ms"]
+    return LinkModel(read_ms / 1e3, probe["layer_compute_ms_while_loading"] / 1e3, learn=True)
 
 
 def benchmark_offload(
@@ -107,12 +99,14 @@ def benchmark_offload(
     s = settings or OffloadBenchSettings()
     if s.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {s.device}: this machine has no CUDA GPU")
-    policies = s.policies or tuple(POLICIES)
-    asked = set(s.policies or ())
-    if {"prefetch", "prefetch+next-token"} & asked and not predictor_dirs:
-        raise InputError("--policies prefetch needs at least one --predictor-dir")
-    if "prefetch+next-token" in asked and s.next_token is None:
-        raise InputError("--policies prefetch+next-token needs --next-token-layer")
+    policies = s.policies or tuple(p for p in POLICIES if p not in PRESETS)  # the anchors' when asked for
+    asked = {entry.partition(":")[0] for entry in s.policies or ()}
+    predicted = sorted(p for p in asked if POLICIES[p].prefetch == "predictor")
+    if predicted and not predictor_dirs:
+        raise InputError(f"--policies {','.join(predicted)} needs at least one --predictor-dir")
+    guessed = sorted(p for p in asked if POLICIES[p].next_token)
+    if guessed and s.next_token is None:
+        raise InputError(f"--policies {','.join(guessed)} needs --next-token-layer")
     store = TraceStore.open(traces)
     model = store.manifest.model
     layers = model.stacks[store.default_stack()].num_layers
@@ -124,23 +118,28 @@ def benchmark_offload(
     }
     for predictor in predictors:
         predictor.check_fits(layers, model.num_experts, f"the traces in {store.directory} ({model.id})")
-        if predictor.previous_tokens:
-            raise InputError(f"the replay gives predictors no earlier tokens; {predictor.name} reads them")
     if not predictors:  # nothing predicts: prefetch runs are left out unless asked for (refused above)
-        policies = tuple(p for p in policies if POLICIES[p].prefetch != "predictor")
+        policies = tuple(p for p in policies if POLICIES[_policy(p)].prefetch != "predictor")
     prefetch = s.prefetch.resolve(top_k=model.top_k, num_layers=layers)  # checked before experts are written
-    guessing = s.next_token is not None and "prefetch+next-token" in policies
+    guessing = s.next_token is not None and any(POLICIES[_policy(p)].next_token for p in policies)
     if not guessing:
-        policies = tuple(p for p in policies if p != "prefetch+next-token")
+        policies = tuple(p for p in policies if not POLICIES[_policy(p)].next_token)
     kinds = {p.needs_hidden for p in predictors if p.needs_hidden}
     kinds |= {"residual_out"} if guessing else set()  # what the guess reads
-    routing, gate_weights, token_ids, states = _test_tokens(store, s.warmup + s.tokens, split_seed, sorted(kinds))
-    if len(routing) <= s.warmup:
-        raise InputError(f"the test split has {len(routing)} tokens, not enough for --warmup {s.warmup} + tokens")
+    batches = {b: decode_steps(store, s.warmup + s.tokens, b, split_seed, sorted(kinds)) for b in s.batch_sizes}
+    short = [b for b, steps in batches.items() if len(steps) <= s.warmup]
+    if short:
+        raise InputError(f"the test split has too few tokens for --warmup {s.warmup} + tokens at batch {short[0]}")
+    calibrations = {  # what turns a predictor's scores into probabilities: fitted on the validation split
+        id(p): calibration_for(p, d, store, split_seed=split_seed)
+        for p, d in zip(predictors, predictor_dirs)
+        if any(POLICIES[_policy(entry)].prefetch == "predictor" for entry in policies)
+    }
     next_token = None
     if guessing:  # the lens loads the model: only when its runs are asked for
-        next_token = _next_token_planners(store, predictors, layers, s.next_token, prefetch)
+        next_token = _next_token_planners(store, predictors, layers, s.next_token, prefetch, calibrations)
         next_token()  # settings checked now, before the experts are written
+    runs = _runs(policies, predictors, labels, s.planning)  # names checked before experts are written
     slow_tier = "disk" if s.device == "cpu" else "host"
     hidden, ffn = s.expert_shape
     rows = []
@@ -151,9 +150,7 @@ def benchmark_offload(
         files.reserve_buffers(int(max(s.cache_fractions) * layers * model.num_experts) + 2)
         machine_interference = interference(files, layers, model.num_experts, s.device)
         total = layers * model.num_experts * expert_bytes
-        configs = [
-            (fraction, *run) for fraction in s.cache_fractions for run in _runs(policies, predictors, s.planning)
-        ]
+        configs = [(batch, fraction, *run) for batch in s.batch_sizes for fraction in s.cache_fractions for run in runs]
         timings: dict[int, list] = {i: [] for i in range(len(configs))}
         rng = np.random.default_rng(0)
         order = [int(i) for _ in range(s.repeats) for i in rng.permutation(len(configs))]
@@ -164,36 +161,40 @@ def benchmark_offload(
             if run in finished.done:
                 timings[i].append(ReplayResult(**finished.done[run]))
                 continue
-            fraction, label, predictor, mode = configs[i]
+            batch, fraction, label, predictor, mode = configs[i]
+            steps = batches[batch]
             result = replay(
                 files,
-                routing,
-                gate_weights,
-                token_ids,
+                steps.routing,
+                steps.gate_weights,
+                steps.token_ids,
                 policy=label,
                 budget_bytes=TierSize(fraction=fraction).bytes_for(total, expert_bytes),
                 num_experts=model.num_experts,
                 prefetch=prefetch,
                 predictor=predictor,
+                calibration=calibrations.get(id(predictor)),
+                link=_link(machine_interference),
                 device=s.device,
                 warmup=s.warmup,
                 planning=mode,
                 next_token=next_token() if POLICIES[label].next_token else None,
-                residuals=states["residual_out"][:, s.next_token.layer] if guessing else None,
-                states=states.get(getattr(predictor, "needs_hidden", None)),
+                residuals=steps.states["residual_out"][:, :, s.next_token.layer] if guessing else None,
+                states=steps.states.get(getattr(predictor, "needs_hidden", None)),
+                sequences=steps.windows,
             )
             result.predictor = labels[id(predictor)] if predictor is not None else None
             timings[i].append(result)
             finished.add(run, dataclasses.asdict(result))
-        for i, (fraction, *_rest) in enumerate(configs):
+        for i, (_batch, fraction, *_rest) in enumerate(configs):
             results = sorted(timings[i], key=lambda r: r.seconds)
             row = results[len(results) // 2].row(fraction)  # the median run
             row["seconds_all_repeats"] = [round(r.seconds, 4) for r in timings[i]]
             row["stall_ms_per_token_all_repeats"] = [round(1e3 * r.stats["stall_s"] / r.tokens, 3) for r in timings[i]]
             rows.append(row)
         files.close()
-    for fraction in s.cache_fractions:
-        group = [r for r in rows if r["cache_fraction"] == fraction]
+    for batch, fraction in itertools.product(s.batch_sizes, s.cache_fractions):
+        group = [r for r in rows if r["cache_fraction"] == fraction and r["batch_size"] == batch]
         floor = next((r["tokens_per_s"] for r in group if r["policy"] == "on-demand"), None)
         ceiling = next((r["tokens_per_s"] for r in group if r["policy"] == "oracle"), None)
         for r in group:  # None where that policy was not run
@@ -208,8 +209,10 @@ def benchmark_offload(
         "num_layers": layers,
         "num_experts": model.num_experts,
         "top_k": model.top_k,
-        "tokens": len(routing) - s.warmup,
+        "tokens": len(batches[s.batch_sizes[0]]) - s.warmup,
         "warmup_tokens": s.warmup,
+        "steps_by_batch_size": {str(b): len(steps) - s.warmup for b, steps in batches.items()},
+        "calibration": {labels[id(p)]: c.source for p, c in zip(predictors, calibrations.values())},
         "prefetch": prefetch.model_dump(),
         "planning": list(s.planning),
         "next_token": s.next_token.model_dump() if guessing else None,
@@ -231,8 +234,10 @@ def offload_table(report: dict) -> str:
     """The rows as a plain-text table: median tokens/s, and stall per token with the range
     over repeats (the steadier measure on a shared machine)."""
     lines = [
-        f"{'cache':>6} {'policy':<32} {'tok/s':>8} {'stall ms/tok [range]':>22} {'hit':>6} {'MB read':>9} "
-        f"{'of oracle':>9} {'predict':>7} {'bg CPU':>7}"
+        (
+            f"{'batch':>5} {'cache':>6} {'policy':<40} {'tok/s':>8} {'stall ms/tok [range]':>22} {'hit':>6} "
+            f"{'MB read':>9} {'of oracle':>9} {'predict':>7} {'bg CPU':>7}"
+        )
     ]
     for r in report["rows"]:
         label = r["policy"] + (f":{r['predictor']}" if r["predictor"] else "")
@@ -242,7 +247,8 @@ def offload_table(report: dict) -> str:
         stall = f"{sorted(stalls)[len(stalls) // 2]:.2f} [{min(stalls):.2f}-{max(stalls):.2f}]"
         of_oracle = "-" if r["fraction_of_oracle"] is None else f"{r['fraction_of_oracle']:.3f}"
         lines.append(
-            f"{r['cache_fraction']:>6.2f} {label:<32} {r['tokens_per_s']:>8.2f} {stall:>22} {r['hit_rate']:>6.3f} "
+            f"{r.get('batch_size', 1):>5} {r['cache_fraction']:>6.2f} {label:<40} {r['tokens_per_s']:>8.2f} {stall:>22} "
+            f"{r['hit_rate']:>6.3f} "
             f"{r['bytes_read'] / 2**20:>9.1f} {of_oracle:>9} {r['predictor_cpu_fraction']:>7.2%} "
             f"{r['predictor_background_cpu_fraction']:>7.2%}"
         )

@@ -27,14 +27,9 @@ from specmoe.offload.live.next_token import NextTokenPlanner
 from specmoe.offload.live.planner import PrefetchPlanner
 from specmoe.offload.live.session import DecodingSession
 from specmoe.offload.live.tiers import HostExperts, SlowTier, Transfer
-from specmoe.offload.policy import (
-    EventLog,
-    PrefetchSettings,
-    Request,
-    in_token_requests,
-    oracle_requests,
-    policy_named,
-)
+from specmoe.offload.policy import EventLog, Forecast, LinkModel, PrefetchSettings, oracle_requests, policy_named
+from specmoe.offload.simulated.simulator import NO_TOKEN
+from specmoe.predictors.calibration import Calibration
 
 
 def random_experts(
@@ -69,6 +64,7 @@ class ReplayResult:
     eviction: str = "lru"
     planning: str | None = None
     """Where its plans ran (prefetch runs only): ``background`` or ``inline``."""
+    batch_size: int = 1
 
     def row(self, cache_fraction: float) -> dict:
         return {
@@ -77,11 +73,13 @@ class ReplayResult:
             "eviction": self.eviction,
             "planning": self.planning,
             "cache_fraction": cache_fraction,
+            "batch_size": self.batch_size,
             "budget_bytes": self.budget_bytes,
             "tokens": self.tokens,
             "seconds": round(self.seconds, 4),
             "tokens_per_s": self.tokens / self.seconds,
             "time_per_token_ms": 1e3 * self.seconds / self.tokens,
+            "stall_ms_per_token": 1e3 * self.stats["stall_s"] / self.tokens,
             "stall_fraction": self.stats["stall_s"] / self.seconds,
             "stall_ms_per_token_by_layer": [
                 round(1e3 * s / self.tokens, 3) for s in self.stats.get("stall_s_by_layer", [])
@@ -91,6 +89,7 @@ class ReplayResult:
             "predictor_background_cpu_fraction": self.stats["plan_cpu_s"] / self.seconds,
             "plan_memo_hit_rate": self.stats.get("plan_memo_hit_rate"),
             "next_token_guess_accuracy": self.stats.get("next_token_guess_accuracy"),
+            "link_model": self.stats.get("link_model"),
             "hit_rate": self.stats["hit_rate"],
             "late_prefetches": self.stats["late"],
             "demand_reads": self.stats["demand_reads"],
@@ -113,46 +112,64 @@ def replay(
     num_experts: int,
     prefetch: PrefetchSettings | None = None,
     predictor=None,
+    calibration: Calibration | None = None,
+    link: LinkModel | None = None,
     device: str = "cpu",
     warmup: int = 0,
     planning: str = "background",
     next_token: NextTokenPlanner | None = None,
     residuals: torch.Tensor | None = None,
     states: torch.Tensor | None = None,
+    sequences: np.ndarray | None = None,
     log: EventLog | None = None,
 ) -> ReplayResult:
-    """Decode ``routing`` (T tokens, L layers, k) one token at a time on ``device`` under the
-    named ``policy`` (:data:`~specmoe.offload.policy.POLICIES`), taking each layer's steps in
-    the order the model runtime takes them (:class:`DecodingSession`). The first ``warmup``
-    tokens fill the cache and are neither timed nor counted.
+    """Decode ``routing`` (T steps, L layers, k; or T steps of B sequences in lockstep, (T, B,
+    L, k), ``NO_TOKEN`` where a sequence has ended) on ``device`` under the named ``policy``
+    (:data:`~specmoe.offload.policy.POLICIES`), taking each layer's steps in the order the
+    model runtime takes them (:class:`DecodingSession`); a layer needs the union of its
+    tokens' experts, and each expert computes on the tokens routed to it. The first
+    ``warmup`` steps fill the cache and are neither timed nor counted.
 
-    A predictor prefetches layers l+1..l+``layers_ahead`` of the token it has seen routed.
-    The oracle reads the recorded future ``prefetch.oracle_reach`` layers ahead in decode
-    order (default L-1), into the next token's layers, since on a slow disk one read
-    outlasts several layers' compute.
+    A predictor forecasts layers l+1..l+``layers_ahead`` of the tokens it has seen routed
+    (probabilities from its ``calibration``, if given), pooled over the batch; policies that
+    weigh reads by value price them with ``link`` (default: one that learns this machine's
+    times as it decodes). The oracle reads the recorded future ``prefetch.oracle_reach``
+    layers ahead in decode order (default L-1), into the next token's layers, since on a
+    slow disk one read outlasts several layers' compute.
 
-    A predictor that reads hidden states gets them from ``states`` (T, L, D), recorded, of
-    its kind (``predictor.needs_hidden``): a router input at the layer's routing, a residual
-    output once the layer has run. ``next_token`` (with ``prefetch+next-token``): once its
-    guess layer has run, also prefetch the next token's first layers from a guess made from
-    ``residuals`` (T, D), the recorded residual stream after that layer."""
-    tokens, layers, top_k = routing.shape
+    A predictor that reads hidden states gets them from ``states`` (T, [B,] L, D), recorded,
+    of its kind (``predictor.needs_hidden``): a router input at the layer's routing, a
+    residual output once the layer has run. ``next_token`` (with a ``+next-token`` policy):
+    once its guess layer has run, also forecast the next token's first layers from a guess
+    made from ``residuals`` (T, [B,] D), the recorded residual stream after that layer. A
+    predictor that reads earlier tokens gets those of the same sequence (``sequences`` (T,
+    [B]): which sequence each token is of; default: one per slot)."""
+    if routing.ndim == 3:  # one sequence
+        routing, gate_weights, token_ids = routing[:, None], gate_weights[:, None], token_ids[:, None]
+        sequences = None if sequences is None else sequences[:, None]
+        states = None if states is None else states[:, None]
+        residuals = None if residuals is None else residuals[:, None]
+    steps, batch, layers, top_k = routing.shape
     rule = policy_named(policy)
-    if not 0 <= warmup < tokens:
-        raise ValueError(f"warmup must be in [0, {tokens}) for {tokens} tokens, got {warmup}")
+    if not 0 <= warmup < steps:
+        raise ValueError(f"warmup must be in [0, {steps}) for {steps} steps, got {warmup}")
     if rule.next_token != (next_token is not None):
         raise ValueError(f"policy {policy!r} {'needs' if rule.next_token else 'takes no'} next_token")
-    if next_token is not None and (residuals is None or len(residuals) != tokens):
+    if next_token is not None and (residuals is None or len(residuals) != steps):
         raise ValueError("next_token needs the guess layer's residuals of every token")
     if rule.prefetch == "predictor" and predictor is None:
         raise ValueError(f"policy {policy!r} needs a predictor")
     needs = getattr(predictor, "needs_hidden", None) if rule.prefetch == "predictor" else None
-    if needs and (states is None or tuple(states.shape[:2]) != (tokens, layers)):
+    if needs and (states is None or tuple(states.shape[:3]) != (steps, batch, layers)):
         raise ValueError(
-            f"predictor {predictor.name} reads {needs} states: pass states of shape ({tokens}, {layers}, D)"
+            f"predictor {predictor.name} reads {needs} states: pass states of shape ({steps}, {layers}, D)"
         )
-    prefetch = (prefetch or PrefetchSettings()).resolve(top_k=top_k, num_layers=layers)
+    prefetch = rule.resolve(prefetch or PrefetchSettings(), top_k=top_k, num_layers=layers)
     eviction = rule.eviction_for(prefetch)
+    if link is None and rule.selection == "value":
+        link = LinkModel(1.0, 1.0, learn=True)  # no figures yet: learnt from the first reads and layers
+    present = routing[:, :, 0, 0] != NO_TOKEN  # (T, B)
+    per_layer = routing.transpose(0, 2, 1, 3).reshape(steps, layers, -1)  # a batch's union per layer
     transfer = Transfer(slow, device)
     session = DecodingSession(
         transfer,
@@ -162,38 +179,58 @@ def replay(
         prefetching=rule.prefetch != "none",
         keeps_experts=rule.keeps_experts,
         planning=planning,
-        future_uses=future_uses(routing, layers) if eviction == "belady" else None,
+        future_uses=future_uses(per_layer, layers) if eviction == "belady" else None,
         log=log,
+        rule=rule,
+        link=link,
     )
-    planner = PrefetchPlanner(predictor, layers, num_experts, prefetch) if rule.prefetch == "predictor" else None
+    planner = None
+    if rule.prefetch == "predictor":
+        planner = PrefetchPlanner(predictor, layers, num_experts, prefetch, rule, calibration)
     hidden = slow.read(0, 0)[0].shape[1]
     dense = _dense_stand_in(hidden, transfer.device)
-    # Converted once: a predictor sees token t's routing up to the current layer.
+    # Converted once: a predictor sees its tokens' routing up to the current layer.
     expert_ids, weights = routing.astype(np.int64), gate_weights.astype(np.float32)
     token_ids = token_ids.astype(np.int64)
     states = states if needs else None
+    earlier = getattr(predictor, "previous_tokens", 0) if planner is not None else 0
+    if sequences is None:
+        sequences = np.zeros((steps, batch), dtype=np.int64)
 
-    def plan(t: int, layer: int) -> list[Request]:
-        keys = planner.plan(
+    def previous(t: int, live: np.ndarray) -> np.ndarray | None:
+        """(N, P, L, k): the routing of the P tokens before step t of each live sequence."""
+        if not earlier:
+            return None
+        out = np.full((batch, earlier, layers, top_k), NO_TOKEN, dtype=np.int64)
+        for back in range(1, min(earlier, t) + 1):
+            same = sequences[t - back] == sequences[t]
+            out[same, back - 1] = expert_ids[t - back, same]
+        return out[live]
+
+    def plan(t: int, layer: int) -> Forecast:
+        live = present[t]
+        rows = planner.plan(
             layer,
-            expert_ids[t : t + 1, : layer + 1],
-            weights[t : t + 1, : layer + 1],
-            token_ids[t : t + 1],
-            hidden=None if states is None else states[t : t + 1, : layer + 1],
+            expert_ids[t, live, : layer + 1],
+            weights[t, live, : layer + 1],
+            token_ids[t, live],
+            hidden=None if states is None else states[t, live, : layer + 1],
+            previous=previous(t, live),
         )
-        return in_token_requests(keys, t, layers)
+        return Forecast.of_rows(rows, t, layers, session.position(t, layer))
 
-    def guess_plan(t: int, ids: np.ndarray, probs: np.ndarray) -> list[Request]:
-        return in_token_requests(next_token.plan(ids, probs), t + 1, layers)
+    def guess_plan(t: int, ids: np.ndarray, probs: np.ndarray) -> Forecast:
+        rows = next_token.plan(ids, probs, by_value=rule.selection != "budget")
+        return Forecast.of_rows(rows, t + 1, layers, session.position(t, next_token.guess_layer))
 
     def experts_at(position: int) -> np.ndarray:
-        return routing[position // layers, position % layers]
+        return per_layer[position // layers, position % layers]
 
     guessed = {"made": 0, "right": 0}  # for timed tokens only
-    x = torch.randn(1, hidden, device=transfer.device).bfloat16()
+    x = torch.randn(batch, hidden, device=transfer.device).bfloat16()
     start = time.perf_counter()
     try:
-        for t in range(tokens):
+        for t in range(steps):
             if t == warmup:
                 _synchronize(transfer.device)
                 session.restart_counts()  # the cache keeps what warm-up put there
@@ -203,28 +240,33 @@ def replay(
             for layer in range(layers):
                 if rule.prefetch == "predictor" and needs != "residual_out":  # the layer's routing is known
                     session.submit(functools.partial(plan, t, layer))
-                keys = session.begin_layer(t, layer, sorted({int(e) for e in routing[t, layer] if e >= 0}))
+                routed = routing[t, :, layer]  # (B, k)
+                keys = session.begin_layer(t, layer, sorted({int(e) for e in routed.reshape(-1) if e >= 0}))
                 if rule.prefetch == "oracle":
                     position = session.position(t, layer)
                     session.request(
-                        oracle_requests(experts_at, position, prefetch.oracle_reach, tokens * layers, layers)
+                        oracle_requests(experts_at, position, prefetch.oracle_reach, steps * layers, layers)
                     )
-                x = _layer(x, dense, (session.fetch(key) for key in keys))
+                x = _layer(x, dense, ((session.fetch(key), _tokens_of(routed, key[1])) for key in keys))
                 session.finish_layer(t, layer)
                 if needs == "residual_out":  # the layer's output is known: what reads it plans now
                     session.submit(functools.partial(plan, t, layer))
-                if next_token is not None and layer == next_token.guess_layer and t + 1 < tokens:
+                if next_token is not None and layer == next_token.guess_layer and t + 1 < steps:
+                    live = present[t]
                     with session.predicting():
-                        ids, probs = next_token.guess(residuals[t : t + 1])
+                        ids, probs = next_token.guess(residuals[t, live])
                     if t >= warmup:
-                        guessed["made"] += 1
-                        guessed["right"] += int(ids[0, 0]) == token_ids[t + 1]
+                        following = present[t + 1, live]
+                        guessed["made"] += int(following.sum())
+                        guessed["right"] += int((ids[following, 0] == token_ids[t + 1, live][following]).sum())
                     session.submit(functools.partial(guess_plan, t, ids, probs), keep=True)
         _synchronize(transfer.device)
     finally:
         session.close()
     seconds = time.perf_counter() - start
     result = session.results() | {"expert_bytes": slow.expert_nbytes(0), **(planner.stats() if planner else {})}
+    if link is not None:
+        result["link_model"] = {"read_ms": 1e3 * link.read_s, "layer_ms": 1e3 * link.layer_s, "learnt": link.learn}
     if next_token is not None:  # how often the guess named the token that came next
         result["next_token_guesses"] = guessed["made"]
         result["next_token_guess_accuracy"] = guessed["right"] / guessed["made"] if guessed["made"] else None
@@ -232,23 +274,36 @@ def replay(
         policy,
         getattr(predictor, "name", None),
         budget_bytes,
-        tokens - warmup,
+        int(present[warmup:].sum()),
         seconds,
         result,
         eviction,
         planning if rule.prefetch == "predictor" else None,
+        batch,
     )
 
 
+def _tokens_of(routed: np.ndarray, expert: int) -> np.ndarray | None:
+    """Which of the batch's tokens (routing (B, k)) go to ``expert``; None: all of them."""
+    rows = (routed == expert).any(-1)
+    return None if rows.all() else rows
+
+
 def _layer(x: torch.Tensor, dense: torch.Tensor, experts) -> torch.Tensor:
-    """One layer of the stand-in model: the attention-sized dense matmul, then each expert's
-    SwiGLU FFN (its (gate_up, down) pair, fetched as the loop reaches it) on the token."""
-    hidden = x.shape[-1]
-    x = x + torch.nn.functional.linear(x, dense).view(4, 1, hidden).sum(0)
+    """One layer of the stand-in model on the batch's tokens x (B, D): the attention-sized
+    dense matmul, then each expert's SwiGLU FFN (its (gate_up, down) pair, fetched as the loop
+    reaches it) on the tokens routed to it (a (B,) mask; None: all)."""
+    batch, hidden = x.shape
+    x = x + torch.nn.functional.linear(x, dense).view(batch, 4, hidden).sum(1)
     out = torch.zeros_like(x)
-    for gate_up, down in experts:
-        gate, up = torch.nn.functional.linear(x, gate_up).chunk(2, dim=-1)
-        out += torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down)
+    for (gate_up, down), rows in experts:
+        if rows is None:
+            gate, up = torch.nn.functional.linear(x, gate_up).chunk(2, dim=-1)
+            out += torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down)
+            continue
+        rows = torch.from_numpy(rows).to(x.device)
+        gate, up = torch.nn.functional.linear(x[rows], gate_up).chunk(2, dim=-1)
+        out[rows] += torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down)
     return torch.nn.functional.normalize((x + out).float(), dim=-1).bfloat16() * hidden**0.5
 
 
@@ -276,11 +331,11 @@ def interference(slow: SlowTier, num_layers: int, num_experts: int, device: str 
     x = torch.randn(1, hidden, device=transfer.device).bfloat16()
 
     def compute_ms() -> float:
-        _layer(x, dense, experts[:1])
+        _layer(x, dense, [(experts[0], None)])
         _synchronize(transfer.device)
         began = time.perf_counter()
         for i in range(layers):
-            _layer(x, dense, [experts[i % len(experts)]])
+            _layer(x, dense, [(experts[i % len(experts)], None)])
         _synchronize(transfer.device)
         return 1e3 * (time.perf_counter() - began) / layers
 

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from specmoe.offload.policy import POLICIES, PrefetchSettings
-from specmoe.offload.settings import PLANNING, CacheFractions, NextTokenSettings
+from specmoe.offload.settings import PLANNING, BatchSizes, CacheFractions, NextTokenSettings
 from specmoe.settings import Settings
 
 
@@ -22,9 +22,17 @@ class OffloadBenchSettings(Settings):
     warmup: int = Field(16, ge=0, description="Decode steps before the clock starts; they fill the cache.")
     repeats: int = Field(3, ge=1, description="Runs per configuration, in shuffled order; the median is kept.")
     cache_fractions: CacheFractions = (0.1, 0.25, 0.5)
+    batch_sizes: BatchSizes = Field(
+        (1,),
+        min_length=1,
+        description="Sequences decoded in lockstep (windows of the test split; a layer needs their experts' union).",
+    )
     policies: tuple[str, ...] | None = Field(
         None,
-        description="Policies to run (default: all): " + ", ".join(POLICIES) + "; prefetch runs once per predictor.",
+        description="Policies to run (default: all but the presets): "
+        + ", ".join(POLICIES)
+        + "; one with a predictor runs once per predictor (or the one it was built around), or with the one "
+        "named after a colon (cost-aware:token).",
     )
     planning: tuple[Literal[PLANNING], ...] = Field(
         ("background",),
@@ -43,9 +51,13 @@ class OffloadBenchSettings(Settings):
     @field_validator("policies")
     @classmethod
     def _known(cls, value):
-        unknown = [p for p in value or () if p not in POLICIES]
+        names = [entry.partition(":") for entry in value or ()]
+        unknown = [name for name, _, _ in names if name not in POLICIES]
         if unknown or value == ():
             raise ValueError(f"must be a non-empty subset of {','.join(POLICIES)}, got {','.join(value)!r}")
+        blind = [name for name, _, predictor in names if predictor and POLICIES[name].prefetch != "predictor"]
+        if blind:
+            raise ValueError(f"{blind[0]} uses no predictor: name none after it")
         return value
 
 

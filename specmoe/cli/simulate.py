@@ -32,6 +32,9 @@ def simulate_command(
     batch_sizes: Annotated[str, option(S, "batch_sizes")] = default(S, "batch_sizes"),
     max_windows: Annotated[int, option(S, "max_windows")] = default(S, "max_windows"),
     split: Annotated[str, option(S, "split")] = default(S, "split"),
+    policies: Annotated[str, option(S, "predictor_policies", help="Policies run once per predictor.")] = default(
+        S, "predictor_policies"
+    ),
     layers_ahead: Annotated[int, option(P, "layers_ahead")] = default(P, "layers_ahead"),
     experts_per_layer: Annotated[int | None, option(P, "experts_per_layer")] = None,
     min_probability: Annotated[float, option(P, "min_probability")] = default(P, "min_probability"),
@@ -46,6 +49,7 @@ def simulate_command(
     from specmoe.models.loading import expert_nbytes
     from specmoe.offload.simulated.sweep import run_sweep, write_sweep
     from specmoe.predictors.base import load_predictor
+    from specmoe.predictors.calibration import calibration_for
     from specmoe.report.plots import png_bytes, simulated_speed
     from specmoe.traces.store import TraceStore
 
@@ -59,22 +63,31 @@ def simulate_command(
             "max_windows": max_windows,
             "split": split,
             "prefetch": values_for(PrefetchSettings, options),
+            "predictor_policies": tuple(p.strip() for p in policies.split(",") if p.strip()),
         },
     )
     store = TraceStore.open(traces)
     bytes_per_expert = expert_bytes or expert_nbytes(store.manifest.model.id, dtype)
     profile = machine.profile()
     predictors = {Path(d).name: load_predictor(d) for d in predictor_dir or []}
-    report = run_sweep(traces, profile, bytes_per_expert, predictors, sweep, split_seed=split_seed)
+    calibrations = {
+        name: calibration_for(predictors[name], d, store, split_seed=split_seed, log=typer.echo)
+        for name, d in zip(predictors, predictor_dir or [])
+    }
+    report = run_sweep(
+        traces, profile, bytes_per_expert, predictors, sweep, calibrations=calibrations, split_seed=split_seed
+    )
     report["command"] = "specmoe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     write_sweep(report, out)
     atomic.write_bytes(out / "speed_vs_memory.png", png_bytes(simulated_speed(report)))
     typer.echo(f"SIMULATION ({profile.name}, {bytes_per_expert / 2**20:.2f} MiB/expert) -> {out}/simulation.json")
-    typer.echo(f"{'batch':>5} {'cache':>6} {'policy':<28} {'tok/s':>9} {'stall':>6} {'hit':>6} {'gap closed':>10}")
+    typer.echo(
+        f"{'batch':>5} {'cache':>6} {'policy':<36} {'tok/s':>9} {'stall ms/tok':>12} {'hit':>6} {'gap closed':>10}"
+    )
     for r in report["rows"]:
         label = r["policy"] + (f":{r['predictor']}" if r["predictor"] else "")
         gap = "" if r["oracle_gap_closed"] is None else f"{r['oracle_gap_closed']:.3f}"
         typer.echo(
-            f"{r['batch_size']:>5} {r['cache_fraction']:>6.2f} {label:<28} {r['tokens_per_s']:>9.1f} "
-            f"{r['stall_fraction']:>6.3f} {r['hit_rate']:>6.3f} {gap:>10}"
+            f"{r['batch_size']:>5} {r['cache_fraction']:>6.2f} {label:<36} {r['tokens_per_s']:>9.1f} "
+            f"{r['stall_ms_per_token']:>12.3f} {r['hit_rate']:>6.3f} {gap:>10}"
         )

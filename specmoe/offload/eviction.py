@@ -3,16 +3,17 @@ simulated cache and the measured fast tier through :class:`specmoe.offload.polic
 
 from __future__ import annotations
 
+import heapq
 import math
 from bisect import bisect_right
 from collections import defaultdict
 
-from specmoe.offload import Key
+import numpy as np
 
-EVICTIONS = ("lru", "lfu", "lrfu", "belady")
-LRFU_HALF_LIFE_TOKENS = 16
-"""Picked from 8, 16, 32 and 64 on the validation split of olmoe-64e decoding traces
-(docs/benchmarks.md, "Where the gap to the oracle is")."""
+from specmoe.offload import Key
+from specmoe.offload.forecast import LRFU_HALF_LIFE_TOKENS, Outlook
+
+EVICTIONS = ("lru", "lfu", "lrfu", "belady", "next-use", "lru-per-layer")
 
 
 class EvictionPolicy:
@@ -32,6 +33,9 @@ class EvictionPolicy:
         """Prefetched, and its layer has not run since."""
         self.last: dict[Key, int] = {}
         """When each key was last inserted or used (-1: demoted); what ties break by."""
+        self.outlook: Outlook | None = None
+        """What is known of each expert's next use (set by :func:`eviction_policy`): what
+        prediction-aware eviction ranks by, and what the value rule prices an eviction at."""
 
     def on_insert(self, key: Key, position: int) -> None:
         self.awaiting.add(key)
@@ -45,22 +49,48 @@ class EvictionPolicy:
         self.awaiting.discard(key)
         self.last[key] = -1
 
-    def victim(self, candidates: list[Key], position: int) -> Key:
+    def order(self, key: Key, position: int):
+        """Sort key: the lowest goes first."""
         raise NotImplementedError
 
-    def choose(self, candidates: list[Key], position: int) -> Key:
-        """The resident to evict: the policy's victim among those not awaiting their layer,
-        or, if every candidate is, among them."""
+    def victim(self, candidates: list[Key], position: int, incoming: Key | None = None) -> Key:
+        return min(candidates, key=lambda k: self.order(k, position))
+
+    def _eligible(self, candidates: list[Key]) -> list[Key]:
         if self.protects_prefetches:
-            candidates = [k for k in candidates if k not in self.awaiting] or candidates
-        return self.victim(candidates, position)
+            return [k for k in candidates if k not in self.awaiting] or candidates
+        return candidates
+
+    def choose(self, candidates: list[Key], position: int, incoming: Key | None = None) -> Key:
+        """The resident to evict for ``incoming``: the policy's victim among those not
+        awaiting their layer, or, if every candidate is, among them."""
+        return self.victim(self._eligible(candidates), position, incoming)
+
+    def ranking(self, candidates: list[Key], position: int, count: int) -> list[Key]:
+        """The next ``count`` victims, in order, if nothing changed in between (what the value
+        rule prices evictions by)."""
+        return heapq.nsmallest(count, self._eligible(candidates), key=lambda k: self.order(k, position))
 
 
 class LRU(EvictionPolicy):
     name = "lru"
 
-    def victim(self, candidates, position):
-        return min(candidates, key=lambda k: self.last.get(k, -1))
+    def order(self, key, position):
+        return self.last.get(key, -1)
+
+
+class PerLayerLRU(LRU):
+    """Least recently used of the incoming expert's own layer, while that layer holds one
+    that may go (as mixtral-offloading keeps an LRU cache per layer); else of all layers.
+    Once the fast tier has filled, each layer keeps about the share it filled."""
+
+    name = "lru-per-layer"
+
+    def victim(self, candidates, position, incoming=None):
+        if incoming is not None:
+            own = [k for k in candidates if k[0] == incoming[0]]
+            candidates = own or candidates
+        return super().victim(candidates, position)
 
 
 class LFU(EvictionPolicy):
@@ -80,8 +110,8 @@ class LFU(EvictionPolicy):
         super().demote(key)
         self.count[key] = 0
 
-    def victim(self, candidates, position):
-        return min(candidates, key=lambda k: (self.count.get(k, 0), self.last.get(k, -1)))
+    def order(self, key, position):
+        return self.count.get(key, 0), self.last.get(key, -1)
 
 
 class LRFU(EvictionPolicy):
@@ -117,8 +147,8 @@ class LRFU(EvictionPolicy):
         super().demote(key)
         self.log_score[key] = -math.inf
 
-    def victim(self, candidates, position):
-        return min(candidates, key=lambda k: (self.log_score.get(k, -math.inf), self.last.get(k, -1)))
+    def order(self, key, position):
+        return self.log_score.get(key, -math.inf), self.last.get(key, -1)
 
 
 class Belady(EvictionPolicy):
@@ -137,22 +167,53 @@ class Belady(EvictionPolicy):
         i = bisect_right(times, position)
         return times[i] if i < len(times) else float("inf")
 
-    def victim(self, candidates, position):
-        return max(candidates, key=lambda k: self.next_use(k, position))
+    def order(self, key, position):
+        return -self.next_use(key, position)
+
+
+class NextUse(EvictionPolicy):
+    """Prediction-aware: evicts the expert whose next use is expected farthest away
+    (:meth:`Outlook.expected_waits`: the predictors' chance of use at its next opportunity,
+    within this token or, from a next-token guess, the next; else its LRFU use rate), ties
+    to the least recent; a prefetch whose layer ran without it goes first. Belady evicts by
+    the recorded next use; this by its forecast."""
+
+    name = "next-use"
+    by_position = True
+
+    def order(self, key, position):
+        last = self.last.get(key, -1)
+        return last != -1, -self.outlook.expected_wait(key, position), last
+
+    def _sorted(self, candidates: list[Key], position: int) -> np.ndarray:
+        """Candidate indices, first victim first (all at once: a full fast tier asks at
+        every admission, over every resident)."""
+        last = np.array([self.last.get(k, -1) for k in candidates])
+        return np.lexsort((last, -self.outlook.expected_waits(candidates, position), last != -1))
+
+    def victim(self, candidates, position, incoming=None):
+        return candidates[int(self._sorted(candidates, position)[0])]
+
+    def ranking(self, candidates, position, count):
+        eligible = self._eligible(candidates)
+        return [eligible[int(i)] for i in self._sorted(eligible, position)[:count]] if eligible else []
 
 
 def eviction_policy(name: str, num_layers: int, future: dict[Key, list[int]] | None = None) -> EvictionPolicy:
-    """The policy called ``name`` for a stack of ``num_layers`` layers; Belady needs
-    ``future`` (from :func:`future_uses`)."""
+    """The policy called ``name`` for a stack of ``num_layers`` layers, with an
+    :class:`Outlook` of its own; Belady needs ``future`` (from :func:`future_uses`)."""
     if name not in EVICTIONS:
         raise ValueError(f"eviction must be one of {', '.join(EVICTIONS)}, got {name!r}")
     if name == "belady":
         if future is None:
             raise ValueError("Belady eviction needs the future: pass future_uses")
-        return Belady(future)
-    if name == "lrfu":
-        return LRFU(LRFU_HALF_LIFE_TOKENS * num_layers)
-    return {"lru": LRU, "lfu": LFU}[name]()
+        policy = Belady(future)
+    elif name == "lrfu":
+        policy = LRFU(LRFU_HALF_LIFE_TOKENS * num_layers)
+    else:
+        policy = {"lru": LRU, "lfu": LFU, "next-use": NextUse, "lru-per-layer": PerLayerLRU}[name]()
+    policy.outlook = Outlook(num_layers)
+    return policy
 
 
 def future_uses(routing, num_layers: int) -> dict[Key, list[int]]:

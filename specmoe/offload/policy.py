@@ -17,42 +17,83 @@ test holds the two to the same decisions.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
 
 from specmoe.errors import InputError
 from specmoe.offload import Key
-from specmoe.offload.eviction import EVICTIONS, EvictionPolicy
+from specmoe.offload.eviction import EVICTIONS
+from specmoe.offload.forecast import Forecast, LinkModel, Row, forecast_rows
+from specmoe.offload.residency import EventLog, PrefetchQueue, Request, Residency
+from specmoe.offload.value import choose_by_value
 from specmoe.settings import Settings
 
-Request = tuple[Key, int]
-"""A prefetch request: the expert, and the decode position whose layer needs it."""
-EventLog = list[tuple]
-"""Decisions in the order made (``("admit", key, prefetch)``, ``("evict", key)``,
-``("request", key, position)``, ``("drop", key, position)``, ``("hit" | "late" | "miss",
-key)``): what the parity tests compare between the simulator and the measured engines."""
+__all__ = [
+    "POLICIES",
+    "PRESETS",
+    "EventLog",
+    "Forecast",
+    "LinkModel",
+    "Policy",
+    "PrefetchQueue",
+    "PrefetchSettings",
+    "Request",
+    "Residency",
+    "choose_prefetches",
+    "in_token_requests",
+    "oracle_requests",
+    "plan_rows",
+    "policy_named",
+    "predictors_for",
+    "prefetch_horizons",
+    "rows_for",
+    "take_forecast",
+]
 
 
 # --- what a policy is ----------------------------------------------------------------------
+Preset = Callable[[int, int], dict]
+"""(top_k, num_layers) -> the prefetch settings a policy fixes."""
+
+
 @dataclass(frozen=True)
 class Policy:
     name: str
     prefetch: Literal["none", "predictor", "oracle"]
+    """Where foresight comes from: nothing, a predictor's forecasts, or the recorded future."""
     eviction: str | None
     """None: the prefetch settings' ``eviction``."""
     description: str
     keeps_experts: bool = True
     """False for on-demand, which drops every expert once its layer has run."""
     next_token: bool = False
-    """Also prefetch the next token's first layers from a guess of that token."""
+    """Also forecast the next token's first layers from a guess of that token."""
+    selection: Literal["budget", "value", "none"] = "budget"
+    """How a predictor's forecasts become reads: the likeliest ``experts_per_layer`` per
+    target layer, by expected benefit against cost (:mod:`specmoe.offload.value`), or none
+    (the forecasts only inform eviction)."""
+    reach: Literal["all", "farthest"] = "all"
+    """Target layers l+1..l+N, or only l+N (a stride prefetcher's)."""
+    preset: Preset | None = None
+    """Prefetch settings the policy fixes, whatever the options say."""
+    predictor: str | None = None
+    """The predictor the policy was built around (a benchmark runs it with that one when given)."""
 
     def eviction_for(self, settings: PrefetchSettings) -> str:
         return self.eviction or settings.eviction
+
+    def resolve(self, settings: PrefetchSettings, *, top_k: int, num_layers: int) -> PrefetchSettings:
+        """``settings`` resolved for the model, with what this policy fixes."""
+        resolved = settings.resolve(top_k=top_k, num_layers=num_layers)
+        return resolved.model_copy(update=self.preset(top_k, num_layers)) if self.preset else resolved
+
+
+def _every_layer_ahead(top_k: int, layers: int) -> dict:
+    return {"layers_ahead": max(layers - 1, 1)}
 
 
 POLICIES: dict[str, Policy] = {
@@ -63,6 +104,14 @@ POLICIES: dict[str, Policy] = {
         Policy("lfu", "none", "lfu", "cache, least frequently used evicted"),
         Policy("lrfu", "none", "lrfu", "cache, least by frequency decaying with a 16-token half-life"),
         Policy("belady", "none", "belady", "cache evicting by the recorded future (caching's offline optimum)"),
+        Policy(
+            "next-use",
+            "predictor",
+            "next-use",
+            "cache evicting the expert whose next use a predictor (else its use rate) puts farthest away",
+            selection="none",
+            preset=_every_layer_ahead,
+        ),
         Policy("prefetch", "predictor", None, "a predictor's guesses prefetched"),
         Policy(
             "prefetch+next-token",
@@ -71,10 +120,76 @@ POLICIES: dict[str, Policy] = {
             "prefetch, and the next token's first layers from a guess of that token",
             next_token=True,
         ),
+        Policy(
+            "cost-aware",
+            "predictor",
+            None,
+            "calibrated guesses read when the expected stall saved beats the link time and eviction risk",
+            selection="value",
+            preset=_every_layer_ahead,
+        ),
+        Policy(
+            "cost-aware+next-use",
+            "predictor",
+            "next-use",
+            "cost-aware prefetch with next-use eviction",
+            selection="value",
+            preset=_every_layer_ahead,
+        ),
+        Policy(
+            "cost-aware+next-token",
+            "predictor",
+            "next-use",
+            "cost-aware prefetch with next-use eviction, into the next token from a guess of it",
+            next_token=True,
+            selection="value",
+            preset=_every_layer_ahead,
+        ),
         Policy("oracle-prefetch", "oracle", None, "the recorded future prefetched, evicted as prefetch evicts"),
         Policy("oracle", "oracle", "belady", "the recorded future prefetched and evicted by (the ceiling)"),
+        # The anchors' policies (docs/offloading.md, "Presets": what each reproduces, what it leaves out)
+        Policy(
+            "mixtral-offloading",
+            "predictor",
+            "lru-per-layer",
+            "preset: an LRU cache per layer, the next layer's top-k guessed by its gate on this layer's state",
+            preset=lambda k, layers: {"layers_ahead": 1, "experts_per_layer": k, "min_probability": 0.0},
+            predictor="lookahead",
+        ),
+        Policy(
+            "moe-infinity",
+            "predictor",
+            "lfu",
+            "preset: the sequence's activation history matched to recorded ones, every later layer's top-k",
+            preset=lambda k, layers: {"layers_ahead": max(layers - 1, 1), "experts_per_layer": k},
+            predictor="history",
+        ),
+        Policy(
+            "fate",
+            "predictor",
+            "lru",
+            "preset: the next layer's gate on this layer's state, a widened set of 2 x top-k",
+            preset=lambda k, layers: {"layers_ahead": 1, "experts_per_layer": 2 * k, "min_probability": 0.0},
+            predictor="lookahead",
+        ),
+        Policy(
+            "promoe",
+            "predictor",
+            "lru",
+            "preset: stride prefetch, the top-k of layer l+2 predicted at layer l",
+            reach="farthest",
+            preset=lambda k, layers: {"layers_ahead": 2, "experts_per_layer": k, "min_probability": 0.0},
+        ),
     )
 }
+PRESETS = ("mixtral-offloading", "moe-infinity", "fate", "promoe")
+
+
+def predictors_for(rule: Policy, names: list[str]) -> list[int]:
+    """Which of the predictors called ``names`` a policy runs with: the one it was built
+    around where given, else every one."""
+    built_around = [i for i, name in enumerate(names) if name == rule.predictor]
+    return built_around or list(range(len(names)))
 
 
 def policy_named(name: str) -> Policy:
@@ -138,6 +253,57 @@ def choose_prefetches(probs, target_layers: Iterable[int], per_layer: int, min_p
     return [(t, e) for t, row in zip(targets, top.tolist()) for e in row]
 
 
+def prefetch_horizons(
+    layer: int, num_layers: int, settings: PrefetchSettings, rule: Policy, predicted: int
+) -> list[int]:
+    """The horizons a plan made at ``layer`` covers: 1..``layers_ahead`` (as far as the
+    predictor predicts, ``predicted`` horizons, and within the stack), or, for a stride
+    prefetcher, only the farthest of them."""
+    ahead = min(settings.layers_ahead, predicted)
+    horizons = [h for h in range(1, ahead + 1) if layer + h < num_layers]
+    if rule.reach == "farthest":
+        return horizons[-1:] if horizons and horizons[-1] == ahead else []
+    return horizons
+
+
+def plan_rows(
+    probs,
+    layer: int,
+    num_layers: int,
+    settings: PrefetchSettings,
+    rule: Policy,
+    calibrate: Callable[[np.ndarray, list[int]], np.ndarray] | None = None,
+) -> list[Row]:
+    """What a plan made at ``layer`` forecasts, from a predictor's scores (N, H, E) for
+    horizons 1..H: per target layer (:func:`prefetch_horizons`), the experts the policy's
+    selection weighs, with their probabilities (``calibrate(scores, horizons)``, else the
+    scores clipped to [0, 1]). A fixed budget lists what :func:`choose_prefetches` picks
+    from the scores; the other selections list twice ``experts_per_layer`` candidates."""
+    if hasattr(probs, "detach"):
+        probs = probs.detach().float().cpu().numpy()
+    probs = np.asarray(probs, dtype=np.float32)
+    horizons = prefetch_horizons(layer, num_layers, settings, rule, probs.shape[1])
+    if not horizons:
+        return []
+    raw = probs[:, [h - 1 for h in horizons]]
+    targets = [layer + h for h in horizons]
+    calibrated = calibrate(raw, horizons) if calibrate is not None else raw
+    return rows_for(raw, calibrated, targets, settings, by_value=rule.selection != "budget")
+
+
+def rows_for(
+    raw: np.ndarray, calibrated: np.ndarray, targets: list[int], settings: PrefetchSettings, *, by_value: bool
+) -> list[Row]:
+    """Rows for ``targets`` from scores and their probabilities (N, H, E): what
+    :func:`choose_prefetches` picks from the scores (a fixed budget), or (``by_value``)
+    twice ``experts_per_layer`` candidates by probability."""
+    if by_value:
+        return forecast_rows(calibrated, targets, 2 * settings.experts_per_layer)
+    keys = choose_prefetches(raw, targets, settings.experts_per_layer, settings.min_probability)
+    chosen = [[e for t, e in keys if t == target] for target in targets]
+    return forecast_rows(calibrated, targets, settings.experts_per_layer, chosen)
+
+
 def oracle_requests(
     experts_at: Callable[[int], Iterable[int]], position: int, reach: int, end: int, num_layers: int
 ) -> list[Request]:
@@ -154,182 +320,39 @@ def in_token_requests(keys: Iterable[Key], step: int, num_layers: int) -> list[R
     return [(key, step * num_layers + key[0]) for key in keys]
 
 
-# --- when a request is stale ---------------------------------------------------------------
-class PrefetchQueue:
-    """Prefetch requests not yet started, oldest first. A request is dropped unstarted once
-    decoding reaches its position without needing it, or passes it: the read would only
-    evict something. A plan that arrives late keeps only the positions not yet reached."""
-
-    def __init__(self, log: EventLog | None = None):
-        self.entries: deque[Request] = deque()
-        self.queued: set[Key] = set()
-        self.log = log
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __contains__(self, key: Key) -> bool:
-        return key in self.queued
-
-    def request(self, requests: Iterable[Request], present: Callable[[Key], bool], position: int) -> list[Request]:
-        """Queue each request not queued already, not present, and for a position after
-        ``position`` (where decoding is); returns those queued."""
-        added = []
-        for key, target in requests:
-            if target > position and key not in self.queued and not present(key):
-                self.entries.append((key, target))
-                self.queued.add(key)
-                added.append((key, target))
-                if self.log is not None:
-                    self.log.append(("request", key, target))
-        return added
-
-    def begin_layer(self, position: int, needed: set[Key]) -> list[Request]:
-        """The layer at ``position`` has routed: drop what it does not need, and anything
-        older; returns what was dropped."""
-        return self._drop(lambda key, target: target < position or (target == position and key not in needed))
-
-    def finish_layer(self, position: int) -> list[Request]:
-        return self._drop(lambda key, target: target <= position)
-
-    def pop(self) -> Request | None:
-        if not self.entries:
-            return None
-        key, target = self.entries.popleft()
-        self.queued.discard(key)
-        return key, target
-
-    def take(self, key: Key) -> bool:
-        """Remove a request that has not started, because the decoder will read it itself."""
-        if key not in self.queued:
-            return False
-        self.entries = deque(entry for entry in self.entries if entry[0] != key)
-        self.queued.discard(key)
-        return True
-
-    def clear(self) -> None:
-        self.entries.clear()
-        self.queued.clear()
-
-    def _drop(self, stale: Callable[[Key, int], bool]) -> list[Request]:
-        kept, dropped = deque(), []
-        for key, target in self.entries:
-            if stale(key, target):
-                self.queued.discard(key)
-                dropped.append((key, target))
-                if self.log is not None:
-                    self.log.append(("drop", key, target))
-            else:
-                kept.append((key, target))
-        self.entries = kept
-        return dropped
-
-
-# --- what the fast tier keeps --------------------------------------------------------------
-T = TypeVar("T")
-
-
-class Residency(Generic[T]):
-    """The experts a fast tier holds (each with a payload: a ready time in the simulator,
-    tensors in the measured tier) within ``capacity_bytes``.
-
-    The running layer's experts are pinned when they fit together (a layer wider than the
-    tier streams through it); a prefetch not yet used is protected while it awaits its
-    layer (see :class:`~specmoe.offload.eviction.EvictionPolicy`) and demoted to first
-    victim once its layer has run without it; a prefetch evicted unused is waste. A policy
-    that keeps nothing (on-demand) drops every unpinned expert when a layer finishes."""
-
-    def __init__(
-        self, capacity_bytes: int, eviction: EvictionPolicy, *, keeps_experts: bool = True, log: EventLog | None = None
-    ):
-        if capacity_bytes < 1:
-            raise ValueError(f"the fast tier's capacity must be positive, got {capacity_bytes} bytes")
-        self.capacity = capacity_bytes
-        self.eviction = eviction
-        self.keeps_experts = keeps_experts
-        self.log = log
-        self.entries: dict[Key, T] = {}
-        self.sizes: dict[Key, int] = {}
-        self.used = 0
-        self.pinned: set[Key] = set()
-        self.unused_prefetch: set[Key] = set()
-        self.position = 0
-        """Where decoding is: the time of eviction policies that count positions (Belady's
-        next uses, LRFU's decay); the others count admissions and uses (``clock``)."""
-        self.clock = 0
-        self.peak = 0
-        self.wasted_prefetches = 0
-        self.wasted_bytes = 0
-
-    def __contains__(self, key: Key) -> bool:
-        return key in self.entries
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def get(self, key: Key) -> T | None:
-        """The payload, without counting a use."""
-        return self.entries.get(key)
-
-    def begin_layer(self, position: int, keys: Iterable[Key], nbytes: int) -> None:
-        """The layer at ``position`` needs ``keys`` (``nbytes`` together): pin them if they fit."""
-        self.position = position
-        self.pinned = set(keys) if nbytes <= self.capacity else set()
-
-    def finish_layer(self, layer: int) -> None:
-        """``layer`` has run: unpin; its unused prefetches become the first victims."""
-        self.pinned = set()
-        for key in self.unused_prefetch:
-            if key[0] == layer:
-                self.eviction.demote(key)
-        if not self.keeps_experts:
-            for key in list(self.entries):
-                self._remove(key)
-
-    def admit(self, key: Key, payload: T, nbytes: int, *, prefetch: bool) -> bool:
-        """Hold ``key``, evicting as needed; False (nothing changed) if only pinned experts
-        could make room. A demand load is not a use until :meth:`use`."""
-        if key in self.entries:
-            return True
-        while self.used + nbytes > self.capacity:
-            candidates = [k for k in self.entries if k not in self.pinned]
-            if not candidates:
-                return False
-            victim = self.eviction.choose(candidates, self._now())
-            if victim in self.unused_prefetch:
-                self.wasted_prefetches += 1
-                self.wasted_bytes += self.sizes[victim]
-            self._remove(victim)
-            if self.log is not None:
-                self.log.append(("evict", victim))
-        self.entries[key], self.sizes[key] = payload, nbytes
-        self.used += nbytes
-        self.clock += 1
-        self.eviction.on_insert(key, self._now())
-        if prefetch:
-            self.unused_prefetch.add(key)
-        self.peak = max(self.peak, self.used)
-        if self.log is not None:
-            self.log.append(("admit", key, prefetch))
-        return True
-
-    def use(self, key: Key) -> None:
-        self.clock += 1
-        self.eviction.on_use(key, self._now())
-        self.unused_prefetch.discard(key)
-
-    def restart_counts(self) -> None:
-        """Counters start over (after a warm-up); what is held stays."""
-        self.peak, self.wasted_prefetches, self.wasted_bytes = self.used, 0, 0
-
-    def unused_bytes(self) -> int:
-        """Prefetched bytes still held and never used: waste too, once decoding ends."""
-        return sum(self.sizes[k] for k in self.unused_prefetch)
-
-    def _now(self) -> int:
-        return self.position if self.eviction.by_position else self.clock
-
-    def _remove(self, key: Key) -> None:
-        del self.entries[key]
-        self.used -= self.sizes.pop(key)
-        self.unused_prefetch.discard(key)
+def take_forecast(
+    forecast: Forecast,
+    rule: Policy,
+    *,
+    residency: Residency,
+    queue: PrefetchQueue,
+    link: LinkModel | None,
+    nbytes: Callable[[int], int],
+    present: Callable[[Key], bool],
+    position: int,
+    busy_s: float = 0.0,
+) -> list[Request]:
+    """A forecast arrives while decoding is at ``position``: the fast tier's outlook learns
+    it, the policy's selection picks the reads, the queue takes those it does not hold;
+    returns them. The one place every engine hands a predictor's forecast over."""
+    if residency.outlook is not None:
+        residency.outlook.observe(forecast)
+    at = max(position, forecast.made_at)
+    if rule.selection == "none":
+        return []
+    if rule.selection == "value":
+        if link is None:
+            raise ValueError(f"policy {rule.name!r} weighs reads by their time: give the engine a link model")
+        chosen = choose_by_value(
+            forecast,
+            position=at,
+            queue=queue,
+            residency=residency,
+            link=link,
+            nbytes=nbytes,
+            present=present,
+            busy_s=busy_s,
+        )
+    else:
+        chosen = forecast.entries
+    return queue.request([(k, p) for k, p, _ in chosen], present, at, {k: q for k, _, q in chosen})

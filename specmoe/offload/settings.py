@@ -34,6 +34,16 @@ CacheFractions = Annotated[
 ]
 """Fast-tier sizes of a sweep, each in (0, 1]."""
 
+
+def _batch_sizes(value: tuple[int, ...]) -> tuple[int, ...]:
+    if any(b < 1 for b in value):
+        raise ValueError(f"batch sizes must be positive, got {','.join(map(str, value))}")
+    return value
+
+
+BatchSizes = Annotated[tuple[int, ...], AfterValidator(_batch_sizes)]
+"""Numbers of sequences decoded together, each at least 1."""
+
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 

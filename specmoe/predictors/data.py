@@ -60,12 +60,14 @@ class Context:
         num_layers: int,
         num_experts: int,
         hidden: torch.Tensor | None = None,
+        previous: torch.Tensor | None = None,
     ) -> Context:
         """What a decoding loop knows: these tokens' routing so far and, if it kept them, their
-        hidden states (N, layer+1, D) of layers <= ``layer``; no earlier tokens."""
+        hidden states (N, layer+1, D) of layers <= ``layer`` and the routing of earlier tokens
+        (N, P, L, k), the most recent first (default: none)."""
         n, _, top_k = expert_ids.shape
-        empty = torch.full((n, 0, num_layers, top_k), IGNORE)
-        return cls(layer, expert_ids, gate_weights, token_ids, empty, hidden, num_layers, num_experts)
+        previous = torch.full((n, 0, num_layers, top_k), IGNORE) if previous is None else previous
+        return cls(layer, expert_ids, gate_weights, token_ids, previous, hidden, num_layers, num_experts)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from specmoe.predictors.base import ExpertPredictor
 from specmoe.predictors.combination import InterpolatedPredictor, StackingPredictor
 from specmoe.predictors.counting import NGramPredictor, PopularityPredictor, TokenTablePredictor, TransitionPredictor
 from specmoe.predictors.params import check_params
+from specmoe.predictors.history import ActivationHistoryPredictor
 
 PREDICTORS: dict[str, type[ExpertPredictor]] = {
     cls.name: cls
@@ -17,6 +18,7 @@ PREDICTORS: dict[str, type[ExpertPredictor]] = {
         TokenTablePredictor,
         InterpolatedPredictor,
         StackingPredictor,
+        ActivationHistoryPredictor,
     )
 }
 PRESETS: dict[str, dict[str, dict]] = {}

@@ -24,7 +24,7 @@ _OFFLOAD_COLUMNS = (
     (
         "stall ms/token",
         lambda r: (
-            f"{r['stall_ms_per_token']:.2f}" + _range(r["stall_ms_per_token_range"], 2)
+            f"{r['stall_ms_per_token']:.2f}" + _range(r.get("stall_ms_per_token_range"), 2)
             if "stall_ms_per_token" in r
             else ""
         ),

@@ -51,7 +51,9 @@ def test_unknown_planning_modes_policies_and_evictions_are_refused():
         _settings(planning=("later",))
     with pytest.raises(InputError, match="--policies: must be a non-empty subset of .*got 'lru,fifo'"):
         _settings(policies=("lru", "fifo"))
-    with pytest.raises(InputError, match="--eviction: Input should be 'lru', 'lfu', 'lrfu' or 'belady'"):
+    with pytest.raises(
+        InputError, match="--eviction: Input should be 'lru', 'lfu', 'lrfu', 'belady', 'next-use' or 'lru-per-layer'"
+    ):
         _settings({"eviction": "fifo"})
 
 
@@ -175,3 +177,38 @@ def test_two_predictors_of_one_name_are_told_apart_by_their_directory(greedy_tra
         greedy_traces / "traces", [greedy_traces / "token", twin], settings, experts_dir=tmp_path
     )
     assert sorted(r["predictor"] for r in report["rows"]) == ["token:token", "token:twin"]
+
+
+def test_cost_aware_policies_presets_and_batches_run_side_by_side(greedy_traces, tmp_path):
+    import shutil
+
+    token = shutil.copytree(greedy_traces / "token", tmp_path / "token", ignore=shutil.ignore_patterns("calib*"))
+    policies = ("lru", "next-use:token", "cost-aware+next-use", "cost-aware+next-token", "mixtral-offloading")
+    settings = _settings(
+        tokens=6, cache_fractions=(0.5,), repeats=1, batch_sizes=(1, 2), policies=policies, next_token={"layer": 1}
+    )
+    report = benchmark_offload(greedy_traces / "traces", [token], settings, experts_dir=tmp_path)
+    # the token table was calibrated on the validation split, and the calibration kept beside it
+    assert (token / "calibration.json").is_file() and report["calibration"]["token"]["split"] == "val"
+    assert sorted((r["policy"], r["batch_size"]) for r in report["rows"]) == sorted(
+        (p.partition(":")[0], b) for p in policies for b in (1, 2)
+    )
+    assert report["steps_by_batch_size"] == {"1": 6, "2": 6}
+    for row in report["rows"]:
+        assert 0 < row["peak_fast_tier_bytes"] <= row["budget_bytes"]
+        assert row["tokens"] == 6 * row["batch_size"]  # windows of 24 decoded tokens: no slot ends early
+        if row["policy"].startswith("cost-aware"):  # priced with this machine's times, learnt as it ran
+            assert row["link_model"]["learnt"] and row["link_model"]["read_ms"] > 0
+
+
+def test_a_policy_runs_with_the_predictor_named_after_its_colon(greedy_traces, tmp_path):
+    import shutil
+
+    twin = shutil.copytree(greedy_traces / "token", tmp_path / "twin")
+    settings = _settings(tokens=4, cache_fractions=(0.5,), repeats=1, policies=("prefetch:token:twin",))
+    report = benchmark_offload(
+        greedy_traces / "traces", [greedy_traces / "token", twin], settings, experts_dir=tmp_path
+    )
+    assert [r["predictor"] for r in report["rows"]] == ["token:twin"]
+    with pytest.raises(InputError, match="--policies prefetch:lookahead: no --predictor-dir holds a predictor"):
+        benchmark_offload(greedy_traces / "traces", [twin], _settings(policies=("prefetch:lookahead",)))

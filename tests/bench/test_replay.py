@@ -8,6 +8,7 @@ import torch
 from specmoe.bench.replay import interference, random_experts, replay
 from specmoe.errors import InputError
 from specmoe.offload.policy import PrefetchSettings
+from specmoe.offload.simulated.simulator import NO_TOKEN
 from specmoe.predictors.registry import make_predictor
 
 
@@ -29,6 +30,8 @@ def setup(request, tmp_path_factory):
         ("prefetch", "inline"),
         ("prefetch", "background"),
         ("prefetch", "synchronous"),
+        ("cost-aware+next-use", "background"),
+        ("next-use", "background"),
         ("oracle", None),
     ],
 )
@@ -36,7 +39,7 @@ def test_policies_stay_within_budget(setup, policy, planning):
     files, routing, weights, tokens = setup
     budget = 4 * files.expert_nbytes(0)
     predictor = None
-    if policy == "prefetch":  # popularity over this engine's 3 layers x 8 experts, skewed to expert 0
+    if policy != "oracle" and planning:  # popularity over this engine's 3 layers x 8 experts, skewed to expert 0
         predictor = make_predictor("popularity")
         predictor.load_state_tensors(
             {"popularity": torch.arange(8, 0, -1).float().expand(3, 8).clone()},
@@ -54,7 +57,7 @@ def test_policies_stay_within_budget(setup, policy, planning):
         planning=planning or "background",
     )
     assert result.tokens == 12 and 0 < result.stats["peak_bytes"] <= budget
-    assert (result.stats["predict_s"] > 0) == (policy == "prefetch")
+    assert (result.stats["predict_s"] > 0) == (predictor is not None)
     row = result.row(0.5)
     # CPU time is a part of the wall time; each timed call may skew the two clocks by the
     # cost of reading them, which a run of a few milliseconds does not hide
@@ -74,6 +77,30 @@ def test_policies_stay_within_budget(setup, policy, planning):
         assert row["plan_memo_hit_rate"] == (plans - 2) / plans
         # inline, every layer but the last plans; in the background a plan overtaken by a newer one is dropped
         assert plans == 12 * 2 if planning != "background" else 2 <= plans <= 12 * 2
+
+
+def test_a_batch_decodes_in_lockstep_each_layer_reading_its_tokens_union(setup):
+    files, routing, _, tokens = setup
+    batch = np.stack([routing, np.roll(routing, 1, axis=0)], 1)  # (T, 2, L, k)
+    batch[-3:, 1] = NO_TOKEN  # the second sequence ends three steps early
+    budget = 6 * files.expert_nbytes(0)
+    log = []
+    result = replay(
+        files,
+        batch,
+        np.full(batch.shape, 0.5, np.float32),
+        np.stack([tokens, tokens], 1),
+        policy="lru",
+        budget_bytes=budget,
+        num_experts=8,
+        log=log,
+    )
+    assert result.tokens == 2 * 12 - 3 and result.row(0.5)["batch_size"] == 2
+    union = sum(
+        len({int(e) for e in batch[t, :, layer].reshape(-1) if e >= 0}) for t in range(12) for layer in range(3)
+    )
+    assert sum(1 for entry in log if entry[0] in ("hit", "miss", "late")) == union
+    assert 0 < result.stats["peak_bytes"] <= budget
 
 
 def test_oracle_reads_no_more_than_on_demand(setup):

@@ -110,7 +110,11 @@ def test_simulate_replays_the_split_asked_for_and_refuses_an_unknown_split_or_ev
     assert report["split"] == "val" and {"lru", "lfu", "lrfu", "belady"} <= {r["policy"] for r in report["rows"]}
     for option, value, message in (
         ("--split", "dev", "--split: Input should be 'train', 'val' or 'test'"),
-        ("--eviction", "fifo", "--eviction: Input should be 'lru', 'lfu', 'lrfu' or 'belady'"),
+        (
+            "--eviction",
+            "fifo",
+            "--eviction: Input should be 'lru', 'lfu', 'lrfu', 'belady', 'next-use' or 'lru-per-layer'",
+        ),
     ):
         result = runner.invoke(app, [*args, option, value, "--out", str(tmp_path / "bad")])
         assert isinstance(result.exception, InputError)  # the entry point prints it as one line

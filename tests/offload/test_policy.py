@@ -8,9 +8,18 @@ import torch
 
 from specmoe.bench.replay import random_experts, replay
 from specmoe.errors import InputError
-from specmoe.offload.policy import POLICIES, PrefetchQueue, PrefetchSettings, choose_prefetches, oracle_requests
+from specmoe.offload.policy import (
+    POLICIES,
+    LinkModel,
+    PrefetchQueue,
+    PrefetchSettings,
+    choose_prefetches,
+    oracle_requests,
+    predictors_for,
+    prefetch_horizons,
+)
 from specmoe.offload.simulated.cost import HardwareProfile
-from specmoe.offload.simulated.simulator import SimulationConfig, plan_prefetches, simulate
+from specmoe.offload.simulated.simulator import SimulationConfig, plan_forecasts, simulate
 from specmoe.predictors.data import Context
 from specmoe.predictors.registry import make_predictor
 
@@ -65,30 +74,59 @@ def test_prefetch_settings_resolve_their_defaults_once_and_refuse_a_whole_token_
         PrefetchSettings(oracle_reach=16).resolve(top_k=8, num_layers=16)
 
 
+def test_presets_fix_their_settings_and_a_stride_prefetcher_reads_only_its_farthest_layer():
+    settings = PrefetchSettings(layers_ahead=3, experts_per_layer=5)
+    mixtral = POLICIES["mixtral-offloading"].resolve(settings, top_k=2, num_layers=8)
+    assert (mixtral.layers_ahead, mixtral.experts_per_layer) == (1, 2)
+    assert POLICIES["mixtral-offloading"].eviction_for(mixtral) == "lru-per-layer"
+    assert POLICIES["fate"].resolve(settings, top_k=2, num_layers=8).experts_per_layer == 4
+    assert POLICIES["cost-aware"].resolve(settings, top_k=2, num_layers=8).layers_ahead == 7
+    promoe = POLICIES["promoe"].resolve(settings, top_k=2, num_layers=8)
+    assert prefetch_horizons(3, 8, promoe, POLICIES["promoe"], predicted=4) == [2]
+    assert prefetch_horizons(6, 8, promoe, POLICIES["promoe"], predicted=4) == []  # l+2 is past the stack
+    assert prefetch_horizons(3, 8, settings, POLICIES["prefetch"], predicted=2) == [1, 2]  # as far as it predicts
+    # a preset runs with the predictor it was built around where one is given, else with each
+    assert predictors_for(POLICIES["mixtral-offloading"], ["token", "lookahead", "lookahead"]) == [1, 2]
+    assert predictors_for(POLICIES["mixtral-offloading"], ["token", "ngram"]) == [0, 1]
+    assert predictors_for(POLICIES["cost-aware"], ["token", "lookahead"]) == [0, 1]
+
+
 # --- one model under two clocks ----------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
-    """Routing of one sequence (T, L, k) from a synthetic store's test split, and a predictor
-    whose plans depend on the routing so far (a transition table), fitted on its train split."""
+    """Routing of one sequence (T, L, k) from a synthetic store's test split, and predictors
+    fitted on its train split, by name: one whose plans depend on the routing so far (a
+    transition table) and one that reads earlier tokens (activation history); with the
+    transition table's calibration, fitted on the validation split."""
+    from specmoe.predictors.calibration import fit_calibration
     from specmoe.predictors.data import TraceDataset
     from tests.predictors.synthetic import make_synthetic_store
 
     store = make_synthetic_store(
         tmp_path_factory.mktemp("parity"), num_layers=LAYERS, num_experts=EXPERTS, top_k=TOP_K, noise=0.3
     )
-    predictor = make_predictor("transition", horizons=2).fit(TraceDataset(store, "train"))
-    test = next(TraceDataset(store, "test").iter_batches(TOKENS))
-    return test.expert_ids.numpy()[:TOKENS], predictor
+    train = TraceDataset(store, "train")
+    transition = make_predictor("transition", horizons=2).fit(train)
+    history = make_predictor("history", horizons=3, window=6).fit(train)
+    calibration = fit_calibration(transition, TraceDataset(store, "val"))
+    routing = next(TraceDataset(store, "test").iter_batches(TOKENS)).expert_ids.numpy()[:TOKENS]
+    predictors = {"transition": transition, "history": history}
+    probabilities = {name: _probabilities(p, routing) for name, p in predictors.items()}
+    return routing, predictors, probabilities, calibration
 
 
-def _probabilities(predictor, routing, horizons):
-    """(T, 1, L, H, E): what the predictor says once each layer of each token has routed."""
-    tokens = routing.shape[0]
+def _probabilities(predictor, routing):
+    """(T, 1, L, H, E): what the predictor says once each layer of each token has routed,
+    given the tokens before it as the replay gives them."""
+    tokens, horizons, earlier = routing.shape[0], predictor.horizons, predictor.previous_tokens
     probs = np.zeros((tokens, 1, LAYERS, horizons, EXPERTS), dtype=np.float32)
     weights = torch.full(routing.shape, 0.5)
     for t in range(tokens):
+        previous = np.full((1, earlier, LAYERS, TOP_K), -2)
+        for back in range(1, min(earlier, t) + 1):
+            previous[0, back - 1] = routing[t - back]
         for layer in range(LAYERS):
             context = Context.from_routing(
                 layer,
@@ -97,8 +135,9 @@ def _probabilities(predictor, routing, horizons):
                 torch.zeros(1, dtype=torch.long),
                 LAYERS,
                 EXPERTS,
+                previous=torch.from_numpy(previous),
             )
-            probs[t, 0, layer] = predictor.predict_proba(context)[0, :horizons].numpy()
+            probs[t, 0, layer] = predictor.predict_proba(context)[0].numpy()
     return probs
 
 
@@ -108,18 +147,30 @@ CASES = [
     ("lfu", {}),
     ("lrfu", {}),
     ("belady", {}),
+    ("next-use", {}),
     ("prefetch", {"layers_ahead": 2, "experts_per_layer": 3}),
     ("prefetch", {"eviction": "lfu", "min_probability": 0.2}),
+    ("prefetch", {"eviction": "next-use"}),
+    ("cost-aware", {}),
+    ("cost-aware", {"eviction": "lfu"}),
+    ("cost-aware+next-use", {}),
     ("oracle-prefetch", {"eviction": "lrfu", "oracle_reach": 2}),
     ("oracle", {}),
+    ("mixtral-offloading", {}),
+    ("moe-infinity", {}),
+    ("fate", {}),
+    ("promoe", {}),
 ]
+LINK = LinkModel(read_s=1.0, layer_s=0.4)
+"""Value-weighed policies price reads by time; both engines are given these, not a clock."""
 
 
 @pytest.mark.parametrize("slots", [1, 2, 5, 12])  # 1: a layer wider than the tier streams through it
 @pytest.mark.parametrize(("policy", "prefetch"), CASES, ids=[f"{p}-{i}" for i, (p, _) in enumerate(CASES)])
 def test_the_simulator_and_the_measured_replay_make_the_same_decisions(recorded, tmp_path, policy, prefetch, slots):
-    routing, predictor = recorded
-    settings = PrefetchSettings(**prefetch)
+    routing, predictors, probabilities, calibration = recorded
+    rule, settings = POLICIES[policy], PrefetchSettings(**prefetch)
+    predictor = predictors["history" if rule.predictor == "history" else "transition"]
     slow = random_experts("host", LAYERS, EXPERTS, 16, 8, directory=None)
     expert_bytes = slow.expert_nbytes(0)
     measured, simulated = [], []
@@ -132,26 +183,30 @@ def test_the_simulator_and_the_measured_replay_make_the_same_decisions(recorded,
         budget_bytes=slots * expert_bytes,
         num_experts=EXPERTS,
         prefetch=settings,
-        predictor=predictor if POLICIES[policy].prefetch == "predictor" else None,
+        predictor=predictor if rule.prefetch == "predictor" else None,
+        calibration=calibration if predictor.name == "transition" else None,
+        link=LINK,
         planning="synchronous",
         log=measured,
     )
     plans = None
-    if POLICIES[policy].prefetch == "predictor":
-        resolved = settings.resolve(top_k=TOP_K, num_layers=LAYERS)
-        plans = plan_prefetches(_probabilities(predictor, routing, resolved.layers_ahead), resolved)
-    config = SimulationConfig(policy=policy, capacity_bytes=slots * expert_bytes, prefetch=settings)
+    if rule.prefetch == "predictor":
+        resolved = rule.resolve(settings, top_k=TOP_K, num_layers=LAYERS)
+        calibrate = calibration.apply if predictor.name == "transition" else None
+        plans = plan_forecasts(probabilities[predictor.name], resolved, rule, calibrate)
+    config = SimulationConfig(policy=policy, capacity_bytes=slots * expert_bytes, prefetch=settings, link=LINK)
     result = simulate(routing[:, None], INSTANT, expert_bytes, config, plans, log=simulated)
     assert measured == simulated
     kinds = {entry[0] for entry in measured}
     assert "miss" in kinds and ("hit" in kinds or slots < 12 or policy == "on-demand")
-    if POLICIES[policy].prefetch != "none":  # with two slots a layer's own experts fill the tier
+    if rule.prefetch != "none" and rule.selection != "none":  # with two slots a layer's own experts fill the tier
         assert "request" in kinds and (result.prefetch_loads > 0 or slots <= 2)
-    if slots < 12 and POLICIES[policy].keeps_experts:
+    if slots < 12 and rule.keeps_experts:
         assert "evict" in kinds
 
 
-def test_the_runtime_and_the_measured_replay_make_the_same_decisions(tmp_path):
+@pytest.mark.parametrize("policy", ["prefetch", "next-use", "cost-aware+next-use", "mixtral-offloading"])
+def test_the_runtime_and_the_measured_replay_make_the_same_decisions(tmp_path, policy):
     from specmoe.models.loading import wrap_model
     from specmoe.offload.live.runtime import OffloadRuntime
     from tests.tiny_models import VOCAB, tiny_model
@@ -171,7 +226,9 @@ def test_the_runtime_and_the_measured_replay_make_the_same_decisions(tmp_path):
         6 * expert_bytes,
         slow_tier="host",
         predictor=popularity,
+        policy=policy,
         prefetch=settings,
+        link=LINK,
         planning="synchronous",
         log=runtime_log,
     )
@@ -192,13 +249,15 @@ def test_the_runtime_and_the_measured_replay_make_the_same_decisions(tmp_path):
         routing,
         np.full(routing.shape, 0.5, np.float32),
         np.zeros(len(routing), np.int64),
-        policy="prefetch",
+        policy=policy,
         budget_bytes=6 * expert_bytes,
         num_experts=experts,
         prefetch=settings,
         predictor=popularity,
+        link=LINK,
         planning="synchronous",
         log=replay_log,
     )
     assert runtime_log == replay_log
-    assert {"request", "admit", "evict", "hit", "miss"} <= {entry[0] for entry in runtime_log}
+    made = {"admit", "evict", "hit", "miss"} | ({"request"} if POLICIES[policy].selection != "none" else set())
+    assert made <= {entry[0] for entry in runtime_log}

@@ -18,9 +18,10 @@ import torch
 
 from specmoe.errors import InputError
 from specmoe.models.lens import LogitLens
-from specmoe.offload import Key
-from specmoe.offload.policy import PrefetchSettings, choose_prefetches
+from specmoe.offload.forecast import Row
+from specmoe.offload.policy import PrefetchSettings, rows_for
 from specmoe.offload.settings import NextTokenSettings
+from specmoe.predictors.calibration import Calibration
 
 __all__ = ["LogitLens", "NextTokenPlanner"]
 
@@ -39,6 +40,9 @@ class NextTokenPlanner:
     settings: NextTokenSettings
     num_layers: int
     prefetch: PrefetchSettings
+    calibration: Calibration | None = None
+    """The table's: its horizon-1 map turns a looked-up row into probabilities (the guess
+    itself taken as right as its renormalised probability says)."""
 
     def __post_init__(self):
         s = self.settings
@@ -67,10 +71,11 @@ class NextTokenPlanner:
         a decoder")."""
         return self.lens.guess(residual, self.settings.candidates)
 
-    def plan(self, ids: np.ndarray, probs: np.ndarray) -> list[Key]:
-        """Keys for the guessed tokens (from :meth:`guess`), pooled over the batch like any
-        plan: a table lookup, cheap enough for the prefetch thread."""
+    def plan(self, ids: np.ndarray, probs: np.ndarray, *, by_value: bool = False) -> list[Row]:
+        """The forecast's rows for the guessed tokens (from :meth:`guess`), pooled over the
+        batch like any plan: by the fixed budget, or (``by_value``) the candidates a value
+        rule weighs. A table lookup, cheap enough for the prefetch thread."""
         targets = range(self.settings.depth)
         expected = self.table.expected_rows(ids, probs, len(targets))  # (N, targets, E)
-        p = self.prefetch
-        return choose_prefetches(expected, targets, p.experts_per_layer, p.min_probability)
+        calibrated = expected if self.calibration is None else self.calibration.apply(expected, [1] * len(targets))
+        return rows_for(expected, calibrated, list(targets), self.prefetch, by_value=by_value)

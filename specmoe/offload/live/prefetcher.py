@@ -14,12 +14,61 @@ from contextlib import contextmanager
 from specmoe.offload import Key
 from specmoe.offload.live.fast_tier import FastTier, RuntimeStats
 from specmoe.offload.live.tiers import Transfer
-from specmoe.offload.policy import EventLog, PrefetchQueue, Request
+from specmoe.offload.policy import (
+    POLICIES,
+    EventLog,
+    Forecast,
+    LinkModel,
+    Policy,
+    PrefetchQueue,
+    Request,
+    take_forecast,
+)
 
-Plan = Callable[[], list[Request]]
+Plan = Callable[[], Forecast]
 
 
-class Prefetcher:
+class _Requester:
+    """What both prefetchers share: the queue, and forecasts handed to the policy core,
+    whose selection (``rule``, priced with ``link``) picks the reads to request."""
+
+    def __init__(
+        self,
+        transfer: Transfer,
+        tier: FastTier,
+        stats: RuntimeStats,
+        log: EventLog | None = None,
+        *,
+        rule: Policy = POLICIES["prefetch"],
+        link: LinkModel | None = None,
+    ):
+        self.transfer, self.tier, self.stats, self.rule, self.link = transfer, tier, stats, rule, link
+        self.queue = PrefetchQueue(log)
+
+    def _take(self, forecast: Forecast, present, busy_s: float = 0.0) -> list[Request]:
+        added = take_forecast(
+            forecast,
+            self.rule,
+            residency=self.tier.residency,
+            queue=self.queue,
+            link=self.link,
+            nbytes=self.transfer.expert_nbytes,
+            present=present,
+            position=self.tier.residency.position,
+            busy_s=busy_s,
+        )
+        self.stats.prefetch_requests += len(added)
+        return added
+
+    def _planned(self, make_forecast: Plan) -> None:
+        """Make a plan and hand its forecast over, timed as planning."""
+        began, began_cpu = time.perf_counter(), time.thread_time()
+        self.forecast(make_forecast())
+        self.stats.plan_s += time.perf_counter() - began
+        self.stats.plan_cpu_s += time.thread_time() - began_cpu
+
+
+class Prefetcher(_Requester):
     """A background thread that plans prefetches and reads them into the fast tier, in
     request order.
 
@@ -37,11 +86,10 @@ class Prefetcher:
     If planning or a read fails on the thread, the thread stops and the decoder's next call
     raises the failure, rather than waiting for a read that will never come."""
 
-    def __init__(self, transfer: Transfer, tier: FastTier, stats: RuntimeStats, log: EventLog | None = None):
-        self.transfer, self.tier, self.stats = transfer, tier, stats
-        self.queue = PrefetchQueue(log)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.in_flight: dict[Key, threading.Event] = {}
-        self.cond = threading.Condition(tier.lock)  # one lock for the tier and the queue
+        self.cond = threading.Condition(self.tier.lock)  # one lock for the tier and the queue
         self.stopped = False
         self.failure: BaseException | None = None
         self.demands = 0
@@ -60,9 +108,19 @@ class Prefetcher:
             self.stats.prefetch_requests += len(added)
             self.cond.notify_all()
 
+    def forecast(self, forecast: Forecast) -> None:
+        """Hand a forecast to the policy core, which picks the reads to request."""
+        with self.cond:
+            self._raise_failure()
+            reading = len(self.in_flight) > len(self.queue)  # a read under way holds the link
+            busy = 0.5 * self.link.read_s if reading and self.link is not None else 0.0
+            for key, _ in self._take(forecast, self._present, busy):
+                self.in_flight[key] = threading.Event()
+            self.cond.notify_all()
+
     def plan(self, make_requests: Plan, *, keep: bool = False) -> None:
-        """Call ``make_requests`` on the prefetch thread and request what it returns; unless
-        ``keep``, a newer plan replaces it if it has not started."""
+        """Call ``make_requests`` on the prefetch thread and hand the forecast it returns
+        over; unless ``keep``, a newer plan replaces it if it has not started."""
         with self.cond:
             self._raise_failure()
             if keep:
@@ -144,12 +202,8 @@ class Prefetcher:
             plans += self.kept_plans
             self.pending_plan = None
             self.kept_plans.clear()
-        for make_requests in plans:
-            began, began_cpu = time.perf_counter(), time.thread_time()
-            requests = make_requests()
-            self.stats.plan_s += time.perf_counter() - began
-            self.stats.plan_cpu_s += time.thread_time() - began_cpu
-            self.request(requests)
+        for make_forecast in plans:
+            self._planned(make_forecast)
 
     def _run(self) -> None:
         try:
@@ -190,26 +244,21 @@ def read(transfer: Transfer, tier: FastTier, stats: RuntimeStats, key: Key, betw
         stats.bytes_read += nbytes
 
 
-class SynchronousPrefetcher:
+class SynchronousPrefetcher(_Requester):
     """The prefetcher's interface with every read made on the decoding thread, at the end of
     the layer that requested it (while that layer still holds its experts, as a background
     read overlapping its compute would): no overlap, and decisions that do not depend on
     timing. The simulator with an instant link makes the same decisions (the parity tests)."""
 
-    def __init__(self, transfer: Transfer, tier: FastTier, stats: RuntimeStats, log: EventLog | None = None):
-        self.transfer, self.tier, self.stats = transfer, tier, stats
-        self.queue = PrefetchQueue(log)
-
     def request(self, requests: list[Request]) -> None:
         added = self.queue.request(requests, self.tier.__contains__, self.tier.residency.position)
         self.stats.prefetch_requests += len(added)
 
-    def plan(self, make_requests: Plan, *, keep: bool = False) -> None:
-        began, began_cpu = time.perf_counter(), time.thread_time()
-        requests = make_requests()
-        self.stats.plan_s += time.perf_counter() - began
-        self.stats.plan_cpu_s += time.thread_time() - began_cpu
-        self.request(requests)
+    def forecast(self, forecast: Forecast) -> None:
+        self._take(forecast, self.tier.__contains__)
+
+    def plan(self, make_forecast: Plan, *, keep: bool = False) -> None:
+        self._planned(make_forecast)
 
     def begin_layer(self, position: int, needed: set[Key]) -> None:
         self.queue.begin_layer(position, needed)

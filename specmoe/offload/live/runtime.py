@@ -28,15 +28,9 @@ from specmoe.offload.live.next_token import LogitLens, NextTokenPlanner
 from specmoe.offload.live.planner import PrefetchPlanner
 from specmoe.offload.live.session import DecodingSession
 from specmoe.offload.live.tiers import HostCache, HostExperts, SlowTier, Transfer
-from specmoe.offload.policy import (
-    EventLog,
-    PrefetchSettings,
-    Request,
-    in_token_requests,
-    oracle_requests,
-    policy_named,
-)
+from specmoe.offload.policy import EventLog, Forecast, LinkModel, PrefetchSettings, oracle_requests, policy_named
 from specmoe.offload.settings import NextTokenSettings, TierSize
+from specmoe.predictors.calibration import Calibration
 
 
 class OffloadedExperts(nn.Module):
@@ -131,6 +125,9 @@ class OffloadRuntime:
             ``next_token_table``: the token table to look the guess up in (default:
             ``predictor``, which must then be one).
         planning: where prefetch work runs (:data:`~specmoe.offload.settings.PLANNING`).
+        calibration: the predictor's (:mod:`specmoe.predictors.calibration`), for policies
+            that weigh reads by probability; ``link``: the times they price reads at (default:
+            learnt as the model decodes).
         log: a list to record every decision in (the parity tests).
     """
 
@@ -153,6 +150,8 @@ class OffloadRuntime:
         planning: str = "background",
         host_cache_bytes: int | None = None,
         layouts: list[ExpertLayout] | None = None,
+        calibration: Calibration | None = None,
+        link: LinkModel | None = None,
         log: EventLog | None = None,
     ):
         self.predictor_stack = predictor_stack or next(iter(loaded.stacks))
@@ -179,8 +178,9 @@ class OffloadRuntime:
         self.layers = loaded.layers
         self.num_experts, self.top_k = loaded.num_experts, loaded.top_k
         self._stack_range = _stack_ranges(loaded.stacks)
-        self.prefetch = prefetch.resolve(top_k=loaded.top_k, num_layers=len(self.layers))
+        self.prefetch = rule.resolve(prefetch, top_k=loaded.top_k, num_layers=len(self.layers))
         self.predictor = predictor if rule.prefetch == "predictor" else None
+        self._by_value = rule.selection != "budget"
         self.oracle = oracle if rule.prefetch == "oracle" else None
         self.next_token = None
         self.guess_log: list[tuple[int, list[int]]] = []
@@ -196,6 +196,7 @@ class OffloadRuntime:
                 next_token,
                 loaded.stacks[self.predictor_stack],
                 self.prefetch,
+                calibration,
             )
         self._layouts = layouts or [discover_layout(loaded.adapter, layer, self.num_experts) for layer in self.layers]
         slow = experts if experts is not None else self._move_experts(slow_tier, experts_dir)
@@ -221,10 +222,14 @@ class OffloadRuntime:
             planning=planning,
             future_uses=future_uses(oracle, len(self.layers)) if rule.eviction_for(self.prefetch) == "belady" else None,
             log=log,
+            rule=rule,
+            link=link or (LinkModel(1.0, 1.0, learn=True) if rule.selection == "value" else None),
         )
         self.stats = self.session.stats
         self.planner = (
-            PrefetchPlanner(self.predictor, loaded.stacks[self.predictor_stack], self.num_experts, self.prefetch)
+            PrefetchPlanner(
+                self.predictor, loaded.stacks[self.predictor_stack], self.num_experts, self.prefetch, rule, calibration
+            )
             if self.predictor is not None
             else None
         )
@@ -386,21 +391,23 @@ class OffloadRuntime:
                 ids, probs = self.next_token.guess(residual.detach())
             self.guess_log.append((self.step, ids[:, 0].tolist()))
             # kept: no later plan of this step covers the next one
-            self.session.submit(functools.partial(self._guess_requests, ids, probs, self.step), keep=True)
+            made_at = self.session.position(self.step, layer)
+            self.session.submit(functools.partial(self._guess_requests, ids, probs, self.step, made_at), keep=True)
 
-    def _guess_requests(self, ids: np.ndarray, probs: np.ndarray, step: int) -> list[Request]:
-        return in_token_requests(self.next_token.plan(ids, probs), step + 1, len(self.layers))
+    def _guess_requests(self, ids: np.ndarray, probs: np.ndarray, step: int, made_at: int) -> Forecast:
+        rows = self.next_token.plan(ids, probs, by_value=self._by_value)
+        return Forecast.of_rows(rows, step + 1, len(self.layers), made_at)
 
     def _plan(
         self, step: int, layer: int, first: int, history: list, token_ids: torch.Tensor, states: list
-    ) -> list[Request]:
+    ) -> Forecast:
         ids = torch.stack([h[0] for h in history], 1)  # (N, l+1, k)
         weights = torch.stack([h[1] for h in history], 1).float()
         n = ids.shape[0]
         tokens = token_ids if len(token_ids) == n else torch.zeros(n, dtype=torch.long)
         hidden = torch.stack(states, 1).cpu() if self._needs else None  # (N, l+1, D)
-        keys = self.planner.plan(layer, ids.numpy(), weights.numpy(), tokens.numpy(), offset=first, hidden=hidden)
-        return in_token_requests(keys, step, len(self.layers))
+        rows = self.planner.plan(layer, ids.numpy(), weights.numpy(), tokens.numpy(), offset=first, hidden=hidden)
+        return Forecast.of_rows(rows, step, len(self.layers), self.session.position(step, first + layer))
 
     def close(self) -> None:
         """Stop prefetching, remove the hooks and put the (empty) experts modules back, so

@@ -23,7 +23,7 @@ from specmoe.offload import Key
 from specmoe.offload.live.fast_tier import FastTier, RuntimeStats
 from specmoe.offload.live.prefetcher import Prefetcher, SynchronousPrefetcher
 from specmoe.offload.live.tiers import Transfer
-from specmoe.offload.policy import EventLog, Request
+from specmoe.offload.policy import POLICIES, EventLog, Forecast, LinkModel, Policy, Request
 from specmoe.offload.settings import PLANNING
 
 
@@ -43,21 +43,34 @@ class DecodingSession:
         planning: str = "background",
         future_uses: dict[Key, list[int]] | None = None,
         log: EventLog | None = None,
+        rule: Policy = POLICIES["prefetch"],
+        link: LinkModel | None = None,
     ):
+        """``rule``: the policy whose selection turns forecasts into reads; ``link``: the times
+        it weighs reads in (a ``learn``-ing model follows the reads and layers timed here)."""
         if planning not in PLANNING:
             raise ValueError(f"planning must be one of {', '.join(PLANNING)}, got {planning!r}")
         self.transfer, self.num_layers, self.planning, self.log = transfer, num_layers, planning, log
+        self.link = link
         self.stats = RuntimeStats()
         self.tier = FastTier(
             budget_bytes, self.stats, eviction, future_uses, num_layers, keeps_experts=keeps_experts, log=log
         )
         prefetcher = SynchronousPrefetcher if planning == "synchronous" else Prefetcher
-        self.prefetcher = prefetcher(transfer, self.tier, self.stats, log) if prefetching else None
+        self.prefetcher = (
+            prefetcher(transfer, self.tier, self.stats, log, rule=rule, link=link) if prefetching else None
+        )
+        self._layer_began: float | None = None
+        self._stall_then = 0.0
 
     def position(self, step: int, layer: int) -> int:
         return step * self.num_layers + layer
 
     def begin_layer(self, step: int, layer: int, experts: list[int]) -> list[Key]:
+        now = time.perf_counter()
+        if self.link is not None and self._layer_began is not None:  # a layer's time, its stall left out
+            self.link.observe_layer(now - self._layer_began - (self.stats.stall_s - self._stall_then))
+        self._layer_began, self._stall_then = now, self.stats.stall_s
         keys = [(layer, e) for e in experts]
         position = self.position(step, layer)
         with self.tier.lock:
@@ -70,14 +83,14 @@ class DecodingSession:
         """Requests known without planning (the oracle's)."""
         self.prefetcher.request(requests)
 
-    def submit(self, make_requests: Callable[[], list[Request]], *, keep: bool = False) -> None:
+    def submit(self, make_forecast: Callable[[], Forecast], *, keep: bool = False) -> None:
         """Hand a plan over (or, planning inline, make it here); unless ``keep``, a newer plan
         replaces it if it has not started."""
         with self.predicting():
             if self.planning == "inline":
-                self.prefetcher.request(make_requests())
+                self.prefetcher.forecast(make_forecast())
             else:
-                self.prefetcher.plan(make_requests, keep=keep)
+                self.prefetcher.plan(make_forecast, keep=keep)
 
     @contextmanager
     def predicting(self):
@@ -120,6 +133,8 @@ class DecodingSession:
             loaded = self.transfer.load(key, demand=True)
             loaded.wait_host()
         stats.stalled(key[0], began)
+        if self.link is not None:
+            self.link.observe_read(time.perf_counter() - began)
         self._record("miss", key)
         stats.demand_reads += 1
         stats.bytes_read += nbytes
@@ -136,6 +151,7 @@ class DecodingSession:
         """Counters start over (after a warm-up); the fast tier keeps what it holds."""
         self.stats.__init__()
         self.tier.restart_counts()
+        self._layer_began, self._stall_then = None, 0.0
 
     def results(self) -> dict:
         residency = self.tier.residency

@@ -9,9 +9,12 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from specmoe.offload.policy import POLICIES, PrefetchSettings
-from specmoe.offload.settings import CacheFractions
+from specmoe.offload.settings import BatchSizes, CacheFractions
 from specmoe.offload.simulated.cost import PRESETS, HardwareProfile, measured_profile, preset
 from specmoe.settings import Settings
+
+SIMULATED_PREDICTOR_POLICIES = tuple(n for n, p in POLICIES.items() if p.prefetch == "predictor" and not p.next_token)
+"""A simulation has no model to guess the next token with."""
 
 DEFAULT_COMPUTE_MS = 0.25
 
@@ -43,20 +46,18 @@ class SweepSettings(Settings):
     """Every policy over fast-tier sizes and batch sizes, on one split of a trace store."""
 
     cache_fractions: CacheFractions = (0.1, 0.25, 0.5)
-    batch_sizes: tuple[int, ...] = Field((1,), min_length=1, description="Decode batch sizes.")
+    batch_sizes: BatchSizes = Field((1,), min_length=1, description="Decode batch sizes.")
     max_windows: int | None = Field(64, gt=0, description="Sequences replayed from the split.")
     split: Literal["train", "val", "test"] = Field("test", description="Split the sequences come from.")
     cache_policies: tuple[str, ...] = Field(
         ("lru", "lfu", "lrfu", "belady"), description="Policies without prefetch compared beside the others."
     )
+    predictor_policies: tuple[str, ...] = Field(
+        ("prefetch",),
+        description="Policies run once per predictor, or the one it was built around, or the one named after a "
+        "colon (cost-aware:token): " + ", ".join(SIMULATED_PREDICTOR_POLICIES) + ".",
+    )
     prefetch: PrefetchSettings = PrefetchSettings()
-
-    @field_validator("batch_sizes")
-    @classmethod
-    def _batches(cls, value):
-        if any(b < 1 for b in value):
-            raise ValueError(f"batch sizes must be positive, got {','.join(map(str, value))}")
-        return value
 
     @field_validator("cache_policies")
     @classmethod
@@ -65,4 +66,14 @@ class SweepSettings(Settings):
         wrong = [name for name in value if name not in caches]
         if wrong:
             raise ValueError(f"{', '.join(wrong)}: not a cache policy ({', '.join(caches)})")
+        return value
+
+    @field_validator("predictor_policies")
+    @classmethod
+    def _with_predictors(cls, value):
+        wrong = [entry for entry in value if entry.partition(":")[0] not in SIMULATED_PREDICTOR_POLICIES]
+        if wrong:
+            raise ValueError(
+                f"{', '.join(wrong)}: not a simulated predictor policy ({', '.join(SIMULATED_PREDICTOR_POLICIES)})"
+            )
         return value

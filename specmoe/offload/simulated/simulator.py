@@ -23,16 +23,18 @@ import numpy as np
 
 from specmoe.offload import Key
 from specmoe.offload.eviction import eviction_policy, future_uses
+from specmoe.offload.forecast import Forecast, LinkModel, Row
 from specmoe.offload.policy import (
     EventLog,
+    Policy,
     PrefetchQueue,
     PrefetchSettings,
     Request,
     Residency,
-    choose_prefetches,
-    in_token_requests,
     oracle_requests,
+    plan_rows,
     policy_named,
+    take_forecast,
 )
 from specmoe.offload.settings import TierSize
 from specmoe.offload.simulated.cost import HardwareProfile
@@ -52,6 +54,8 @@ class SimulationConfig:
     plans_after_output: bool = False
     """The predictor reads the layer's output (residual stream): it plans once the layer has
     run, not at its routing."""
+    link: LinkModel | None = None
+    """The times value-weighed prefetch prices reads at (default: the cost model's own)."""
 
     def __post_init__(self):
         if policy_named(self.policy).next_token:
@@ -75,6 +79,7 @@ class SimulationResult:
     wasted_prefetches: int
     expert_bytes: int
     peak_bytes: int
+    stall_s_by_layer: list[float]
 
     def summary(self) -> dict:
         moved = self.demand_loads + self.prefetch_loads
@@ -84,6 +89,8 @@ class SimulationResult:
             "tokens_per_s": self.tokens / self.total_s if self.total_s else 0.0,
             "time_per_token_s": self.total_s / max(self.steps, 1),
             "stall_fraction": self.stall_s / max(self.total_s, 1e-12),
+            "stall_ms_per_token": 1e3 * self.stall_s / max(self.tokens, 1),
+            "stall_ms_per_token_by_layer": [1e3 * s / max(self.tokens, 1) for s in self.stall_s_by_layer],
             "hit_rate": self.hits / max(self.accesses, 1),
             "bytes_moved": moved * self.expert_bytes,
             "wasted_prefetch_bytes": self.wasted_prefetches * self.expert_bytes,
@@ -91,25 +98,24 @@ class SimulationResult:
         }
 
 
-def plan_prefetches(probs: np.ndarray, prefetch: PrefetchSettings) -> list[list[list[Key]]]:
-    """A predictor's plans for every step and layer, from its probabilities (S, B, L, H, E)
-    of every (step, sequence, layer, horizon), by the policy core's selection rule, pooled
+def plan_forecasts(
+    probs: np.ndarray, prefetch: PrefetchSettings, rule: Policy, calibrate=None
+) -> list[list[list[Row]]]:
+    """A predictor's forecasts for every step and layer (rows of target layers, placed in
+    their step when requested), from its scores (S, B, L, H, E) of every (step, sequence,
+    layer, horizon), by the policy core's :func:`~specmoe.offload.policy.plan_rows`, pooled
     over the batch as decoding pools them. They do not depend on the fast tier's state, so
-    one set serves a whole sweep."""
+    one set serves a whole sweep; what is read of them does (``take_forecast``)."""
     steps, _, layers = probs.shape[:3]
     plans = []
     for s in range(steps):
         per_layer = []
         for layer in range(layers):
-            targets = range(layer + 1, min(layer + 1 + prefetch.layers_ahead, layers))
             rows = probs[s, :, layer]  # (B, H, E)
             present = rows.reshape(len(rows), -1).sum(-1) > 0  # slots with a token
-            chosen = (
-                choose_prefetches(rows[present], targets, prefetch.experts_per_layer, prefetch.min_probability)
-                if len(targets) and present.any()
-                else []
+            per_layer.append(
+                plan_rows(rows[present], layer, layers, prefetch, rule, calibrate) if present.any() else []
             )
-            per_layer.append(chosen)
         plans.append(per_layer)
     return plans
 
@@ -119,16 +125,16 @@ def simulate(
     profile: HardwareProfile,
     expert_bytes: int,
     config: SimulationConfig,
-    plans: list[list[list[Key]]] | None = None,
+    plans: list[list[list[Row]]] | None = None,
     log: EventLog | None = None,
 ) -> SimulationResult:
     """Replay ``routing`` (S steps, B sequences, L layers, k); -1 is a dropped token, NO_TOKEN
-    an empty slot. ``plans[s][l]``: the experts a predictor prefetches once layer l of step s
-    has routed (from :func:`plan_prefetches`); needed by ``prefetch`` policies. ``log``
+    an empty slot. ``plans[s][l]``: what a predictor forecasts once layer l of step s has
+    routed (from :func:`plan_forecasts`); needed by policies with a predictor. ``log``
     records every decision (see :data:`~specmoe.offload.policy.EventLog`)."""
     steps, _, layers, top_k = routing.shape
     rule = policy_named(config.policy)
-    settings = config.prefetch.resolve(top_k=top_k, num_layers=layers)
+    settings = rule.resolve(config.prefetch, top_k=top_k, num_layers=layers)
     if rule.prefetch == "predictor" and plans is None:
         raise ValueError(f"policy {config.policy!r} needs a predictor's plans")
     per_layer = routing.transpose(0, 2, 1, 3).reshape(steps, layers, -1)  # a batch's union per layer
@@ -143,15 +149,17 @@ def simulate(
         raise ValueError(f"a fast tier of {config.capacity_bytes} B cannot hold one expert of {expert_bytes} B")
     queue = PrefetchQueue(log)
     transfer = profile.transfer_s(expert_bytes)
+    link = config.link or LinkModel(transfer, profile.compute_s_per_layer)
     requested_at: dict[Key, float] = {}
     now = link_free = stall = 0.0
+    by_layer = [0.0] * layers
     hits = late = demand = prefetched = accesses = 0
     tokens = int((routing[:, :, 0, 0] != NO_TOKEN).sum())
 
     def start_prefetches(until: float) -> None:
         """Start the queued transfers whose turn on the link comes before ``until``."""
         nonlocal link_free, prefetched
-        while queue.entries and max(link_free, requested_at[queue.entries[0][0]]) < until:
+        while queue.entries and max(link_free, requested_at[queue.peek()[0]]) < until:
             key, _ = queue.pop()
             begin = max(link_free, requested_at.pop(key))
             if key not in residency and residency.admit(key, begin + transfer, expert_bytes, prefetch=True):
@@ -162,6 +170,21 @@ def simulate(
         for key, _ in queue.request(requests, residency.__contains__, position):
             requested_at[key] = at
 
+    def forecast(step: int, layer: int, position: int, at: float) -> None:
+        made = take_forecast(
+            Forecast.of_rows(plans[step][layer], step, layers, position),
+            rule,
+            residency=residency,
+            queue=queue,
+            link=link,
+            nbytes=lambda _layer: expert_bytes,
+            present=residency.__contains__,
+            position=position,
+            busy_s=max(0.0, link_free - at),
+        )
+        for key, _ in made:
+            requested_at[key] = at
+
     def experts_at(position: int) -> np.ndarray:
         return per_layer[position // layers, position % layers]
 
@@ -170,7 +193,7 @@ def simulate(
             position = s * layers + layer
             need = [(layer, int(e)) for e in np.unique(per_layer[s, layer]) if e >= 0]
             if rule.prefetch == "predictor" and not config.plans_after_output:
-                request(in_token_requests(plans[s][layer], s, layers), position, now)
+                forecast(s, layer, position, now)
             residency.begin_layer(position, need, len(need) * expert_bytes)
             for key, _ in queue.begin_layer(position, set(need)):
                 requested_at.pop(key, None)
@@ -199,13 +222,14 @@ def simulate(
                 ready = max(ready, residency.get(key))
                 residency.use(key)
             stall += ready - now
+            by_layer[layer] += ready - now
             now = ready + profile.compute_s_per_layer
             start_prefetches(now)  # transfers under way while the layer computed
             residency.finish_layer(layer)
             for key, _ in queue.finish_layer(position):
                 requested_at.pop(key, None)
             if rule.prefetch == "predictor" and config.plans_after_output:
-                request(in_token_requests(plans[s][layer], s, layers), position, now)
+                forecast(s, layer, position, now)
     return SimulationResult(
         config={
             "policy": config.policy,
@@ -226,6 +250,7 @@ def simulate(
         wasted_prefetches=residency.wasted_prefetches + len(residency.unused_prefetch),
         expert_bytes=expert_bytes,
         peak_bytes=residency.peak,
+        stall_s_by_layer=by_layer,
     )
 
 

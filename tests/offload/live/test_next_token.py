@@ -57,6 +57,10 @@ def token_table(tmp_path_factory):
     return make_predictor("token").fit(TraceDataset(store, "all"))
 
 
+def _keys(rows) -> list:
+    return [(layer, e) for layer, listed, _ in rows for e, _ in listed]
+
+
 def _routing_of(tokens: np.ndarray) -> np.ndarray:
     """The synthetic store's rule: layer 0 from the token, each next layer from the last."""
     ids = np.zeros((len(tokens), LAYERS, TOP_K), dtype=np.int64)
@@ -71,12 +75,12 @@ def test_the_plan_holds_the_guessed_tokens_experts_for_its_first_layers(token_ta
     planner = _planner(token_table, 2, depth=2)
     ids, probs = planner.guess(torch.tensor([[21.0, 0.0]]))
     assert ids.tolist() == [[21]] and probs.tolist() == [[1.0]]
-    keys = planner.plan(ids, probs)
+    keys = _keys(planner.plan(ids, probs))
     expected = _routing_of(np.array([21]))[0]
     assert sorted(keys) == sorted((layer, int(e)) for layer in (0, 1) for e in expected[layer])
     # targets stop at the guess layer: after layer 0 only the next token's layer 0 may be keyed
     early = _planner(token_table, 0)
-    assert {layer for layer, _ in early.plan(*early.guess(torch.tensor([[21.0, 0.0]])))} == {0}
+    assert {layer for layer, _ in _keys(early.plan(*early.guess(torch.tensor([[21.0, 0.0]]))))} == {0}
     with pytest.raises(InputError, match="reaches past the guess layer 0"):
         _planner(token_table, 0, depth=2)
 

@@ -67,7 +67,11 @@ def test_the_planner_answers_as_the_predictor_does_and_reuses_answers(splits, na
     for layer, arrays, context in _decoding_steps(test):
         targets = range(layer + 1, min(layer + 3, train.num_layers))
         expected = choose_prefetches(predictor.predict_proba(context), targets, 2, 0.05) if targets else []
-        assert planner.plan(layer, *arrays, offset=10) == [(target + 10, e) for target, e in expected]
+        rows = planner.plan(layer, *arrays, offset=10)
+        assert [(target, e) for target, listed, _ in rows for e, _ in listed] == [(t + 10, e) for t, e in expected]
+        scores = predictor.predict_proba(context)[0].numpy()  # uncalibrated: the scores are the probabilities
+        for target, listed, _ in rows:
+            assert [q for _, q in listed] == pytest.approx([scores[target - 11 - layer, e] for e, _ in listed])
     assert planner.misses > 0 and (planner.hits > 0) == _repeats(name, train)
     assert planner.stats()["plan_memo_hit_rate"] == planner.hits / (planner.hits + planner.misses)
 

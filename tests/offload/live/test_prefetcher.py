@@ -11,7 +11,7 @@ import torch
 from specmoe.offload.live.fast_tier import FastTier, RuntimeStats
 from specmoe.offload.live.prefetcher import Prefetcher
 from specmoe.offload.live.tiers import HostExperts, Transfer
-from specmoe.offload.policy import in_token_requests
+from specmoe.offload.policy import Forecast, in_token_requests
 
 
 class _GatedExperts(HostExperts):
@@ -53,6 +53,11 @@ def _requests(keys):
     return in_token_requests(keys, 0, 3)
 
 
+def _forecast(keys, step=0):
+    """A plan's forecast of ``keys`` in decode step ``step``, each certain."""
+    return Forecast(0, tuple((key, position, 1.0) for key, position in in_token_requests(keys, step, 3)))
+
+
 def test_requests_for_a_layer_that_ran_are_dropped_unread(gated):
     slow, stats, tier, prefetcher = gated
     prefetcher.request(_requests([(1, 0), (2, 0), (2, 1)]))
@@ -91,8 +96,8 @@ def test_a_newer_plan_replaces_one_not_yet_started_and_plans_run_between_chunks(
     ran = []
     prefetcher.request(in_token_requests([(0, 0)], 1, 3))
     assert slow.reading.wait(5)  # the thread is inside a read: plans wait for its chunk boundary
-    prefetcher.plan(lambda: ran.append("older") or _requests([(1, 1)]))
-    prefetcher.plan(lambda: ran.append("newer") or _requests([(2, 2)]))
+    prefetcher.plan(lambda: ran.append("older") or _forecast([(1, 1)]))
+    prefetcher.plan(lambda: ran.append("newer") or _forecast([(2, 2)]))
     slow.gate.set()
     assert prefetcher.wait_for((0, 0))
     _eventually(lambda: (2, 2) in tier)
@@ -105,9 +110,9 @@ def test_a_kept_plan_is_not_replaced_and_runs_after_the_latest_plan(gated):
     ran = []
     prefetcher.request(in_token_requests([(0, 0)], 1, 3))
     assert slow.reading.wait(5)
-    prefetcher.plan(lambda: ran.append("next token") or in_token_requests([(0, 3)], 1, 3), keep=True)
-    prefetcher.plan(lambda: ran.append("older") or _requests([(1, 1)]))
-    prefetcher.plan(lambda: ran.append("newer") or _requests([(2, 2)]))
+    prefetcher.plan(lambda: ran.append("next token") or _forecast([(0, 3)], 1), keep=True)
+    prefetcher.plan(lambda: ran.append("older") or _forecast([(1, 1)]))
+    prefetcher.plan(lambda: ran.append("newer") or _forecast([(2, 2)]))
     slow.gate.set()
     assert prefetcher.wait_for((0, 0))
     _eventually(lambda: (0, 3) in tier)

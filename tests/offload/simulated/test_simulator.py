@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from specmoe.errors import InputError
-from specmoe.offload.policy import PrefetchSettings
+from specmoe.offload.policy import POLICIES, PrefetchSettings
 from specmoe.offload.simulated.cost import HardwareProfile
-from specmoe.offload.simulated.simulator import NO_TOKEN, SimulationConfig, plan_prefetches, simulate
+from specmoe.offload.simulated.simulator import NO_TOKEN, SimulationConfig, plan_forecasts, simulate
 
 PROFILE = HardwareProfile("test", bandwidth_bytes_per_s=1000.0, latency_s=0.5, compute_s_per_layer=1.0)
 BYTES = 500  # transfer = 0.5 + 0.5 = 1.0 s
@@ -51,6 +51,9 @@ def test_the_oracle_reads_into_the_next_token_but_not_a_whole_token_ahead():
         simulate(routing, PROFILE, BYTES, _config("oracle", 6, oracle_reach=2))
 
 
+PREFETCH = POLICIES["prefetch"]
+
+
 def test_perfect_predictions_waste_nothing_and_wrong_ones_are_wasted():
     rng = np.random.default_rng(0)
     routing = rng.integers(0, 8, (30, 1, 4, 1))
@@ -61,15 +64,16 @@ def test_perfect_predictions_waste_nothing_and_wrong_ones_are_wasted():
     settings = PrefetchSettings(experts_per_layer=1).resolve(top_k=1, num_layers=layers)
     cfg = _config("prefetch", 6, experts_per_layer=1)
     lru = simulate(routing, PROFILE, BYTES, _config("lru", 6)).summary()
-    perfect = simulate(routing, PROFILE, BYTES, cfg, plan_prefetches(right, settings)).summary()
+    perfect = simulate(routing, PROFILE, BYTES, cfg, plan_forecasts(right, settings, PREFETCH)).summary()
     oracle = simulate(routing, PROFILE, BYTES, _config("oracle-prefetch", 6, oracle_reach=1)).summary()
     assert perfect["wasted_prefetches"] == 0 and perfect["total_s"] < lru["total_s"]
     assert oracle["total_s"] <= perfect["total_s"]  # the oracle also reaches the next token's first layer
-    wrong = plan_prefetches(np.roll(right, 4, axis=-1), settings)
+    wrong = plan_forecasts(np.roll(right, 4, axis=-1), settings, PREFETCH)
     wasted = simulate(routing, PROFILE, BYTES, cfg, wrong).summary()
     assert wasted["wasted_prefetches"] > 0 and wasted["total_s"] > perfect["total_s"]
     strict = PrefetchSettings(experts_per_layer=1, min_probability=1.0).resolve(top_k=1, num_layers=layers)
-    assert plan_prefetches(right * 0.5, strict) == [[[]] * layers] * steps  # nothing clears the floor
+    floored = plan_forecasts(right * 0.5, strict, PREFETCH)  # nothing clears the floor
+    assert all(listed == () for step in floored for rows in step for _, listed, _ in rows)
 
 
 def test_plans_pool_a_batch_by_expected_uses():
@@ -77,7 +81,10 @@ def test_plans_pool_a_batch_by_expected_uses():
     probs[0, :, 0, 0] = [[0.55, 0.45, 0, 0], [0, 0.45, 0, 0.55]]
     settings = PrefetchSettings(experts_per_layer=1).resolve(top_k=1, num_layers=2)
     # expert 1 is neither sequence's first choice, but the batch's most expected use (0.9)
-    assert plan_prefetches(probs, settings)[0][0] == [(1, 1)]
+    [(layer, listed, bound)] = plan_forecasts(probs, settings, PREFETCH)[0][0]
+    assert (layer, [e for e, _ in listed]) == (1, [1])
+    # its probability: the chance either sequence needs it; the bound, the likeliest left out
+    assert listed[0][1] == pytest.approx(1 - 0.55 * 0.55) and bound == pytest.approx(0.55)
 
 
 @pytest.mark.parametrize("eviction", ["lru", "lfu", "lrfu", "belady"])

@@ -4,7 +4,7 @@ Torch predictors run under a budget: ``cpu`` caps epochs and steps so the whole 
 fits in minutes on 2 cores (those whose own settings already converge on 2 cores in minutes,
 ``fits_cpu``, keep them); ``full`` uses each predictor's own settings (for a GPU).
 Cross-token predictors are scored on the next token's layers
-(:func:`specmoe.evaluation.metrics.evaluate_next_token`) and get a table of their own.
+(:func:`specmoe.predictors.metrics.evaluate_next_token`) and get a table of their own.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ def train_command(
 
     On the train split, with early stopping on val."""
     from specmoe.cli.params import parse_params
-    from specmoe.training.fit import fit_and_save
+    from specmoe.run.fit import fit_and_save
 
     overrides = parse_params(param)
     for key, value in (("epochs", epochs), ("max_steps_per_epoch", max_steps_per_epoch), ("seed", seed)):

@@ -9,7 +9,6 @@ several processes on one node, each spreads over its own contiguous share of the
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
@@ -32,8 +31,6 @@ def check_placement(device: str, device_map: str | None, max_memory: str | None,
         raise InputError("--max-memory and --offload-folder apply to --device-map; add --device-map auto")
     if device_map is not None and device != "auto":
         raise InputError("give either --device (one device) or --device-map (spread over several), not both")
-    if device_map is not None and importlib.util.find_spec("accelerate") is None:
-        raise InputError("--device-map needs accelerate: pip install 'specmoe[multi-device]'")
     if max_memory is not None:
         parse_max_memory(max_memory, gpus=list(range(torch.cuda.device_count())))
 

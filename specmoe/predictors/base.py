@@ -57,7 +57,7 @@ class ExpertPredictor:
         return None
 
     def score(self, data: TraceDataset) -> float:
-        from specmoe.evaluation.metrics import evaluate_predictor
+        from specmoe.predictors.metrics import evaluate_predictor
 
         rows = evaluate_predictor(self, data, bootstrap=0)
         means = [r["recall_at_k"] for r in rows if r["layer"] == "all"]

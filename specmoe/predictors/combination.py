@@ -183,7 +183,7 @@ class StackingPredictor(MixturePredictor):
 
     def _recall(self, logs: list[torch.Tensor], targets: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
         """(H,) recall@k of the stack with ``weights`` (S, H, M), pooled over source layers."""
-        from specmoe.evaluation.metrics import token_metrics
+        from specmoe.predictors.metrics import token_metrics
 
         hits, count = torch.zeros(self.horizons), torch.zeros(self.horizons)
         for layer, (log_p, true) in enumerate(zip(logs, targets)):

@@ -9,7 +9,7 @@ and tables fitted on traces. A cross-token predictor is asked after one of token
 ``reach`` layers (``context.layer``) and scores token t+1's layers 0..``depth``-1 (fewer if
 the model has fewer); the
 Context it receives is token t's, so nothing of token t+1 can leak into it. Scored by
-:func:`specmoe.evaluation.metrics.evaluate_next_token` with the in-token metrics, at the
+:func:`specmoe.predictors.metrics.evaluate_next_token` with the in-token metrics, at the
 "horizon" L - l + j from token t's layer l to token t+1's layer j.
 """
 
@@ -51,7 +51,7 @@ class CrossTokenMixin:
 
     def score(self, data: TraceDataset) -> float:
         """Mean recall@k over the next token's layers, asked after the last layer."""
-        from specmoe.evaluation.metrics import evaluate_next_token
+        from specmoe.predictors.metrics import evaluate_next_token
 
         rows = evaluate_next_token(self, data, bootstrap=0, source_layers=[self.num_layers_ - 1])
         return float(np.mean([r["recall_at_k"] for r in rows if r["layer"] != "all"]))

@@ -33,6 +33,8 @@ def parameter_count(
         return f"{dense[name]:,}" + (" (copied router)" if name == "lookahead" else "")
     if name in ("ngram", "token", "next-token-table"):
         return "data-dependent (sparse table)"
+    if name == "history":
+        return "data-dependent (recorded windows)"
     return "sum of members"
 
 

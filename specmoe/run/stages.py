@@ -92,7 +92,7 @@ def trainer(spec: PredictorSpec):
     def train(config: RunConfig, out: Path) -> dict:
         from specmoe.predictors.registry import make_predictor
         from specmoe.traces.store import TraceStore
-        from specmoe.training.fit import fit_and_save
+        from specmoe.run.fit import fit_and_save
 
         target = out / "predictors" / spec.label
         params = {"horizons": config.predictors.horizons, **spec.params}

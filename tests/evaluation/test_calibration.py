@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from specmoe.evaluation.metrics import CalibrationAccumulator
+from specmoe.predictors.metrics import CalibrationAccumulator
 
 
 def test_reliability_bins_by_hand():

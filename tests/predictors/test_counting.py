@@ -2,7 +2,7 @@
 
 import torch
 
-from specmoe.evaluation.metrics import evaluate_predictor
+from specmoe.predictors.metrics import evaluate_predictor
 from specmoe.predictors.base import load_predictor
 from specmoe.predictors.data import Context, TraceDataset
 from specmoe.predictors.registry import make_predictor

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from specmoe.errors import InputError
-from specmoe.evaluation.metrics import evaluate_next_token
+from specmoe.predictors.metrics import evaluate_next_token
 from specmoe.models.lens import LogitLens
 from specmoe.models.loading import load_model
 from specmoe.predictors.base import load_predictor

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from specmoe.evaluation.metrics import evaluate_predictor
+from specmoe.predictors.metrics import evaluate_predictor
 from specmoe.predictors.data import TraceDataset
 from specmoe.predictors.registry import make_predictor
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from specmoe.evaluation.metrics import evaluate_predictor
+from specmoe.predictors.metrics import evaluate_predictor
 from specmoe.predictors.base import load_predictor
 from specmoe.predictors.data import TraceDataset
 from specmoe.predictors.registry import make_predictor

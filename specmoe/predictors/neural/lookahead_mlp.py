@@ -52,6 +52,9 @@ class LookaheadModule(PredictorModule):
 
 
 class LookaheadMLPPredictor(TorchPredictor):
+    """A small MLP from layer l's hidden state and the routing of its last layers to the
+    experts of layers l+1..l+H (learned from scratch, not started at the lookahead)."""
+
     name = "lookahead-mlp"
     training_defaults: ClassVar[dict] = {"batch_size": 512}
 

@@ -3,7 +3,7 @@
 import pytest
 
 from specmoe.storage.locks import DirectoryLockedError
-from specmoe.training.fit import fit_and_save
+from specmoe.run.fit import fit_and_save
 from tests.predictors.synthetic import make_synthetic_store
 from tests.storage.test_locks import _holder
 

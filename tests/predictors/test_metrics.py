@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from specmoe.evaluation.metrics import chance_levels, token_metrics
+from specmoe.predictors.metrics import chance_levels, token_metrics
 
 
 def test_exact_match_and_recall_widths_count_the_ranked_experts():

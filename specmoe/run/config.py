@@ -142,7 +142,7 @@ class OffloadSection(OffloadBenchSettings):
     expert_shape: tuple[int, int] | None = Field(
         (768, 2048), description="hidden,ffn of the experts read from disk (random weights); None: the model's own."
     )
-    repeats: int = Field(2, ge=1, description="Runs per configuration, in shuffled order; the median is kept.")
+    repeats: int = Field(3, ge=1, description="Runs per configuration, in shuffled order; the median is kept.")
     prefetch_predictors: list[str] = Field(default_factory=lambda: ["token", "ngram"])
     """Labels of ``predictors.models`` that drive prefetch."""
 

@@ -68,6 +68,10 @@ def collect_command(
             "expert store (see `specmoe prepare`), with this much memory for them (25%, 4GiB). Slower."
         ),
     ] = None,
+    store: Annotated[
+        Path | None,
+        typer.Option(help="With --fast-tier: the expert store to read (default: the cache, written if missing)."),
+    ] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow code from the checkpoint repository.")] = False,
 ) -> None:
     """Record which experts every token was routed to.
@@ -102,6 +106,10 @@ def collect_command(
     )
     check_text_sources(text)
     runtime = None
+    if store is not None and fast_tier is None:
+        from specmoe.errors import InputError
+
+        raise InputError("--store applies to --fast-tier (a model read from its expert store); add --fast-tier")
     if fast_tier is not None:
         from specmoe.errors import InputError
         from specmoe.offload.live.runtime import OffloadRuntime
@@ -112,7 +120,7 @@ def collect_command(
             raise InputError("--fast-tier runs one process on one device: without torchrun and --device-map")
         size = TierSize.parse(fast_tier)
         runtime = OffloadRuntime.from_checkpoint(
-            model, size, dtype=dtype, trust_remote_code=trust_remote_code, log=typer.echo, policy="lru"
+            model, size, store=store, dtype=dtype, trust_remote_code=trust_remote_code, log=typer.echo, policy="lru"
         )
         typer.echo(
             f"experts offloaded: {runtime.session.tier.budget / 2**20:.0f} MiB of them in memory, the rest read from disk"

@@ -42,7 +42,12 @@ def collect_command(
             "through its KV cache. What a decode benchmark should replay. 0: prefill the text."
         ),
     ] = 0,
-    dtype: Annotated[str, typer.Option(help="Model dtype: float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="Model dtype: float32, bfloat16 or float16 (default: float32; with --fast-tier, the checkpoint's)."
+        ),
+    ] = None,
     device: Annotated[
         str,
         typer.Option(help="cpu, cuda, cuda:N, or auto: this process's GPU (its LOCAL_RANK under torchrun) if any."),
@@ -80,6 +85,8 @@ def collect_command(
 
     Under torchrun (`torchrun --nproc-per-node N -m specmoe collect ...`) the shards are shared
     out over the N processes; the store is the one a single process would write."""
+    import dataclasses
+
     import torch
 
     from specmoe.corpus.builtin import check_text_sources
@@ -97,7 +104,7 @@ def collect_command(
         save_router_inputs=save_router_inputs,
         save_residuals=save_residuals,
         generate=generate,
-        dtype=dtype,
+        dtype=dtype or "float32",
         trust_remote_code=trust_remote_code,
         device=device,
         device_map=device_map,
@@ -125,6 +132,8 @@ def collect_command(
         typer.echo(
             f"experts offloaded: {runtime.session.tier.budget / 2**20:.0f} MiB of them in memory, the rest read from disk"
         )
+        # the checkpoint's dtype unless --dtype says otherwise: what the traces are computed in
+        cfg = dataclasses.replace(cfg, dtype=str(runtime.loaded.model.dtype).removeprefix("torch."))
     try:
         store = collect(cfg, loaded=runtime.loaded if runtime is not None else None)
     finally:

@@ -27,7 +27,14 @@ def collect_command(
     max_tokens: Annotated[int | None, typer.Option(help="Stop after about this many tokens.")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per window; windows never cross documents.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 32,
-    windows_per_shard: Annotated[int, typer.Option(help="Windows per shard (the unit of resumption).")] = 256,
+    windows_per_shard: Annotated[
+        int | None,
+        typer.Option(
+            help="Windows per shard, the unit of resumption: a kill loses the shard in flight. "
+            "Default: a resumed store's own; for a new one 256, or with --generate one batch "
+            "(--batch-size)."
+        ),
+    ] = None,
     save_router_inputs: Annotated[
         bool, typer.Option(help="Also store the hidden state entering each router (fp16, in separate files).")
     ] = False,

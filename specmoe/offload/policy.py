@@ -83,6 +83,16 @@ class Policy:
     predictor: str | None = None
     """The predictor the policy was built around (a benchmark runs it with that one when given)."""
 
+    @property
+    def kind(self) -> Literal["floor", "cache", "prefetch", "bound"]:
+        """How reports group it: the floor (on-demand), caches (nothing read ahead), prefetchers
+        (a predictor's forecasts read ahead), and bounds (the recorded future: no real run has it)."""
+        if not self.keeps_experts:
+            return "floor"
+        if self.prefetch == "oracle" or self.eviction == "belady":
+            return "bound"
+        return "cache" if self.prefetch == "none" or self.selection == "none" else "prefetch"
+
     def eviction_for(self, settings: PrefetchSettings) -> str:
         return self.eviction or settings.eviction
 

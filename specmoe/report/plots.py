@@ -13,6 +13,10 @@ import numpy as np
 from matplotlib.figure import Figure
 
 METRIC_LABELS = {"top1_acc": "top-1 accuracy", "recall_at_k": "recall@k", "recall_at_2k": "recall@2k"}
+MARKERS = "osD^vP*Xh<>p"
+LINESTYLES = ("-", "--", "-.", ":")
+LINE_SHIFT = 0.05
+"""Sideways shift between neighbouring lines of a metric plot, in units of its x axis."""
 
 
 def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
@@ -31,6 +35,8 @@ def usage_heatmap(traces: dict) -> Figure:
     image = ax.imshow(share, aspect="auto", cmap="magma", interpolation="nearest")
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_title(f"expert usage per layer ({traces['num_tokens']:,} tokens of {traces['model']})")
     fig.colorbar(image, ax=ax, label="share of routed slots")
     entropy = [row["usage_entropy_bits"] for row in stack["layers"]]
@@ -42,16 +48,33 @@ def usage_heatmap(traces: dict) -> Figure:
     return fig
 
 
+def _line_style(index: int) -> dict:
+    """The ``index``-th line's own marker and dashes, hollow markers every other line: lines
+    that coincide stay visible."""
+    return {
+        "marker": MARKERS[index % len(MARKERS)],
+        "linestyle": LINESTYLES[index % len(LINESTYLES)],
+        "markerfacecolor": "none" if index % 2 else None,
+    }
+
+
 def _headline(result: dict, horizon: int) -> dict:
     return next(r for r in result["rows"] if r["horizon"] == horizon and r["layer"] == "all")
 
 
-def predictor_comparison(metrics: dict[str, dict], horizon: int = 1) -> Figure:
-    """Top-1 and recall@k at one horizon, with 95% bootstrap intervals and chance levels."""
+def predictor_comparison(metrics: dict[str, dict], top_k: int, horizon: int = 1) -> Figure:
+    """Top-1 and recall@k at one horizon, with 95% bootstrap intervals and chance levels (one
+    bar per predictor when k = 1, where the two are equal)."""
     labels = sorted(metrics, key=lambda k: -_headline(metrics[k], horizon)["recall_at_k"])
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels) + 2), 4))
     x = np.arange(len(labels))
-    for offset, metric, color in ((-0.2, "top1_acc", "tab:blue"), (0.2, "recall_at_k", "tab:orange")):
+    bars = (
+        ((0.0, "recall_at_k", "tab:orange"),)
+        if top_k == 1
+        else ((-0.2, "top1_acc", "tab:blue"), (0.2, "recall_at_k", "tab:orange"))
+    )
+    for offset, metric, color in bars:
+        name = "top-1 = recall@k" if top_k == 1 else METRIC_LABELS[metric]
         rows = [_headline(metrics[k], horizon) for k in labels]
         values = np.array([r[metric] for r in rows])
         ci = np.array([r.get(f"{metric}_ci", [r[metric], r[metric]]) for r in rows])
@@ -60,7 +83,7 @@ def predictor_comparison(metrics: dict[str, dict], horizon: int = 1) -> Figure:
             values,
             0.4,
             color=color,
-            label=METRIC_LABELS[metric],
+            label=name,
             yerr=[values - ci[:, 0], ci[:, 1] - values],
             capsize=3,
         )
@@ -69,7 +92,7 @@ def predictor_comparison(metrics: dict[str, dict], horizon: int = 1) -> Figure:
             color=color,
             linestyle=":",
             linewidth=1,
-            label=f"chance {METRIC_LABELS[metric]}",
+            label=f"chance {name}",
         )
     ax.set_xticks(x, labels, rotation=30, ha="right")
     ax.set_ylim(0, 1)
@@ -82,8 +105,8 @@ def predictor_comparison(metrics: dict[str, dict], horizon: int = 1) -> Figure:
 def accuracy_by(metrics: dict[str, dict], axis: str, metric: str = "recall_at_k") -> Figure:
     """``metric`` against the horizon (pooled over layers) or the target layer (horizon 1)."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    chance = None
-    for label, result in sorted(metrics.items()):
+    chance, ticks = None, set()
+    for index, (label, result) in enumerate(sorted(metrics.items())):
         if axis == "horizon":
             rows = sorted((r for r in result["rows"] if r["layer"] == "all"), key=lambda r: r["horizon"])
             xs = [r["horizon"] for r in rows]
@@ -95,7 +118,12 @@ def accuracy_by(metrics: dict[str, dict], axis: str, metric: str = "recall_at_k"
         ys = [r[metric] for r in rows]
         low = [r.get(f"{metric}_ci", [v, v])[0] for r, v in zip(rows, ys)]
         high = [r.get(f"{metric}_ci", [v, v])[1] for r, v in zip(rows, ys)]
-        (line,) = ax.plot(xs, ys, marker="o", label=label)
+        # Predictors that score alike would hide each other: each line gets its own marker and
+        # dashes, and a small sideways shift.
+        shift = LINE_SHIFT * (index - (len(metrics) - 1) / 2)
+        ticks.update(xs)
+        xs = [x + shift for x in xs]
+        (line,) = ax.plot(xs, ys, label=label, **_line_style(index))
         ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15)
         chance = rows[0][f"chance_{metric}"] if rows else chance
     if chance is not None:
@@ -103,7 +131,9 @@ def accuracy_by(metrics: dict[str, dict], axis: str, metric: str = "recall_at_k"
     ax.set_xlabel("horizon h (layers ahead)" if axis == "horizon" else "target MoE layer (h = 1)")
     ax.set_ylabel(f"{METRIC_LABELS[metric]} (test)")
     ax.set_ylim(0, 1)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    if ticks:
+        ax.set_xticks(sorted(ticks))
+        ax.set_xlim(min(ticks) - 0.5, max(ticks) + 0.5)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     return fig
@@ -113,7 +143,7 @@ def calibration(metrics: dict[str, dict], horizon: int = 1) -> Figure:
     """Reliability diagram: mean confidence of the best-scored expert against its accuracy."""
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
-    for label, result in sorted(metrics.items()):
+    for index, (label, result) in enumerate(sorted(metrics.items())):
         table = next((c for c in result.get("calibration", []) if c["horizon"] == horizon), None)
         if table is None:
             continue
@@ -121,8 +151,8 @@ def calibration(metrics: dict[str, dict], horizon: int = 1) -> Figure:
         ax.plot(
             [table["mean_confidence"][i] for i in filled],
             [table["accuracy"][i] for i in filled],
-            marker="o",
             label=f"{label} (ECE {table['ece']:.3f})",
+            **_line_style(index),
         )
     ax.set_xlabel("confidence: predicted probability of the best expert")
     ax.set_ylabel("how often it was the true top-1")
@@ -131,6 +161,13 @@ def calibration(metrics: dict[str, dict], horizon: int = 1) -> Figure:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
     return fig
+
+
+def human_bytes(count: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
 
 
 def policy_label(row: dict) -> str:
@@ -185,7 +222,7 @@ def simulated_speed(simulation: dict) -> Figure:
     hw = simulation["hardware"]
     title = (
         f"SIMULATION — {simulation['model']}: {hw['name']} link {hw['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
-        f"{simulation['expert_bytes'] / 2**20:.1f} MiB/expert, compute {hw['compute_s_per_layer'] * 1e3:.2f} ms/layer"
+        f"{human_bytes(simulation['expert_bytes'])}/expert, compute {hw['compute_s_per_layer'] * 1e3:.2f} ms/layer"
     )
     return speed_vs_memory(simulation["rows"], title, "tokens/s (simulated)")
 
@@ -194,6 +231,6 @@ def measured_speed(offload: dict) -> Figure:
     shape = offload["expert_shape"]
     title = (
         f"MEASURED replay — routing recorded from {offload['routing_from']}; random bf16 experts "
-        f"{shape['hidden']}x{shape['ffn']} ({shape['bytes'] / 2**20:.1f} MiB) read from {offload['slow_tier']}"
+        f"{shape['hidden']}x{shape['ffn']} ({human_bytes(shape['bytes'])}) read from {offload['slow_tier']}"
     )
     return speed_vs_memory(offload["rows"], title, "tokens/s (measured)")

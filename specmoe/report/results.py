@@ -10,6 +10,8 @@ import yaml
 from specmoe import __version__
 from specmoe.errors import InputError
 from specmoe.predictors.registry import predictor_label
+from specmoe.report.card import model_card
+from specmoe.report.findings import findings
 
 HEADLINE_FRACTION = 0.25
 """The fast-tier size the issue's targets are stated at."""
@@ -48,15 +50,19 @@ SIMULATION_KEYS = (
     "eviction",
     "predictor",
     "cache_fraction",
+    "batch_size",
     "tokens_per_s",
+    "stall_ms_per_token",
     "hit_rate",
     "stall_fraction",
+    "speedup_vs_on_demand",
     "oracle_gap_closed",
 )
 OFFLOAD_KEYS = (
     "policy",
     "predictor",
     "cache_fraction",
+    "batch_size",
     "tokens_per_s",
     "tokens_per_s_range",
     "stall_ms_per_token",
@@ -78,7 +84,9 @@ def with_spread(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         tokens = r["tokens"]
-        speeds = [tokens / s for s in r.get("seconds_all_repeats", [r["seconds"]])]
+        # With the median's own figure: the stored seconds are rounded, and the median must
+        # not fall outside the range printed beside it.
+        speeds = [r["tokens_per_s"], *(tokens / s for s in r.get("seconds_all_repeats", [r["seconds"]]))]
         stalls = r.get("stall_ms_per_token_all_repeats") or [1e3 * r["stall_fraction"] * r["seconds"] / tokens]
         out.append(
             r
@@ -123,12 +131,19 @@ def noise_warnings(offload: dict) -> list[str]:
     return warnings
 
 
+def headline_fraction(rows: list[dict]) -> float:
+    """The fast-tier size of ``rows`` nearest the headline one."""
+    return min({r["cache_fraction"] for r in rows}, key=lambda f: abs(f - HEADLINE_FRACTION))
+
+
 def _headline_rows(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
-    """Batch-1 rows at the fast-tier size nearest the headline one, trimmed to ``keys``."""
+    """The rows at the headline fast-tier size, every batch size, trimmed to ``keys``."""
     if not rows:
         return []
-    best = min({r["cache_fraction"] for r in rows}, key=lambda f: abs(f - HEADLINE_FRACTION))
-    return [{k: r[k] for k in keys} for r in rows if r["cache_fraction"] == best and r.get("batch_size", 1) == 1]
+    fraction = headline_fraction(rows)
+    return [
+        {k: r.get(k, 1 if k == "batch_size" else None) for k in keys} for r in rows if r["cache_fraction"] == fraction
+    ]
 
 
 def predictor_rows(metrics: dict[str, dict]) -> list[dict]:
@@ -166,8 +181,9 @@ def predictor_rows(metrics: dict[str, dict]) -> list[dict]:
     return out
 
 
-def summarize(run_dir: Path, records: dict, *, command: str, seconds: float) -> dict:
-    run = load_run(run_dir)
+def summarize(run: dict, *, command: str, seconds: float) -> dict:
+    """``summary.json`` of a loaded run (:func:`load_run`): the headline figures, the model
+    card and the findings the report opens with."""
     traces, metrics = run["traces"], run["metrics"]
     first = next(iter(metrics.values()), None)
     chance = {k[len("chance_") :]: v for k, v in first["rows"][0].items() if k.startswith("chance_")} if first else {}
@@ -175,8 +191,8 @@ def summarize(run_dir: Path, records: dict, *, command: str, seconds: float) -> 
         "specmoe_version": __version__,
         "command": command,
         "seconds_this_invocation": round(seconds, 1),
-        "stage_seconds": {name: r.get("seconds") for name, r in records.items()},
-        "model": {k: traces[k] for k in ("model", "model_type", "num_layers", "num_experts", "top_k")},
+        "stage_seconds": {name: r.get("seconds") for name, r in run["stages"].items()},
+        "model": {k: traces[k] for k in ("model", "model_type", "num_layers", "num_experts", "top_k", "stacks")},
         "traces": {k: traces[k] for k in ("path", "num_tokens", "num_documents", "seq_len", "texts")},
         "split_seed": run["config"]["predictors"]["split_seed"],
         "predictors": predictor_rows(metrics),
@@ -199,4 +215,6 @@ def summarize(run_dir: Path, records: dict, *, command: str, seconds: float) -> 
             "rows": _headline_rows(with_spread(run["offload"]["rows"]), OFFLOAD_KEYS),
             "warnings": noise_warnings(run["offload"]),
         }
+    summary["model_card"] = model_card(traces["model"], traces)
+    summary["findings"] = findings(summary)
     return summary

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 
@@ -58,7 +58,9 @@ class CollectConfig:
     """Stop after the window that reaches this many tokens (None: all text)."""
     seq_len: int = 128
     batch_size: int = 32
-    windows_per_shard: int = 256
+    windows_per_shard: int | None = None
+    """The unit of resumption: a kill loses the shard in flight. None: the existing store's
+    (a resumed store keeps its shards), else :func:`default_shard_size`."""
     save_router_inputs: bool = False
     save_residuals: bool = False
     dtype: str = "float32"
@@ -83,7 +85,7 @@ class CollectConfig:
             raise InputError("give at least one --text source")
         if self.seq_len < 2:
             raise InputError(f"--seq-len must be at least 2, got {self.seq_len}")
-        if self.batch_size < 1 or self.windows_per_shard < 1:
+        if self.batch_size < 1 or (self.windows_per_shard is not None and self.windows_per_shard < 1):
             raise InputError("--batch-size and --windows-per-shard must be positive")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise InputError(f"--max-tokens must be positive, got {self.max_tokens}")
@@ -104,6 +106,29 @@ class CollectConfig:
             for kind, on in (("router_input", self.save_router_inputs), ("residual_out", self.save_residuals))
             if on
         ]
+
+
+PREFILL_WINDOWS_PER_SHARD = 256
+
+
+def default_shard_size(generate: int, batch_size: int) -> int:
+    """Windows per shard of a new store: 256 when prefilling (a batch takes a forward pass);
+    one batch when decoding (a batch takes ``generate`` steps, minutes on a large model, so a
+    kill near the end of a long decode loses one batch, not hundreds of windows)."""
+    return batch_size if generate else PREFILL_WINDOWS_PER_SHARD
+
+
+def resolve_shard_size(cfg: CollectConfig) -> int:
+    """``--windows-per-shard`` as given, else the existing store's, else the default."""
+    if cfg.windows_per_shard is not None:
+        return cfg.windows_per_shard
+    try:
+        stored = json.loads((cfg.out / "manifest.json").read_text())["collection"]["windows_per_shard"]
+    except (OSError, ValueError, KeyError, TypeError):  # no store yet, or one open_or_create will judge
+        stored = None
+    if isinstance(stored, int) and stored > 0:
+        return stored
+    return default_shard_size(cfg.generate, cfg.batch_size)
 
 
 def plan_shards(cfg: CollectConfig, tokenizer) -> Iterator[tuple[int, list[Window]]]:
@@ -241,6 +266,7 @@ def collect(cfg: CollectConfig, loaded: LoadedModel | None = None) -> TraceStore
 
 
 def _collect_locked(cfg: CollectConfig, loaded: LoadedModel | None) -> TraceStore:
+    cfg = replace(cfg, windows_per_shard=resolve_shard_size(cfg))
     world = init_process_group()[1]
     control = ControlChannel(world)
     # A resume with another rank count is refused before a model that may take minutes loads.

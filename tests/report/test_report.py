@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 from specmoe.errors import InputError
-from specmoe.report.build import markdown_summary, write_report
+from specmoe.report.build import write_report
+from specmoe.report.markdown import markdown_summary
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # CI installs Debian's chromium and sets this, so the browser check cannot silently skip there.
@@ -75,4 +76,11 @@ def test_report_can_be_rerendered_and_markdown_matches_summary(finished_run):
 
 def test_report_of_a_non_run_directory_is_refused(tmp_path):
     with pytest.raises(InputError, match="not a specmoe run directory"):
+        write_report(tmp_path)
+
+
+def test_report_of_an_unfinished_run_says_so(tmp_path):
+    (tmp_path / "stages.json").write_text("{}")
+    (tmp_path / "config.yaml").write_text("predictors: {models: []}\n")
+    with pytest.raises(InputError, match="finish it with `specmoe run`"):
         write_report(tmp_path)

@@ -77,7 +77,9 @@ def test_the_device_the_model_ran_on_is_in_the_fingerprint(tiny_checkpoints, sma
     from specmoe.traces.collector import _new_manifest
 
     loaded = load_model(str(tiny_checkpoints["olmoe"]))
-    cfg = CollectConfig(model=str(tiny_checkpoints["olmoe"]), texts=[str(small_corpus)], out=tmp_path / "t")
+    cfg = CollectConfig(
+        model=str(tiny_checkpoints["olmoe"]), texts=[str(small_corpus)], out=tmp_path / "t", windows_per_shard=256
+    )  # as collect() resolves it
     on_cpu, _ = _new_manifest(cfg, loaded, 32)
     loaded.model.parameters = lambda: iter([torch.empty(1, device="meta")])  # as if placed elsewhere
     elsewhere, _ = _new_manifest(cfg, loaded, 32)

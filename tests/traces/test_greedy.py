@@ -1,13 +1,17 @@
 """Decode-mode collection: the model's own greedy continuation, fed back one step at a time."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from specmoe.errors import InputError
 from specmoe.models.loading import load_model
-from specmoe.traces.collector import CollectConfig, collect
+from specmoe.traces import batches
+from specmoe.traces.collector import PREFILL_WINDOWS_PER_SHARD, CollectConfig, collect, resolve_shard_size
 from specmoe.traces.recorder import RoutingRecorder
+from specmoe.traces.store import TraceStore
 from specmoe.traces.windows import plan_windows
 
 
@@ -18,7 +22,14 @@ def _collect(checkpoint, text, out, **kw):
 def test_greedy_store_holds_the_models_own_choices_with_their_routing(tiny_checkpoints, small_corpus, tmp_path):
     checkpoint = tiny_checkpoints["olmoe"]
     store = _collect(
-        checkpoint, small_corpus, tmp_path / "g", seq_len=24, generate=10, batch_size=2, save_residuals=True
+        checkpoint,
+        small_corpus,
+        tmp_path / "g",
+        seq_len=24,
+        generate=10,
+        batch_size=2,
+        windows_per_shard=4,  # the windows checked below in one shard
+        save_residuals=True,
     )
     assert store.manifest.collection.mode == "greedy" and store.manifest.collection.generated_tokens == 10
     loaded = load_model(str(checkpoint))
@@ -56,3 +67,40 @@ def test_greedy_and_prefill_stores_do_not_resume_into_each_other(tiny_checkpoint
     _collect(tiny_checkpoints["olmoe"], small_corpus, out, seq_len=16)
     with pytest.raises(InputError, match="other settings"):
         _collect(tiny_checkpoints["olmoe"], small_corpus, out, seq_len=16, generate=4)
+
+
+def test_a_new_store_takes_one_batch_per_shard_when_decoding_and_a_resumed_one_keeps_its_own(tmp_path):
+    def size(out, **kw):
+        return resolve_shard_size(CollectConfig(model="m", texts=["t"], out=out, seq_len=16, **kw))
+
+    assert size(tmp_path / "new") == PREFILL_WINDOWS_PER_SHARD
+    assert size(tmp_path / "new", generate=4, batch_size=3) == 3
+    assert size(tmp_path / "new", generate=4, batch_size=3, windows_per_shard=7) == 7
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "manifest.json").write_text(json.dumps({"collection": {"windows_per_shard": 64}}))
+    assert size(started, generate=4, batch_size=3) == 64
+
+
+def test_an_interrupted_decode_loses_only_the_batch_in_flight(tiny_checkpoints, small_corpus, tmp_path, monkeypatch):
+    settings = {"seq_len": 16, "generate": 6, "batch_size": 2}
+    clean = _collect(tiny_checkpoints["olmoe"], small_corpus, tmp_path / "clean", **settings)
+    assert clean.manifest.collection.windows_per_shard == 2 and len(clean.manifest.shards) >= 3
+    decode, calls = batches.run_greedy_batch, []
+
+    def interrupted_at_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what Ctrl-C raises in the decoding loop
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(batches, "run_greedy_batch", interrupted_at_the_third_batch)
+    killed = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        _collect(tiny_checkpoints["olmoe"], small_corpus, killed, **settings)
+    assert len(TraceStore.open(killed).manifest.shards) == 2  # both finished batches were committed
+    monkeypatch.setattr(batches, "run_greedy_batch", decode)
+    resumed = _collect(tiny_checkpoints["olmoe"], small_corpus, killed, **settings)
+    assert resumed.manifest.num_tokens == clean.manifest.num_tokens
+    for a, b in zip(resumed.iter_shards(), clean.iter_shards(), strict=True):
+        assert np.array_equal(a.token_ids, b.token_ids) and np.array_equal(a.expert_ids, b.expert_ids)

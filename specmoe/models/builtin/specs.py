@@ -22,6 +22,8 @@ class BuiltinSpec:
     """``"span_corruption"`` (encoder-decoder) or ``"causal_lm"``."""
     vocab_size: int
     config_factory: Callable[[int], object]
+    stands_in_for: str
+    """The published model whose routing this small one imitates, and how it differs."""
 
     def build_model(self):
         from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -114,9 +116,18 @@ BUILTIN_SPECS: dict[str, BuiltinSpec] = {
             "span_corruption",
             8192,
             _switch_config,
+            "Switch-base-128 (google/switch-base-128): the same top-1 routing over 128 experts in every other "
+            "encoder layer (6 MoE layers), with a 2-layer decoder instead of 12, scaled down (d_model 128, "
+            "expert FFN 64) so that it trains on 2 CPU cores",
         ),
         BuiltinSpec(
-            "olmoe-64e", "OLMoE-style decoder, top-8 of 64 experts, 8 MoE layers", "causal_lm", 8192, _olmoe_config
+            "olmoe-64e",
+            "OLMoE-style decoder, top-8 of 64 experts, 8 MoE layers",
+            "causal_lm",
+            8192,
+            _olmoe_config,
+            "OLMoE-1B-7B (allenai/OLMoE-1B-7B-0924): the same top-8 of 64 fine-grained experts in every layer, "
+            "in 8 layers instead of 16 and scaled down (d_model 128, expert FFN 64)",
         ),
         BuiltinSpec(
             "mixtral-32e",
@@ -124,6 +135,8 @@ BUILTIN_SPECS: dict[str, BuiltinSpec] = {
             "causal_lm",
             8192,
             _mixtral_config,
+            "Mixtral-style top-2 routing (Mixtral-8x7B routes 2 of 8 experts; this model 2 of 32), in a small "
+            "decoder (8 layers, d_model 128, expert FFN 64)",
         ),
     )
 }

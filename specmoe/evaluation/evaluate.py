@@ -6,9 +6,9 @@ from pathlib import Path
 
 from specmoe.errors import SpecmoeError
 from specmoe.evaluation.latency import model_time_per_token_us, predictor_latency_us
-from specmoe.predictors.metrics import CalibrationAccumulator, evaluate_next_token, evaluate_predictor
 from specmoe.predictors.base import ExpertPredictor, load_predictor
 from specmoe.predictors.data import TraceDataset
+from specmoe.predictors.metrics import CalibrationAccumulator, evaluate_next_token, evaluate_predictor
 from specmoe.traces.store import TraceStore
 
 

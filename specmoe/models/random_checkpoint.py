@@ -21,7 +21,6 @@ from tqdm import tqdm
 from specmoe.errors import InputError
 from specmoe.models.loading import SEQ2SEQ_FAMILIES, resolve_model_path
 
-
 SHAPES = {
     "olmoe-1b-7b": ("olmoe", {"intermediate_size": 1024}),
     "mixtral-8x7b": ("mixtral", {}),

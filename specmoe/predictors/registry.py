@@ -6,8 +6,8 @@ from specmoe.errors import InputError
 from specmoe.predictors.base import ExpertPredictor
 from specmoe.predictors.combination import InterpolatedPredictor, StackingPredictor
 from specmoe.predictors.counting import NGramPredictor, PopularityPredictor, TokenTablePredictor, TransitionPredictor
-from specmoe.predictors.params import check_params
 from specmoe.predictors.history import ActivationHistoryPredictor
+from specmoe.predictors.params import check_params
 
 PREDICTORS: dict[str, type[ExpertPredictor]] = {
     cls.name: cls

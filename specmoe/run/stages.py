@@ -91,8 +91,8 @@ def describe(config: RunConfig, out: Path) -> dict:
 def trainer(spec: PredictorSpec):
     def train(config: RunConfig, out: Path) -> dict:
         from specmoe.predictors.registry import make_predictor
-        from specmoe.traces.store import TraceStore
         from specmoe.run.fit import fit_and_save
+        from specmoe.traces.store import TraceStore
 
         target = out / "predictors" / spec.label
         params = {"horizons": config.predictors.horizons, **spec.params}

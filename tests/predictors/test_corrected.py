@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from specmoe.predictors.metrics import evaluate_predictor
 from specmoe.predictors.base import load_predictor
 from specmoe.predictors.data import TraceDataset
 from specmoe.predictors.lookahead import extract_routers
+from specmoe.predictors.metrics import evaluate_predictor
 from specmoe.predictors.neural.base import ranking_loss
 from specmoe.predictors.registry import make_predictor
 

@@ -2,9 +2,9 @@
 
 import torch
 
-from specmoe.predictors.metrics import evaluate_predictor
 from specmoe.predictors.base import load_predictor
 from specmoe.predictors.data import Context, TraceDataset
+from specmoe.predictors.metrics import evaluate_predictor
 from specmoe.predictors.registry import make_predictor
 
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from specmoe.errors import InputError
-from specmoe.predictors.metrics import evaluate_next_token
 from specmoe.models.lens import LogitLens
 from specmoe.models.loading import load_model
 from specmoe.predictors.base import load_predictor
 from specmoe.predictors.data import TraceDataset
+from specmoe.predictors.metrics import evaluate_next_token
 from specmoe.predictors.registry import make_predictor
 from specmoe.traces.collector import CollectConfig, collect
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from specmoe.predictors.metrics import evaluate_predictor
 from specmoe.predictors.data import TraceDataset
+from specmoe.predictors.metrics import evaluate_predictor
 from specmoe.predictors.registry import make_predictor
 
 

@@ -6,9 +6,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from specmoe.predictors.metrics import evaluate_predictor
 from specmoe.predictors.base import load_predictor
 from specmoe.predictors.data import TraceDataset
+from specmoe.predictors.metrics import evaluate_predictor
 from specmoe.predictors.registry import make_predictor
 from specmoe.training.loop import NonFiniteLossError
 

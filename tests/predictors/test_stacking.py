@@ -2,8 +2,8 @@
 
 import torch
 
-from specmoe.predictors.metrics import evaluate_predictor
 from specmoe.predictors.base import load_predictor
+from specmoe.predictors.metrics import evaluate_predictor
 from specmoe.predictors.registry import make_predictor
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from specmoe.storage.locks import DirectoryLockedError
 from specmoe.run.fit import fit_and_save
+from specmoe.storage.locks import DirectoryLockedError
 from tests.predictors.synthetic import make_synthetic_store
 from tests.storage.test_locks import _holder
 

@@ -57,8 +57,7 @@ def measure_disk(num_bytes: int = 256 << 20, chunk: int = 8 << 20, directory: st
         path = os.path.join(tmp, "probe.bin")
         block = os.urandom(chunk)
         with open(path, "wb") as handle:
-            for _ in range(num_bytes // chunk):
-                handle.write(block)
+            handle.writelines(block for _ in range(num_bytes // chunk))
         os.sync()
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))

@@ -29,12 +29,12 @@ AT_LEAST_ONE = frozenset(
         "ff",
         "depth",
         "width",
-        "memory_slots",
         "em_iterations",
     }
 )
 """Parameters that count or size something and are meaningless below 1 (None stays allowed
-where the annotation allows it)."""
+where the annotation allows it). Not ``memory_slots``: 0 switches the interlayer's pattern
+memory off (its ablation)."""
 
 
 def constructor_annotations(cls: type) -> dict[str, object]:

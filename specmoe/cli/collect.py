@@ -97,6 +97,7 @@ def collect_command(
     import torch
 
     from specmoe.corpus.builtin import check_text_sources
+    from specmoe.errors import InputError
     from specmoe.traces.collector import CollectConfig, collect
     from specmoe.traces.stats import store_summary
 
@@ -121,11 +122,8 @@ def collect_command(
     check_text_sources(text)
     runtime = None
     if store is not None and fast_tier is None:
-        from specmoe.errors import InputError
-
         raise InputError("--store applies to --fast-tier (a model read from its expert store); add --fast-tier")
     if fast_tier is not None:
-        from specmoe.errors import InputError
         from specmoe.offload.live.runtime import OffloadRuntime
         from specmoe.offload.settings import TierSize
         from specmoe.torchrun import world_size

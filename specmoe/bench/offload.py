@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import platform
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from specmoe.bench.settings import OffloadBenchSettings
 from specmoe.errors import InputError
 from specmoe.models.offloaded import load_offloaded
 from specmoe.offload.live.next_token import LogitLens, NextTokenPlanner
-from specmoe.offload.policy import POLICIES, PRESETS, LinkModel, predictors_for
+from specmoe.offload.policy import POLICIES, PRESETS, LinkModel, lru_gap_closed, predictors_for
 from specmoe.offload.settings import TierSize
 from specmoe.predictors.base import load_predictor
 from specmoe.predictors.calibration import calibration_for
@@ -200,6 +201,7 @@ def benchmark_offload(
         for r in group:  # None where that policy was not run
             r["speedup_vs_on_demand"] = r["tokens_per_s"] / floor if floor else None
             r["fraction_of_oracle"] = r["tokens_per_s"] / ceiling if ceiling else None
+        lru_gap_closed(group, lambda r: statistics.median(r["stall_ms_per_token_all_repeats"]))
     return {
         "benchmark": "offload",
         "simulated": False,
@@ -236,7 +238,7 @@ def offload_table(report: dict) -> str:
     lines = [
         (
             f"{'batch':>5} {'cache':>6} {'policy':<40} {'tok/s':>8} {'stall ms/tok [range]':>22} {'hit':>6} "
-            f"{'MB read':>9} {'of oracle':>9} {'predict':>7} {'bg CPU':>7}"
+            f"{'MB read':>9} {'of oracle':>9} {'LRU gap':>8} {'predict':>7} {'bg CPU':>7}"
         )
     ]
     for r in report["rows"]:
@@ -246,10 +248,11 @@ def offload_table(report: dict) -> str:
         stalls = r["stall_ms_per_token_all_repeats"]
         stall = f"{sorted(stalls)[len(stalls) // 2]:.2f} [{min(stalls):.2f}-{max(stalls):.2f}]"
         of_oracle = "-" if r["fraction_of_oracle"] is None else f"{r['fraction_of_oracle']:.3f}"
+        lru_gap = "-" if r.get("lru_gap_closed") is None else f"{r['lru_gap_closed']:.3f}"
         lines.append(
             f"{r.get('batch_size', 1):>5} {r['cache_fraction']:>6.2f} {label:<40} {r['tokens_per_s']:>8.2f} {stall:>22} "
             f"{r['hit_rate']:>6.3f} "
-            f"{r['bytes_read'] / 2**20:>9.1f} {of_oracle:>9} {r['predictor_cpu_fraction']:>7.2%} "
+            f"{r['bytes_read'] / 2**20:>9.1f} {of_oracle:>9} {lru_gap:>8} {r['predictor_cpu_fraction']:>7.2%} "
             f"{r['predictor_background_cpu_fraction']:>7.2%}"
         )
     return "\n".join(lines)

@@ -13,7 +13,7 @@ import typer
 from specmoe.bench.settings import ModelBenchSettings, OffloadBenchSettings
 from specmoe.cli.params import default, option, parse_list, values_for
 from specmoe.errors import InputError
-from specmoe.offload.policy import PrefetchSettings
+from specmoe.offload.policy import GAP_LEGEND, PrefetchSettings
 from specmoe.offload.settings import NextTokenSettings
 from specmoe.settings import validated
 
@@ -242,6 +242,7 @@ def bench_offload(
     json_out.write_text(json.dumps(report, indent=2))
     discard(progress_file_for(json_out))
     typer.echo(offload_table(report))
+    typer.echo(GAP_LEGEND)
 
 
 def _model_offload(model, settings, predictor_dirs, store, json_out: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from specmoe.cli.params import default, option, parse_list, values_for
-from specmoe.offload.policy import PrefetchSettings
+from specmoe.offload.policy import GAP_LEGEND, PrefetchSettings
 from specmoe.offload.simulated.settings import HardwareSettings, SweepSettings
 from specmoe.settings import validated
 from specmoe.storage import atomic
@@ -82,12 +82,15 @@ def simulate_command(
     atomic.write_bytes(out / "speed_vs_memory.png", png_bytes(simulated_speed(report)))
     typer.echo(f"SIMULATION ({profile.name}, {bytes_per_expert / 2**20:.2f} MiB/expert) -> {out}/simulation.json")
     typer.echo(
-        f"{'batch':>5} {'cache':>6} {'policy':<36} {'tok/s':>9} {'stall ms/tok':>12} {'hit':>6} {'gap closed':>10}"
+        f"{'batch':>5} {'cache':>6} {'policy':<36} {'tok/s':>9} {'stall ms/tok':>12} {'hit':>6} {'gap closed':>10} "
+        f"{'LRU gap':>8}"
     )
     for r in report["rows"]:
         label = r["policy"] + (f":{r['predictor']}" if r["predictor"] else "")
         gap = "" if r["oracle_gap_closed"] is None else f"{r['oracle_gap_closed']:.3f}"
+        lru_gap = "" if r["lru_gap_closed"] is None else f"{r['lru_gap_closed']:.3f}"
         typer.echo(
             f"{r['batch_size']:>5} {r['cache_fraction']:>6.2f} {label:<36} {r['tokens_per_s']:>9.1f} "
-            f"{r['stall_ms_per_token']:>12.3f} {r['hit_rate']:>6.3f} {gap:>10}"
+            f"{r['stall_ms_per_token']:>12.3f} {r['hit_rate']:>6.3f} {gap:>10} {lru_gap:>8}"
         )
+    typer.echo("gap closed: the way from on-demand (0) to the oracle (1) in time per token; " + GAP_LEGEND)

@@ -33,6 +33,7 @@ from specmoe.offload.value import choose_by_value
 from specmoe.settings import Settings
 
 __all__ = [
+    "GAP_LEGEND",
     "POLICIES",
     "PRESETS",
     "EventLog",
@@ -45,6 +46,7 @@ __all__ = [
     "Residency",
     "choose_prefetches",
     "in_token_requests",
+    "lru_gap_closed",
     "oracle_requests",
     "plan_rows",
     "policy_named",
@@ -366,3 +368,19 @@ def take_forecast(
     else:
         chosen = forecast.entries
     return queue.request([(k, p) for k, p, _ in chosen], present, at, {k: q for k, _, q in chosen})
+
+
+# --- how a run compares ----------------------------------------------------------------------
+GAP_LEGEND = "LRU gap: the share of LRU's stall per token above the oracle's that the policy removes (LRU 0, oracle 1)"
+
+
+def lru_gap_closed(rows: list[dict], stall_of: Callable[[dict], float]) -> None:
+    """Sets each row's ``lru_gap_closed``: the share of the stall per token that LRU leaves
+    above the oracle's which the row's policy removes (1: the oracle's stall, 0: LRU's,
+    negative: more than LRU's). ``rows`` are one configuration's runs (a tier size and batch
+    size); None where LRU or the oracle did not run or LRU already stalls no more than it."""
+    lru = next((stall_of(r) for r in rows if r["policy"] == "lru"), None)
+    oracle = next((stall_of(r) for r in rows if r["policy"] == "oracle"), None)
+    for row in rows:
+        closable = None if lru is None or oracle is None else lru - oracle
+        row["lru_gap_closed"] = (lru - stall_of(row)) / closable if closable and closable > 0 else None

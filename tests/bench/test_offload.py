@@ -74,6 +74,9 @@ def test_policies_can_be_chosen(finished_run, tmp_path):
         ("oracle", "belady"),
     ]
     assert rows[0]["speedup_vs_on_demand"] is None and rows[3]["fraction_of_oracle"] == 1.0
+    lru_stall, oracle_stall = (sorted(r["stall_ms_per_token_all_repeats"])[0] for r in (rows[0], rows[3]))
+    expected = (0.0, 1.0) if lru_stall > oracle_stall else (None, None)  # one repeat: its own median
+    assert (rows[0]["lru_gap_closed"], rows[3]["lru_gap_closed"]) == expected
     expert = 3 * 8 * 8 * 2
     # it prefetched (how many of its reads the decoder took over first depends on thread timing)
     assert rows[2]["bytes_read"] > rows[2]["demand_reads"] * expert

@@ -14,6 +14,7 @@ from specmoe.offload.policy import (
     PrefetchQueue,
     PrefetchSettings,
     choose_prefetches,
+    lru_gap_closed,
     oracle_requests,
     predictors_for,
     prefetch_horizons,
@@ -25,6 +26,18 @@ from specmoe.predictors.registry import make_predictor
 
 LAYERS, EXPERTS, TOP_K, TOKENS = 4, 8, 2, 24
 INSTANT = HardwareProfile("instant", bandwidth_bytes_per_s=1e30, latency_s=0.0, compute_s_per_layer=1.0)
+
+
+def test_the_lru_gap_is_measured_from_lru_to_the_oracle_in_stall():
+    rows = [{"policy": p, "stall": s} for p, s in [("lru", 10.0), ("lfu", 12.0), ("cost-aware", 4.0), ("oracle", 2.0)]]
+    lru_gap_closed(rows, lambda r: r["stall"])
+    assert [r["lru_gap_closed"] for r in rows] == [0.0, -0.25, 0.75, 1.0]
+    without_lru = [{"policy": p, "stall": 1.0} for p in ("lfu", "oracle")]
+    lru_gap_closed(without_lru, lambda r: r["stall"])
+    assert [r["lru_gap_closed"] for r in without_lru] == [None, None]
+    nothing_to_close = [{"policy": p, "stall": 1.0} for p in ("lru", "lfu", "oracle")]
+    lru_gap_closed(nothing_to_close, lambda r: r["stall"])
+    assert {r["lru_gap_closed"] for r in nothing_to_close} == {None}
 
 
 def test_choose_prefetches_takes_the_most_expected_per_layer_pooled_over_the_batch():

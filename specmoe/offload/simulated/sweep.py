@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from specmoe.errors import InputError
 from specmoe.evaluation.evaluate import dataset_for
-from specmoe.offload.policy import POLICIES, predictors_for
+from specmoe.offload.policy import POLICIES, lru_gap_closed, predictors_for
 from specmoe.offload.simulated.cost import HardwareProfile
 from specmoe.offload.simulated.decode_order import decode_order
 from specmoe.offload.simulated.settings import SweepSettings
@@ -89,6 +89,7 @@ def run_sweep(
                 result["oracle_gap_closed"] = (
                     (floor - result["total_s"]) / (floor - ceiling) if floor > ceiling else None
                 )
+            lru_gap_closed(group, lambda r: r["stall_s"])
             rows.extend(group)
     return {
         "simulated": True,

@@ -63,5 +63,10 @@ def test_policies_with_a_predictor_run_with_the_one_named_or_each_and_with_its_c
     by_run = {(r["batch_size"], r["policy"]): r for r in report["rows"]}
     assert by_run[1, "cost-aware+next-use"]["prefetch_loads"] > 0  # it read ahead
     assert by_run[1, "mixtral-offloading"]["eviction"] == "lru-per-layer"
+    for batch in (1, 3):  # the measure: LRU's stall above the oracle's, removed
+        lru, oracle, policy = (by_run[batch, p] for p in ("lru", "oracle", "cost-aware+next-use"))
+        assert (lru["lru_gap_closed"], oracle["lru_gap_closed"]) == (0.0, 1.0)
+        share = (lru["stall_s"] - policy["stall_s"]) / (lru["stall_s"] - oracle["stall_s"])
+        assert policy["lru_gap_closed"] == pytest.approx(share)
     with pytest.raises(InputError, match="--predictor-policies prefetch:c: no --predictor-dir is called 'c'"):
         run_sweep(store.directory, preset("nvme"), 4096, predictors, SweepSettings(predictor_policies=("prefetch:c",)))

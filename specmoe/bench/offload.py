@@ -79,9 +79,12 @@ def _policy(entry: str) -> str:
 
 def _link(probe: dict) -> LinkModel:
     """The times reads are weighed in, from the start: the probe's read beside a computing
-    layer and layer beside a read; learnt further as each run decodes."""
+    layer and layer beside a read, and what a read costs the layers beside it (their slowdown
+    in the probe); the read and layer times are learnt further as each run decodes."""
     read_ms = probe.get("expert_load_ms_while_computing") or probe["expert_load_ms"]
-    return LinkModel(read_ms / 1e3, probe["layer_compute_ms_while_loading"] / 1e3, learn=True)
+    layer_ms = probe["layer_compute_ms_while_loading"]
+    compute_ms = LinkModel.compute_cost_of(read_ms, probe["layer_compute_ms"], layer_ms)
+    return LinkModel(read_ms / 1e3, layer_ms / 1e3, compute_cost_s=compute_ms / 1e3, learn=True)
 
 
 def benchmark_offload(

@@ -94,14 +94,31 @@ class LinkModel:
     layer_s: float
     demand_wait_s: float | None = None
     """Default: half a read."""
+    compute_cost_s: float = 0.0
+    """What a prefetch read adds to the time of the layers computing beside it, needed or not:
+    nothing on a link that moves data without the compute's processors (a GPU's copy engine,
+    the simulator's link); on a CPU whose reads take cycles from the layers, the read's time
+    times the share of a layer's speed it takes (:meth:`compute_cost_of`)."""
     learn: bool = False
     smoothing: float = 0.1
 
     def __post_init__(self):
-        if self.read_s < 0 or self.layer_s <= 0:
-            raise ValueError(f"a link model needs read_s >= 0 and layer_s > 0, got {self.read_s}, {self.layer_s}")
+        if self.read_s < 0 or self.layer_s <= 0 or self.compute_cost_s < 0:
+            raise ValueError(
+                f"a link model needs read_s >= 0, layer_s > 0 and compute_cost_s >= 0, "
+                f"got {self.read_s}, {self.layer_s}, {self.compute_cost_s}"
+            )
         if self.demand_wait_s is None:
             self.demand_wait_s = 0.5 * self.read_s
+
+    @staticmethod
+    def compute_cost_of(read_s: float, layer_alone_s: float, layer_beside_read_s: float) -> float:
+        """The compute a read of ``read_s`` costs when a layer takes ``layer_alone_s`` alone and
+        ``layer_beside_read_s`` beside a read (an interference probe's figures): while it reads,
+        the layers advance at ``alone / beside`` of their speed."""
+        if layer_beside_read_s <= layer_alone_s:
+            return 0.0
+        return read_s * (1.0 - layer_alone_s / layer_beside_read_s)
 
     def observe_read(self, seconds: float) -> None:
         if self.learn:

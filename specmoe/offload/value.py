@@ -18,7 +18,10 @@ that it will):
   read's time is of a layer's; a layer has demand reads at the rate averaged so far);
 - **cost in the fast tier**: once the tier is full, the read evicts the next victim (the
   eviction policy's order), and costs a read if that expert is needed at its next
-  opportunity: the :class:`~specmoe.offload.forecast.Outlook`'s chance, times a read.
+  opportunity: the :class:`~specmoe.offload.forecast.Outlook`'s chance, times a read;
+- **cost to compute**: where reads take the processors' time (a CPU reading from disk), the
+  layers computing beside a read slow down, whether or not the read is used
+  (``link.compute_cost_s``; nothing where a copy engine moves the data).
 
 Candidates are weighed likeliest first; each accepted read joins the schedule the next one
 is weighed against. Reads are made as early as the prediction is good enough: a layer
@@ -101,7 +104,7 @@ def choose_by_value(
             eviction = read * (risk[victim] if victim is not None else 1.0)
         else:
             eviction = 0.0
-        if benefit - delay - eviction - interference > 0:
+        if benefit - delay - eviction - interference - link.compute_cost_s > 0:
             chosen.append((key, target, q))
             schedule.insert(ahead, (target, q))
             free -= size if victim is None else 0

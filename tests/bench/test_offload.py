@@ -74,7 +74,7 @@ def test_policies_can_be_chosen(finished_run, tmp_path):
         ("oracle", "belady"),
     ]
     assert rows[0]["speedup_vs_on_demand"] is None and rows[3]["fraction_of_oracle"] == 1.0
-    lru_stall, oracle_stall = (sorted(r["stall_ms_per_token_all_repeats"])[0] for r in (rows[0], rows[3]))
+    lru_stall, oracle_stall = (min(r["stall_ms_per_token_all_repeats"]) for r in (rows[0], rows[3]))
     expected = (0.0, 1.0) if lru_stall > oracle_stall else (None, None)  # one repeat: its own median
     assert (rows[0]["lru_gap_closed"], rows[3]["lru_gap_closed"]) == expected
     expert = 3 * 8 * 8 * 2
@@ -215,3 +215,13 @@ def test_a_policy_runs_with_the_predictor_named_after_its_colon(greedy_traces, t
     assert [r["predictor"] for r in report["rows"]] == ["token:twin"]
     with pytest.raises(InputError, match="--policies prefetch:lookahead: no --predictor-dir holds a predictor"):
         benchmark_offload(greedy_traces / "traces", [twin], _settings(policies=("prefetch:lookahead",)))
+
+
+def test_the_value_rule_starts_from_the_probe_with_what_a_read_costs_the_layers_beside_it():
+    from specmoe.bench.offload import _link
+
+    probe = {"expert_load_ms": 10.0, "expert_load_ms_while_computing": 20.0, "layer_compute_ms": 3.0}
+    link = _link(probe | {"layer_compute_ms_while_loading": 6.0})
+    assert (link.read_s, link.layer_s, link.learn) == (0.020, 0.006, True)
+    assert link.compute_cost_s == pytest.approx(0.010)  # half the layers' speed for a 20 ms read
+    assert _link(probe | {"layer_compute_ms_while_loading": 3.0}).compute_cost_s == 0.0  # a copy engine's

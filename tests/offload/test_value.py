@@ -47,6 +47,20 @@ def test_how_many_reads_a_layer_gets_follows_from_how_many_fit_in_the_compute_be
     assert _choose(candidates, link=LinkModel(read_s=0.0, layer_s=1.0)) == []
 
 
+def test_where_a_read_slows_the_layers_beside_it_only_likely_reads_are_worth_it():
+    candidates = [((3, 0), NOW + 3, 0.9), ((3, 1), NOW + 3, 0.4), ((3, 2), NOW + 3, 0.2)]
+    free = LinkModel(read_s=1.0, layer_s=1.0)  # a copy engine: reading costs the layers nothing
+    assert [key for key, _, _ in _choose(candidates, link=free)] == [(3, 0), (3, 1), (3, 2)]
+    # a layer takes 2 beside a read, 1 alone: a read's time costs the layers half of it
+    cost = LinkModel.compute_cost_of(read_s=1.0, layer_alone_s=1.0, layer_beside_read_s=2.0)
+    assert cost == pytest.approx(0.5)
+    assert LinkModel.compute_cost_of(read_s=1.0, layer_alone_s=2.0, layer_beside_read_s=1.5) == 0.0
+    taxed = LinkModel(read_s=1.0, layer_s=1.0, compute_cost_s=cost)
+    assert [key for key, _, _ in _choose(candidates, link=taxed)] == [(3, 0)]
+    with pytest.raises(ValueError, match="compute_cost_s >= 0"):
+        LinkModel(read_s=1.0, layer_s=1.0, compute_cost_s=-1.0)
+
+
 def test_the_likeliest_read_goes_first_and_a_late_one_is_worth_what_it_still_saves():
     link = LinkModel(read_s=1.0, layer_s=0.6)
     chosen = _choose([((1, 0), NOW + 1, 0.3), ((1, 1), NOW + 1, 0.8)], link=link)

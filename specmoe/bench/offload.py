@@ -83,7 +83,10 @@ def _link(probe: dict) -> LinkModel:
     in the probe); the read and layer times are learnt further as each run decodes."""
     read_ms = probe.get("expert_load_ms_while_computing") or probe["expert_load_ms"]
     layer_ms = probe["layer_compute_ms_while_loading"]
-    compute_ms = LinkModel.compute_cost_of(read_ms, probe["layer_compute_ms"], layer_ms)
+    # The read's own work is what it takes alone; beside a layer it stretches as they share
+    # the cores. Priced by the stretched read, the cost came out 1.5-2.6x what prefetch runs
+    # lost outside their stalls per read (docs/benchmarks.md, "What a read costs").
+    compute_ms = LinkModel.compute_cost_of(probe["expert_load_ms"], probe["layer_compute_ms"], layer_ms)
     return LinkModel(read_ms / 1e3, layer_ms / 1e3, compute_cost_s=compute_ms / 1e3, learn=True)
 
 

@@ -223,5 +223,5 @@ def test_the_value_rule_starts_from_the_probe_with_what_a_read_costs_the_layers_
     probe = {"expert_load_ms": 10.0, "expert_load_ms_while_computing": 20.0, "layer_compute_ms": 3.0}
     link = _link(probe | {"layer_compute_ms_while_loading": 6.0})
     assert (link.read_s, link.layer_s, link.learn) == (0.020, 0.006, True)
-    assert link.compute_cost_s == pytest.approx(0.010)  # half the layers' speed for a 20 ms read
+    assert link.compute_cost_s == pytest.approx(0.005)  # half the layers' speed for a read of 10 ms alone
     assert _link(probe | {"layer_compute_ms_while_loading": 3.0}).compute_cost_s == 0.0  # a copy engine's

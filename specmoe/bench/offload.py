@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import platform
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -207,7 +206,7 @@ def benchmark_offload(
         for r in group:  # None where that policy was not run
             r["speedup_vs_on_demand"] = r["tokens_per_s"] / floor if floor else None
             r["fraction_of_oracle"] = r["tokens_per_s"] / ceiling if ceiling else None
-        lru_gap_closed(group, lambda r: statistics.median(r["stall_ms_per_token_all_repeats"]))
+        lru_gap_closed(group, _median_stall)
     return {
         "benchmark": "offload",
         "simulated": False,
@@ -238,6 +237,12 @@ def benchmark_offload(
     }
 
 
+def _median_stall(row: dict) -> float:
+    """The row's stall per token, the median of its repeats (the steadier measure)."""
+    stalls = row["stall_ms_per_token_all_repeats"]
+    return sorted(stalls)[len(stalls) // 2]
+
+
 def offload_table(report: dict) -> str:
     """The rows as a plain-text table: median tokens/s, and stall per token with the range
     over repeats (the steadier measure on a shared machine)."""
@@ -252,7 +257,7 @@ def offload_table(report: dict) -> str:
         label += f"/{r['eviction']}" if POLICIES[r["policy"]].eviction is None and r["eviction"] != "lru" else ""
         label += f"/{r['planning']}" if r.get("planning") not in (None, "background") else ""
         stalls = r["stall_ms_per_token_all_repeats"]
-        stall = f"{sorted(stalls)[len(stalls) // 2]:.2f} [{min(stalls):.2f}-{max(stalls):.2f}]"
+        stall = f"{_median_stall(r):.2f} [{min(stalls):.2f}-{max(stalls):.2f}]"
         of_oracle = "-" if r["fraction_of_oracle"] is None else f"{r['fraction_of_oracle']:.3f}"
         lru_gap = "-" if r.get("lru_gap_closed") is None else f"{r['lru_gap_closed']:.3f}"
         lines.append(

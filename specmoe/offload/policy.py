@@ -381,6 +381,6 @@ def lru_gap_closed(rows: list[dict], stall_of: Callable[[dict], float]) -> None:
     size); None where LRU or the oracle did not run or LRU already stalls no more than it."""
     lru = next((stall_of(r) for r in rows if r["policy"] == "lru"), None)
     oracle = next((stall_of(r) for r in rows if r["policy"] == "oracle"), None)
+    closable = None if lru is None or oracle is None else lru - oracle
     for row in rows:
-        closable = None if lru is None or oracle is None else lru - oracle
         row["lru_gap_closed"] = (lru - stall_of(row)) / closable if closable and closable > 0 else None

@@ -89,6 +89,8 @@ class ReplayResult:
             "predictor_background_cpu_fraction": self.stats["plan_cpu_s"] / self.seconds,
             "plan_memo_hit_rate": self.stats.get("plan_memo_hit_rate"),
             "next_token_guess_accuracy": self.stats.get("next_token_guess_accuracy"),
+            "recurrence_matched": self.stats.get("recurrence_matched"),  # warm-up included
+            "recurrence_precision": self.stats.get("recurrence_precision"),
             "link_model": self.stats.get("link_model"),
             "hit_rate": self.stats["hit_rate"],
             "late_prefetches": self.stats["late"],
@@ -237,6 +239,8 @@ def replay(
                 if planner is not None:  # like the cache, the memo keeps what warm-up put there
                     planner.hits = planner.misses = 0
                 start = time.perf_counter()
+            if rule.recurrence:
+                session.begin_token(t, np.where(present[t], token_ids[t], NO_TOKEN), sequences[t])
             for layer in range(layers):
                 if rule.prefetch == "predictor" and needs != "residual_out":  # the layer's routing is known
                     session.submit(functools.partial(plan, t, layer))
@@ -260,11 +264,15 @@ def replay(
                         guessed["made"] += int(following.sum())
                         guessed["right"] += int((ids[following, 0] == token_ids[t + 1, live][following]).sum())
                     session.submit(functools.partial(guess_plan, t, ids, probs), keep=True)
+            if rule.recurrence:
+                session.end_token(routing[t])
         _synchronize(transfer.device)
     finally:
         session.close()
     seconds = time.perf_counter() - start
     result = session.results() | {"expert_bytes": slow.expert_nbytes(0), **(planner.stats() if planner else {})}
+    if rule.recurrence:
+        result |= session.tier.residency.outlook.recurrence.stats()
     if link is not None:
         result["link_model"] = {
             "read_ms": 1e3 * link.read_s,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from specmoe.offload import Key
+from specmoe.offload.recurrence import Recurrence
 
 Prediction = tuple[Key, int, float]
 """An expert, the decode position whose layer may need it, and the probability it will."""
@@ -150,6 +151,9 @@ class Outlook:
         self.predicted = np.zeros((num_layers, 64))
         """The newest forecast of each expert: the position, and the chance of use there."""
         self.bounds: dict[int, float] = {}
+        self.recurrence: Recurrence | None = None
+        """The sequence's own past, where the engine feeds it tokens: what is said of the next
+        tokens beyond the forecasts (:mod:`specmoe.offload.recurrence`)."""
 
     def _fit(self, layer: int, expert: int) -> None:
         """Room for layers up to ``layer`` and expert ids up to ``expert``."""
@@ -197,19 +201,38 @@ class Outlook:
         if self.predicted_at[layer, expert] == nxt:
             return float(self.predicted[layer, expert])
         bound = self.bounds.get(nxt)  # covered, and not listed: no likelier than the bound
+        if bound is None and self.recurrence is not None:
+            said = self.recurrence.chance(key, nxt // self.num_layers, rate)
+            return rate if said is None else said
         return rate if bound is None else min(rate, bound)
 
     def expected_wait(self, key: Key, position: int) -> float:
         return float(self.expected_waits([key], position)[0])
 
     def expected_waits(self, keys: list[Key], position: int) -> np.ndarray:
-        """Positions until each expert's next use, expected: its next opportunity, and if it is
-        not needed there, a wait at its use rate (geometric over tokens)."""
+        """Positions until each expert's next use, expected: its next opportunity, then the
+        tokens the recurrence forecasts, and after those a wait at its use rate (geometric
+        over tokens)."""
         layers, experts = self._index(keys)
         ahead = (layers - position) % self.num_layers
         distance = np.where(ahead == 0, self.num_layers, ahead)
         rates = np.maximum(self._rates(layers, experts, position), 1e-6)
-        return distance + self.num_layers * (1.0 - self._chances(layers, experts, position)) / rates
+        missed = 1.0 - self._chances(layers, experts, position)  # the chance it is not used yet
+        waits = distance.astype(np.float64)
+        if self.recurrence is not None:  # each later token it forecasts, a token apart
+            first_step = (position + distance) // self.num_layers
+            later = first_step[None, :] + np.arange(1, self.recurrence.reach + 1)[:, None]  # (R, N)
+            for chance in self._recurring(layers, experts, later, rates):
+                waits += missed * self.num_layers  # not used at the opportunity before: one token more
+                missed = missed * (1.0 - chance)
+        return waits + self.num_layers * missed / rates
+
+    def _recurring(self, layers: np.ndarray, experts: np.ndarray, steps, otherwise: np.ndarray) -> np.ndarray:
+        """The recurrence's chance of each expert at its step; ``otherwise`` where it says
+        nothing, and no more than that for an expert it does not list."""
+        said, listed = self.recurrence.chances(layers, experts, steps)
+        said = np.where(listed, said, np.minimum(said, otherwise))
+        return np.where(np.isnan(said), otherwise, said)
 
     def _index(self, keys: list[Key]) -> tuple[np.ndarray, np.ndarray]:
         index = np.asarray(keys, dtype=np.int64).reshape(-1, 2)
@@ -229,5 +252,8 @@ class Outlook:
             if int(target) in self.bounds:
                 at = nxt == target
                 chances[at] = np.minimum(chances[at], self.bounds[int(target)])
+        if self.recurrence is not None:  # where no forecast covers the opportunity
+            uncovered = ~np.isin(nxt, np.fromiter(self.bounds, dtype=np.int64, count=len(self.bounds)))
+            chances = np.where(uncovered, self._recurring(layers, experts, nxt // self.num_layers, chances), chances)
         listed = self.predicted_at[layers, experts] == nxt
         return np.where(listed, self.predicted[layers, experts], chances)

@@ -84,6 +84,9 @@ class Policy:
     """Prefetch settings the policy fixes, whatever the options say."""
     predictor: str | None = None
     """The predictor the policy was built around (a benchmark runs it with that one when given)."""
+    recurrence: bool = False
+    """Forecast the next tokens from the sequence's own past (:mod:`specmoe.offload.recurrence`):
+    for eviction, and, by value, reads into the next token."""
 
     @property
     def kind(self) -> Literal["floor", "cache", "prefetch", "bound"]:
@@ -156,6 +159,15 @@ POLICIES: dict[str, Policy] = {
             next_token=True,
             selection="value",
             preset=_every_layer_ahead,
+        ),
+        Policy(
+            "cost-aware+recurrence",
+            "predictor",
+            "next-use",
+            "cost-aware+next-use, with the sequence's own past forecasting its next tokens",
+            selection="value",
+            preset=_every_layer_ahead,
+            recurrence=True,
         ),
         Policy("oracle-prefetch", "oracle", None, "the recorded future prefetched, evicted as prefetch evicts"),
         Policy("oracle", "oracle", "belady", "the recorded future prefetched and evicted by (the ceiling)"),
@@ -347,9 +359,13 @@ def take_forecast(
     """A forecast arrives while decoding is at ``position``: the fast tier's outlook learns
     it, the policy's selection picks the reads, the queue takes those it does not hold;
     returns them. The one place every engine hands a predictor's forecast over."""
+    at = max(position, forecast.made_at)
+    recurrence = residency.outlook.recurrence if residency.outlook is not None else None
+    if rule.recurrence and recurrence is not None:  # the next token's layers already passed in this one
+        entries, rest = recurrence.next_token(upto_layer=at % recurrence.num_layers)
+        forecast = Forecast(forecast.made_at, forecast.entries + tuple(entries), forecast.rest + tuple(rest))
     if residency.outlook is not None:
         residency.outlook.observe(forecast)
-    at = max(position, forecast.made_at)
     if rule.selection == "none":
         return []
     if rule.selection == "value":

@@ -180,6 +180,17 @@ class Residency(Generic[T]):
         self.demand_per_layer += 0.05 * (self._demands - self.demand_per_layer)
         self._demands = 0
 
+    def begin_token(self, step: int, token_ids, sequences) -> None:
+        """Step ``step`` decodes ``token_ids`` of ``sequences`` (one per batch slot): what the
+        outlook's recurrence, where it has one, matches the sequences' past by."""
+        if self.outlook is not None and self.outlook.recurrence is not None:
+            self.outlook.recurrence.begin_token(step, token_ids, sequences)
+
+    def end_token(self, routing) -> None:
+        """The step has run; ``routing`` (B, L, k): each slot's experts."""
+        if self.outlook is not None and self.outlook.recurrence is not None:
+            self.outlook.recurrence.end_token(routing)
+
     def admit(self, key: Key, payload: T, nbytes: int, *, prefetch: bool) -> bool:
         """Hold ``key``, evicting as needed; False (nothing changed) if only pinned experts
         could make room. A demand load is not a use until :meth:`use`."""

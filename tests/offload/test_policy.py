@@ -167,6 +167,7 @@ CASES = [
     ("cost-aware", {}),
     ("cost-aware", {"eviction": "lfu"}),
     ("cost-aware+next-use", {}),
+    ("cost-aware+recurrence", {}),
     ("oracle-prefetch", {"eviction": "lrfu", "oracle_reach": 2}),
     ("oracle", {}),
     ("mixtral-offloading", {}),
@@ -187,11 +188,12 @@ def test_the_simulator_and_the_measured_replay_make_the_same_decisions(recorded,
     slow = random_experts("host", LAYERS, EXPERTS, 16, 8, directory=None)
     expert_bytes = slow.expert_nbytes(0)
     measured, simulated = [], []
+    tokens = np.arange(TOKENS) % 5  # a sequence that repeats, for the policy that matches its past
     replay(
         slow,
         routing,
         np.full(routing.shape, 0.5, np.float32),
-        np.zeros(TOKENS, np.int64),
+        tokens,
         policy=policy,
         budget_bytes=slots * expert_bytes,
         num_experts=EXPERTS,
@@ -208,7 +210,16 @@ def test_the_simulator_and_the_measured_replay_make_the_same_decisions(recorded,
         calibrate = calibration.apply if predictor.name == "transition" else None
         plans = plan_forecasts(probabilities[predictor.name], resolved, rule, calibrate)
     config = SimulationConfig(policy=policy, capacity_bytes=slots * expert_bytes, prefetch=settings, link=LINK)
-    result = simulate(routing[:, None], INSTANT, expert_bytes, config, plans, log=simulated)
+    result = simulate(
+        routing[:, None],
+        INSTANT,
+        expert_bytes,
+        config,
+        plans,
+        log=simulated,
+        token_ids=tokens[:, None],
+        sequences=np.zeros((TOKENS, 1), np.int64),
+    )
     assert measured == simulated
     kinds = {entry[0] for entry in measured}
     assert "miss" in kinds and ("hit" in kinds or slots < 12 or policy == "on-demand")

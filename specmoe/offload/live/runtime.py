@@ -162,6 +162,11 @@ class OffloadRuntime:
         rule = policy_named(policy or _default_policy(predictor, oracle, prefetch))
         if rule.next_token:
             raise InputError("next-token prefetch is asked for with next_token=, beside the policy prefetch")
+        if rule.recurrence:
+            raise InputError(
+                f"policy {policy!r} is measured by `specmoe bench offload` and `specmoe simulate` only: the "
+                "runtime does not yet feed it each sequence's tokens; use cost-aware+next-use"
+            )
         if rule.prefetch == "predictor" and predictor is None:
             raise InputError(f"policy {rule.name} needs a predictor")
         if rule.prefetch == "oracle" and oracle is None:

@@ -24,6 +24,7 @@ from specmoe.offload.live.fast_tier import FastTier, RuntimeStats
 from specmoe.offload.live.prefetcher import Prefetcher, SynchronousPrefetcher
 from specmoe.offload.live.tiers import Transfer
 from specmoe.offload.policy import POLICIES, EventLog, Forecast, LinkModel, Policy, Request
+from specmoe.offload.recurrence import Recurrence
 from specmoe.offload.settings import PLANNING
 
 
@@ -60,11 +61,24 @@ class DecodingSession:
         self.prefetcher = (
             prefetcher(transfer, self.tier, self.stats, log, rule=rule, link=link) if prefetching else None
         )
+        if rule.recurrence:
+            self.tier.residency.outlook.recurrence = Recurrence(num_layers)
         self._layer_began: float | None = None
         self._stall_then = 0.0
 
     def position(self, step: int, layer: int) -> int:
         return step * self.num_layers + layer
+
+    def begin_token(self, step: int, token_ids, sequences) -> None:
+        """Step ``step`` decodes ``token_ids`` of ``sequences``, one per batch slot (what a policy
+        following the sequences' recurrence matches their past by; others ignore it)."""
+        with self.predicting(), self.tier.lock:
+            self.tier.residency.begin_token(step, token_ids, sequences)
+
+    def end_token(self, routing) -> None:
+        """The step has run; ``routing`` (B, L, k): each slot's experts."""
+        with self.predicting(), self.tier.lock:
+            self.tier.residency.end_token(routing)
 
     def begin_layer(self, step: int, layer: int, experts: list[int]) -> list[Key]:
         now = time.perf_counter()

@@ -36,6 +36,7 @@ from specmoe.offload.policy import (
     policy_named,
     take_forecast,
 )
+from specmoe.offload.recurrence import Recurrence
 from specmoe.offload.settings import TierSize
 from specmoe.offload.simulated.cost import HardwareProfile
 
@@ -80,6 +81,8 @@ class SimulationResult:
     expert_bytes: int
     peak_bytes: int
     stall_s_by_layer: list[float]
+    recurrence: dict | None = None
+    """How the sequences' past forecast their next tokens (policies that follow it)."""
 
     def summary(self) -> dict:
         moved = self.demand_loads + self.prefetch_loads
@@ -127,11 +130,15 @@ def simulate(
     config: SimulationConfig,
     plans: list[list[list[Row]]] | None = None,
     log: EventLog | None = None,
+    *,
+    token_ids: np.ndarray | None = None,
+    sequences: np.ndarray | None = None,
 ) -> SimulationResult:
     """Replay ``routing`` (S steps, B sequences, L layers, k); -1 is a dropped token, NO_TOKEN
     an empty slot. ``plans[s][l]``: what a predictor forecasts once layer l of step s has
-    routed (from :func:`plan_forecasts`); needed by policies with a predictor. ``log``
-    records every decision (see :data:`~specmoe.offload.policy.EventLog`)."""
+    routed (from :func:`plan_forecasts`); needed by policies with a predictor. A policy that
+    follows the sequences' recurrence needs each slot's ``token_ids`` and ``sequences`` (S,
+    B). ``log`` records every decision (see :data:`~specmoe.offload.policy.EventLog`)."""
     steps, _, layers, top_k = routing.shape
     rule = policy_named(config.policy)
     settings = rule.resolve(config.prefetch, top_k=top_k, num_layers=layers)
@@ -145,6 +152,10 @@ def simulate(
         keeps_experts=rule.keeps_experts,
         log=log,
     )
+    if rule.recurrence:
+        if token_ids is None or sequences is None:
+            raise ValueError(f"policy {config.policy!r} follows the sequences' tokens: pass token_ids and sequences")
+        residency.outlook.recurrence = Recurrence(layers)
     if expert_bytes > config.capacity_bytes:
         raise ValueError(f"a fast tier of {config.capacity_bytes} B cannot hold one expert of {expert_bytes} B")
     queue = PrefetchQueue(log)
@@ -189,6 +200,8 @@ def simulate(
         return per_layer[position // layers, position % layers]
 
     for s in range(steps):
+        if rule.recurrence:
+            residency.begin_token(s, token_ids[s], sequences[s])
         for layer in range(layers):
             position = s * layers + layer
             need = [(layer, int(e)) for e in np.unique(per_layer[s, layer]) if e >= 0]
@@ -230,6 +243,7 @@ def simulate(
                 requested_at.pop(key, None)
             if rule.prefetch == "predictor" and config.plans_after_output:
                 forecast(s, layer, position, now)
+        residency.end_token(routing[s])
     return SimulationResult(
         config={
             "policy": config.policy,
@@ -251,6 +265,7 @@ def simulate(
         expert_bytes=expert_bytes,
         peak_bytes=residency.peak,
         stall_s_by_layer=by_layer,
+        recurrence=residency.outlook.recurrence.stats() if rule.recurrence else None,
     )
 
 

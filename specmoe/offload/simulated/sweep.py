@@ -49,13 +49,13 @@ def run_sweep(
     rows = []
     for batch_size in cfg.batch_sizes:
         base = TraceDataset(store, cfg.split, seed=split_seed)
-        routing, _ = decode_order(base, batch_size=batch_size, max_windows=cfg.max_windows)
+        order = decode_order(base, batch_size=batch_size, max_windows=cfg.max_windows)
         plans, after_output = {}, {}
         for name, predictor in predictors.items():
             data = dataset_for(predictor, store, cfg.split, split_seed, base.splits)
-            _, probs = decode_order(
+            probs = decode_order(
                 data, predictor, batch_size=batch_size, horizons=predictor.horizons, max_windows=cfg.max_windows
-            )
+            ).probs
             calibrate = calibrations[name].apply if name in calibrations else None
             for policy in {policy for policy, predictor_name in pairs if predictor_name == name}:
                 rule = POLICIES[policy]
@@ -73,7 +73,15 @@ def run_sweep(
                     prefetch=cfg.prefetch,
                     plans_after_output=after_output.get(predictor_name, False),
                 )
-                result = simulate(routing, profile, expert_bytes, sim, plans.get((policy, predictor_name))).summary()
+                result = simulate(
+                    order.routing,
+                    profile,
+                    expert_bytes,
+                    sim,
+                    plans.get((policy, predictor_name)),
+                    token_ids=order.token_ids,
+                    sequences=order.sequences,
+                ).summary()
                 result.update(
                     policy=policy,
                     eviction=result["config"]["eviction"],

@@ -143,6 +143,10 @@ def test_budget_below_one_expert_and_unsupported_family_are_clear_errors(tmp_pat
         OffloadRuntime(wrap_model("jet", tiny_model("jetmoe")), 10**6, experts_dir=tmp_path)
     with pytest.raises(InputError, match="predictor_stack must be one of"):
         OffloadRuntime(wrap_model("olmoe", tiny_model("olmoe")), 10**6, experts_dir=tmp_path, predictor_stack="encoder")
+    with pytest.raises(InputError, match="runtime does not yet feed it each sequence's tokens"):
+        OffloadRuntime(
+            wrap_model("olmoe", tiny_model("olmoe")), 10**6, experts_dir=tmp_path, policy="cost-aware+recurrence"
+        )
 
 
 def test_predictor_for_another_model_is_refused(tmp_path):

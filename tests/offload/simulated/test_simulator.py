@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from specmoe.errors import InputError
-from specmoe.offload.policy import POLICIES, PrefetchSettings
+from specmoe.offload.policy import POLICIES, LinkModel, PrefetchSettings
 from specmoe.offload.simulated.cost import HardwareProfile
 from specmoe.offload.simulated.simulator import NO_TOKEN, SimulationConfig, plan_forecasts, simulate
 
@@ -106,3 +106,27 @@ def test_belady_hits_at_least_as_often_as_lru_lfu_and_lrfu():
     routing = rng.zipf(1.5, (200, 1, 3, 1)) % 12
     hits = {e: simulate(routing, PROFILE, BYTES, _config(e, 5)).hits for e in ("lru", "lfu", "lrfu", "belady")}
     assert hits["belady"] >= max(hits["lru"], hits["lfu"], hits["lrfu"])
+
+
+def test_a_repeating_sequence_is_forecast_from_its_own_past():
+    """Three tokens in a loop, each routed alike every time: the recurrence learns the loop and
+    keeps what the next tokens need; without token ids the policy is refused."""
+    experts = {1: [0, 1], 2: [2, 3], 3: [1, 0], 4: [3, 2]}
+    tokens = np.array([1, 2, 3, 4] * 12)
+    routing = _routing([experts[t] for t in tokens])
+    steps, layers, width = len(tokens), 2, 4
+    probs = np.full((steps, 1, layers, 1, width), 0.25, np.float32)  # a predictor that knows nothing
+    link = LinkModel(read_s=1.0, layer_s=1.0)
+    stalls, stats = {}, {}
+    for policy in ("cost-aware+next-use", "cost-aware+recurrence"):
+        rule = POLICIES[policy]
+        plans = plan_forecasts(probs, rule.resolve(PrefetchSettings(), top_k=1, num_layers=layers), rule)
+        config = SimulationConfig(policy=policy, capacity_bytes=5 * BYTES, link=link)
+        result = simulate(routing, PROFILE, BYTES, config, plans, token_ids=tokens[:, None], sequences=np.zeros((steps, 1)))
+        stalls[policy], stats[policy] = result.stall_s, result.recurrence
+    assert stats["cost-aware+next-use"] is None
+    assert stats["cost-aware+recurrence"]["recurrence_precision"] == 1.0
+    assert stats["cost-aware+recurrence"]["recurrence_matched"] > 0.9
+    assert stalls["cost-aware+recurrence"] < stalls["cost-aware+next-use"]
+    with pytest.raises(ValueError, match="pass token_ids and sequences"):
+        simulate(routing, PROFILE, BYTES, config, plans)

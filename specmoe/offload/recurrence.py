@@ -71,16 +71,22 @@ class Recurrence:
         """The forecasts as arrays: listed masks (reach, L, width), chances listed and not."""
 
     # --- what the engines feed it ---------------------------------------------------------
-    def begin_token(self, step: int, token_ids: Sequence[int], sequences: Sequence[int]) -> None:
+    def begin_token(
+        self, step: int, token_ids: Sequence[int], sequences: Sequence[int], earlier: np.ndarray | None = None
+    ) -> None:
         """Step ``step`` decodes ``token_ids[b]`` in sequence ``sequences[b]`` of each batch slot
-        (a negative token id: the slot has none). A sequence id seen before continues it."""
+        (a negative token id: the slot has none). A sequence id seen before continues it.
+        ``earlier`` (B, T): tokens the step runs before each slot's (a prompt's), which the
+        sequence's past then holds too (their experts: :meth:`end_token`)."""
         self.step = step
         self.slots = [int(q) if int(t) >= 0 else -1 for t, q in zip(token_ids, sequences)]
         for gone in set(self.tokens) - set(self.slots):  # finished sequences
             for kept in (self.tokens, self.index, self.found, self.used):
                 kept.pop(gone, None)
-        for t, q in zip(token_ids, self.slots):
+        for b, (t, q) in enumerate(zip(token_ids, self.slots)):
             if q >= 0:
+                for before in [] if earlier is None else earlier[b]:
+                    self._append(q, int(before))
                 self._append(q, int(t))
         self._forecast()
 
@@ -95,16 +101,18 @@ class Recurrence:
         for tail in tails:
             index[tail] = now
 
-    def end_token(self, routing: np.ndarray) -> None:
-        """The step has run: ``routing`` (B, L, k) holds each slot's experts (negative ids: none)."""
+    def end_token(self, routing: np.ndarray, earlier: np.ndarray | None = None) -> None:
+        """The step has run: ``routing`` (B, L, k) holds each slot's experts (negative ids:
+        none); ``earlier`` (B, T, L, k), those of the earlier tokens :meth:`begin_token` got."""
         used_now: set[Key] = set()
-        for q, experts in zip(self.slots, np.asarray(routing)):
+        for b, (q, experts) in enumerate(zip(self.slots, np.asarray(routing))):
             if q < 0:
                 continue
-            keys = frozenset((layer, int(e)) for layer, row in enumerate(experts) for e in row if e >= 0)
+            for before in [] if earlier is None else earlier[b]:
+                self.used.setdefault(q, []).append(self._keys(before))
+            keys = self._keys(experts)
             self.used.setdefault(q, []).append(keys)
             used_now |= keys
-            self.width = max(self.width, 1 + max((e for _, e in keys), default=0))
         for distance, listed, complete in self._made.pop(self.step, []):
             i = distance - 1
             hit = len(listed & used_now)
@@ -124,6 +132,12 @@ class Recurrence:
             "recurrence_matched": self.tokens_matched / self.tokens_seen if self.tokens_seen else None,
             "recurrence_precision": self.scored_hits / self.scored_listed if self.scored_listed else None,
         }
+
+    def _keys(self, experts: np.ndarray) -> frozenset[Key]:
+        """(L, k) expert ids -> the (layer, expert) keys used."""
+        keys = frozenset((layer, int(e)) for layer, row in enumerate(experts) for e in row if e >= 0)
+        self.width = max(self.width, 1 + max((e for _, e in keys), default=0))
+        return keys
 
     # --- what it forecasts ----------------------------------------------------------------
     def chance_listed(self, distance: int) -> float:

@@ -180,16 +180,17 @@ class Residency(Generic[T]):
         self.demand_per_layer += 0.05 * (self._demands - self.demand_per_layer)
         self._demands = 0
 
-    def begin_token(self, step: int, token_ids, sequences) -> None:
-        """Step ``step`` decodes ``token_ids`` of ``sequences`` (one per batch slot): what the
-        outlook's recurrence, where it has one, matches the sequences' past by."""
+    def begin_token(self, step: int, token_ids, sequences, earlier=None) -> None:
+        """Step ``step`` decodes ``token_ids`` of ``sequences`` (one per batch slot; ``earlier``:
+        a prompt's tokens before them): what the outlook's recurrence, where it has one,
+        matches the sequences' past by (:meth:`Recurrence.begin_token`)."""
         if self.outlook is not None and self.outlook.recurrence is not None:
-            self.outlook.recurrence.begin_token(step, token_ids, sequences)
+            self.outlook.recurrence.begin_token(step, token_ids, sequences, earlier)
 
-    def end_token(self, routing) -> None:
+    def end_token(self, routing, earlier=None) -> None:
         """The step has run; ``routing`` (B, L, k): each slot's experts."""
         if self.outlook is not None and self.outlook.recurrence is not None:
-            self.outlook.recurrence.end_token(routing)
+            self.outlook.recurrence.end_token(routing, earlier)
 
     def admit(self, key: Key, payload: T, nbytes: int, *, prefetch: bool) -> bool:
         """Hold ``key``, evicting as needed; False (nothing changed) if only pinned experts

@@ -5,6 +5,7 @@ same routing, predictions and sizes, and so do the replay and the model runtime.
 import numpy as np
 import pytest
 import torch
+from transformers import LogitsProcessorList
 
 from specmoe.bench.replay import random_experts, replay
 from specmoe.errors import InputError
@@ -229,7 +230,16 @@ def test_the_simulator_and_the_measured_replay_make_the_same_decisions(recorded,
         assert "evict" in kinds
 
 
-@pytest.mark.parametrize("policy", ["prefetch", "next-use", "cost-aware+next-use", "mixtral-offloading"])
+def _loop(input_ids, scores):
+    """Greedy decoding forced round 3, 4, 5, 3, 4, 5, ..."""
+    forced = torch.full_like(scores, -float("inf"))
+    forced[:, 3 + input_ids.shape[1] % 3] = 0.0
+    return forced
+
+
+@pytest.mark.parametrize(
+    "policy", ["prefetch", "next-use", "cost-aware+next-use", "cost-aware+recurrence", "mixtral-offloading"]
+)
 def test_the_runtime_and_the_measured_replay_make_the_same_decisions(tmp_path, policy):
     from specmoe.models.loading import wrap_model
     from specmoe.offload.live.runtime import OffloadRuntime
@@ -258,11 +268,14 @@ def test_the_runtime_and_the_measured_replay_make_the_same_decisions(tmp_path, p
     )
     prompt = torch.randint(3, VOCAB, (1, 1), generator=torch.Generator().manual_seed(0))  # one token a step
     try:
-        with torch.no_grad():
-            model.model.generate(prompt, max_new_tokens=8, do_sample=False)
+        with torch.no_grad():  # a text that loops, so that the recurrence has a past to match
+            generated = model.model.generate(
+                prompt, max_new_tokens=8, do_sample=False, logits_processor=LogitsProcessorList([_loop])
+            )
     finally:
         runtime.close()
     routing = np.array([[sorted(experts_of)[:top_k] for experts_of in step] for step in runtime.routing_log])
+    tokens = generated[0, : len(routing)].numpy()  # what each step decoded
     assert all(len(e) == top_k for step in runtime.routing_log for e in step)  # one token: k experts a layer
     hidden = 16
     slow = random_experts("host", layers, experts, hidden, expert_bytes // (3 * hidden * 2), directory=None)
@@ -272,7 +285,7 @@ def test_the_runtime_and_the_measured_replay_make_the_same_decisions(tmp_path, p
         slow,
         routing,
         np.full(routing.shape, 0.5, np.float32),
-        np.zeros(len(routing), np.int64),
+        tokens,
         policy=policy,
         budget_bytes=6 * expert_bytes,
         num_experts=experts,
@@ -283,5 +296,7 @@ def test_the_runtime_and_the_measured_replay_make_the_same_decisions(tmp_path, p
         log=replay_log,
     )
     assert runtime_log == replay_log
+    if POLICIES[policy].recurrence:  # the tiny model's greedy text repeats: forecasts were made
+        assert runtime.session.tier.residency.outlook.recurrence.stats()["recurrence_matched"] > 0
     made = {"admit", "evict", "hit", "miss"} | ({"request"} if POLICIES[policy].selection != "none" else set())
     assert made <= {entry[0] for entry in runtime_log}

@@ -162,10 +162,10 @@ class OffloadRuntime:
         rule = policy_named(policy or _default_policy(predictor, oracle, prefetch))
         if rule.next_token:
             raise InputError("next-token prefetch is asked for with next_token=, beside the policy prefetch")
-        if rule.recurrence:
+        if rule.recurrence and len(loaded.stacks) > 1:
             raise InputError(
-                f"policy {policy!r} is measured by `specmoe bench offload` and `specmoe simulate` only: the "
-                "runtime does not yet feed it each sequence's tokens; use cost-aware+next-use"
+                f"policy {rule.name!r} follows each sequence's tokens, which an encoder-decoder's two stacks "
+                "do not share: run it on a decoder-only model, or use cost-aware+next-use"
             )
         if rule.prefetch == "predictor" and predictor is None:
             raise InputError(f"policy {rule.name} needs a predictor")
@@ -248,6 +248,10 @@ class OffloadRuntime:
         stack): pass it as ``oracle`` to a later runtime that decodes the same prompt."""
         self._history: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._token_ids = torch.zeros(0, dtype=torch.long)
+        self._token_shape: tuple[int, ...] = (0,)
+        self._recurrence = rule.recurrence
+        self._step_tokens = 1
+        """Tokens per sequence in the step under way (a prompt's length, then 1)."""
         # Each stack embeds its own tokens just before its layers run (an encoder-decoder has an
         # embedding module per stack, tied to one weight): the last embedded ids are the ones routed.
         vocab = loaded.model.get_input_embeddings().num_embeddings
@@ -304,6 +308,7 @@ class OffloadRuntime:
         return HostExperts(resident, pin=self.device.type == "cuda")
 
     def _on_embed(self, _module, args):
+        self._token_shape = tuple(args[0].shape)
         self._token_ids = args[0].reshape(-1).cpu()
 
     def _swap_in(self) -> None:
@@ -334,13 +339,21 @@ class OffloadRuntime:
         """Layer ``layer``'s routing is known: plan prefetches for the next layers of its stack."""
         first, end = self._stack_range[layer]
         if layer == first:
+            if self._recurrence:
+                self._follow_tokens()
             self.step += 1
             self.routing_log.append([[] for _ in self.layers])
             self._history = []
+            if self._recurrence:
+                tokens = self._token_ids.reshape(-1, self._token_shape[-1]).numpy()  # (B, T)
+                self._step_tokens = tokens.shape[1]
+                earlier = tokens[:, :-1] if tokens.shape[1] > 1 else None  # a prompt's
+                self.session.begin_token(self.step, tokens[:, -1], np.arange(len(tokens)), earlier)
         self._history.append((ids.cpu(), weights.cpu()))
         if self.planner is None or self.layers[layer].stack != self.predictor_stack:
             return
-        if layer + 1 < end:  # planned on the prefetch thread, from this layer's routing history
+        if layer + 1 < end or self._recurrence:  # planned on the prefetch thread, from this layer's routing
+            # history (at the last layer only the recurrence's reads into the next token)
             plan = functools.partial(self._plan, self.step, layer - first, first, list(self._history), self._token_ids)
             if self._needs == "residual_out":  # completed, and handed over, at the layer's output
                 self._awaiting_output = plan
@@ -348,6 +361,14 @@ class OffloadRuntime:
                 self.session.submit(functools.partial(plan, list(self._states)))
         else:
             self._awaiting_output = None
+
+    def _follow_tokens(self) -> None:
+        """The step before has run: the recurrence learns its tokens' experts."""
+        if self.step < 0 or not self._history:
+            return
+        ids = torch.stack([h[0] for h in self._history], 1).numpy()  # (N, L, k)
+        routing = ids.reshape(-1, self._step_tokens, *ids.shape[1:])  # (B, T, L, k)
+        self.session.end_token(routing[:, -1], routing[:, :-1] if routing.shape[1] > 1 else None)
 
     def _oracle_requests(self, layer: int) -> list:
         log, width = self.oracle, len(self.layers)

@@ -69,16 +69,18 @@ class DecodingSession:
     def position(self, step: int, layer: int) -> int:
         return step * self.num_layers + layer
 
-    def begin_token(self, step: int, token_ids, sequences) -> None:
-        """Step ``step`` decodes ``token_ids`` of ``sequences``, one per batch slot (what a policy
-        following the sequences' recurrence matches their past by; others ignore it)."""
+    def begin_token(self, step: int, token_ids, sequences, earlier=None) -> None:
+        """Step ``step`` decodes ``token_ids`` of ``sequences``, one per batch slot, after the
+        ``earlier`` (B, T) tokens of a prompt if it has them: what a policy following the
+        sequences' recurrence matches their past by; others ignore it."""
         with self.predicting(), self.tier.lock:
-            self.tier.residency.begin_token(step, token_ids, sequences)
+            self.tier.residency.begin_token(step, token_ids, sequences, earlier)
 
-    def end_token(self, routing) -> None:
-        """The step has run; ``routing`` (B, L, k): each slot's experts."""
+    def end_token(self, routing, earlier=None) -> None:
+        """The step has run; ``routing`` (B, L, k): each slot's experts (``earlier``: (B, T, L,
+        k), those of the prompt's earlier tokens)."""
         with self.predicting(), self.tier.lock:
-            self.tier.residency.end_token(routing)
+            self.tier.residency.end_token(routing, earlier)
 
     def begin_layer(self, step: int, layer: int, experts: list[int]) -> list[Key]:
         now = time.perf_counter()

@@ -143,10 +143,9 @@ def test_budget_below_one_expert_and_unsupported_family_are_clear_errors(tmp_pat
         OffloadRuntime(wrap_model("jet", tiny_model("jetmoe")), 10**6, experts_dir=tmp_path)
     with pytest.raises(InputError, match="predictor_stack must be one of"):
         OffloadRuntime(wrap_model("olmoe", tiny_model("olmoe")), 10**6, experts_dir=tmp_path, predictor_stack="encoder")
-    with pytest.raises(InputError, match="runtime does not yet feed it each sequence's tokens"):
-        OffloadRuntime(
-            wrap_model("olmoe", tiny_model("olmoe")), 10**6, experts_dir=tmp_path, policy="cost-aware+recurrence"
-        )
+    with pytest.raises(InputError, match="an encoder-decoder's two stacks"):
+        switch = wrap_model("switch_transformers", tiny_model("switch_transformers"))
+        OffloadRuntime(switch, 10**6, experts_dir=tmp_path, policy="cost-aware+recurrence", predictor=RandomPredictor())
 
 
 def test_predictor_for_another_model_is_refused(tmp_path):
@@ -278,3 +277,30 @@ def test_three_tiers_disk_host_cache_fast_tier_keep_the_output_and_their_budgets
         OffloadRuntime(
             wrap_model(model_type, tiny_model(model_type)), 2 * expert, experts_dir=tmp_path / "e2", host_cache_bytes=10
         )
+
+
+def test_the_recurrence_learns_the_prompt_and_every_decoded_token(tmp_path):
+    """A prompt of two sequences runs as one step: each sequence's past holds its prompt, and
+    after each later step one token more, with the experts every token but the newest used."""
+    loaded = wrap_model("olmoe", tiny_model("olmoe"))
+    runtime = OffloadRuntime(
+        loaded,
+        4 * _expert_bytes("olmoe"),
+        experts_dir=tmp_path,
+        policy="cost-aware+recurrence",
+        predictor=RandomPredictor(horizons=1),
+        planning="synchronous",
+    )
+    prompt = torch.tensor([[5, 6, 7, 5, 6, 7], [8, 9, 8, 9, 8, 9]])
+    try:
+        with torch.no_grad():
+            out = loaded.model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False
+            )
+    finally:
+        runtime.close()
+    recurrence = runtime.session.tier.residency.outlook.recurrence
+    for b in range(2):
+        assert recurrence.tokens[b] == out[b, :-1].tolist()  # the prompt, then the tokens decoded
+        assert len(recurrence.used[b]) == len(recurrence.tokens[b]) - 1  # the newest has not run yet
+        assert all(len({layer for layer, _ in used}) == len(loaded.layers) for used in recurrence.used[b])

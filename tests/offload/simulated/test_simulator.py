@@ -122,7 +122,9 @@ def test_a_repeating_sequence_is_forecast_from_its_own_past():
         rule = POLICIES[policy]
         plans = plan_forecasts(probs, rule.resolve(PrefetchSettings(), top_k=1, num_layers=layers), rule)
         config = SimulationConfig(policy=policy, capacity_bytes=5 * BYTES, link=link)
-        result = simulate(routing, PROFILE, BYTES, config, plans, token_ids=tokens[:, None], sequences=np.zeros((steps, 1)))
+        result = simulate(
+            routing, PROFILE, BYTES, config, plans, token_ids=tokens[:, None], sequences=np.zeros((steps, 1))
+        )
         stalls[policy], stats[policy] = result.stall_s, result.recurrence
     assert stats["cost-aware+next-use"] is None
     assert stats["cost-aware+recurrence"]["recurrence_precision"] == 1.0

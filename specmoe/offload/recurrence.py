@@ -203,11 +203,12 @@ class Recurrence:
     def next_token(self, upto_layer: int) -> tuple[list[tuple[Key, int, float]], list[tuple[int, float]]]:
         """The next token's forecast for its layers 0..``upto_layer``, as a
         :class:`~specmoe.offload.forecast.Forecast` holds it: (expert, position, chance)
-        entries, and (position, chance of any expert not listed) where every sequence matched."""
+        entries, and (position, chance of any expert not listed). Only where every sequence
+        matched: a read a token ahead holds its slot until then, and on the batch-16 traces of
+        docs/benchmarks.md reading the union of partial forecasts cost more than it saved."""
         first = self.ahead[0] if self.ahead else None
-        if first is None:
+        if first is None or first.chance_other is None:
             return [], []
         base, layers = (self.step + 1) * self.num_layers, range(min(upto_layer, self.num_layers - 1) + 1)
         entries = [(key, base + key[0], first.chance_listed) for key in sorted(first.listed) if key[0] in layers]
-        rest = [] if first.chance_other is None else [(base + layer, first.chance_other) for layer in layers]
-        return entries, rest
+        return entries, [(base + layer, first.chance_other) for layer in layers]

@@ -63,6 +63,7 @@ def test_a_forecast_for_a_batch_says_nothing_of_unlisted_experts_unless_every_se
     (ahead,) = recurrence.ahead  # sequence 0 repeats "1", sequence 1 does not
     assert ahead.listed == {(0, 2), (1, 2)} and ahead.chance_other is None
     assert recurrence.chance((0, 3), 3, rate=0.5) is None
+    assert recurrence.next_token(upto_layer=1) == ([], [])  # no reads on a partial forecast
     recurrence.begin_token(3, [2, -2], [0, -2])  # sequence 1 has ended: forgotten
     assert set(recurrence.tokens) == {0}
     assert recurrence.ahead[0] is not None and recurrence.ahead[0].chance_other is not None

@@ -28,6 +28,7 @@ from specmoe.errors import InputError
 from specmoe.offload import Key
 from specmoe.offload.eviction import EVICTIONS
 from specmoe.offload.forecast import Forecast, LinkModel, Row, forecast_rows
+from specmoe.offload.recurrence import Recurrence
 from specmoe.offload.residency import EventLog, PrefetchQueue, Request, Residency
 from specmoe.offload.value import choose_by_value
 from specmoe.settings import Settings
@@ -361,9 +362,8 @@ def take_forecast(
     returns them. The one place every engine hands a predictor's forecast over."""
     at = max(position, forecast.made_at)
     recurrence = residency.outlook.recurrence if residency.outlook is not None else None
-    if rule.recurrence and recurrence is not None:  # the next token's layers already passed in this one
-        entries, rest = recurrence.next_token(upto_layer=at % recurrence.num_layers)
-        forecast = Forecast(forecast.made_at, forecast.entries + tuple(entries), forecast.rest + tuple(rest))
+    if rule.recurrence and recurrence is not None:
+        forecast = with_recurrence(forecast, recurrence, at)
     if residency.outlook is not None:
         residency.outlook.observe(forecast)
     if rule.selection == "none":
@@ -384,6 +384,23 @@ def take_forecast(
     else:
         chosen = forecast.entries
     return queue.request([(k, p) for k, p, _ in chosen], present, at, {k: q for k, _, q in chosen})
+
+
+def with_recurrence(forecast: Forecast, recurrence: Recurrence, position: int) -> Forecast:
+    """``forecast`` made at ``position`` joined with what the sequences' past says: of this
+    token's later layers (an expert either lists gets the likelier chance; one neither lists
+    is bounded by both) and of the next token's layers already passed in this one."""
+    layer = position % recurrence.num_layers
+    now_entries, now_rest = recurrence.this_token(after_layer=layer)
+    next_entries, next_rest = recurrence.next_token(upto_layer=layer)
+    chance = {(key, at): q for key, at, q in forecast.entries}
+    for key, at, q in now_entries:
+        chance[key, at] = max(q, chance.get((key, at), 0.0))
+    bounds = dict(forecast.rest)
+    for at, bound in now_rest:
+        bounds[at] = min(bound, bounds.get(at, 1.0))
+    entries = tuple((key, at, q) for (key, at), q in chance.items()) + tuple(next_entries)
+    return Forecast(forecast.made_at, entries, tuple(bounds.items()) + tuple(next_rest))
 
 
 # --- how a run compares ----------------------------------------------------------------------

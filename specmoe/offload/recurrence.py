@@ -54,15 +54,18 @@ class Recurrence:
         """Per sequence id: the experts each of its finished tokens used."""
         self.slots: list[int] = []
         """The sequence each batch slot decodes at this step (negative: none)."""
+        self.now: Ahead | None = None
+        """The forecast for this step's own token: what the token that ended the same suffix
+        before used (None: no sequence matched)."""
         self.ahead: list[Ahead | None] = []
         """Forecasts for tokens step+1..step+reach (None: no sequence matched)."""
         self._made: dict[int, list[tuple[int, frozenset[Key], bool]]] = {}
         """Forecasts to score: per target step, (distance, the experts listed, whether every
         sequence matched: only then is what it left out counted)."""
-        self.hits = np.full(reach, 8.0)  # a prior of 0.8: greedy text is right about that often
-        self.listed = np.full(reach, 10.0)
-        self.missed = np.full(reach, 1.0)
-        self.unlisted = np.full(reach, 100.0)
+        self.hits = np.full(reach + 1, 8.0)  # per distance 0..reach; a prior of 0.8 right
+        self.listed = np.full(reach + 1, 10.0)
+        self.missed = np.full(reach + 1, 1.0)
+        self.unlisted = np.full(reach + 1, 100.0)
         self.width = 1
         """Experts per layer, as far as seen (what an unlisted chance is counted over)."""
         self.tokens_seen = self.tokens_matched = 0
@@ -114,7 +117,7 @@ class Recurrence:
             self.used.setdefault(q, []).append(keys)
             used_now |= keys
         for distance, listed, complete in self._made.pop(self.step, []):
-            i = distance - 1
+            i = distance
             hit = len(listed & used_now)
             if distance == 1:
                 self.scored_hits += hit
@@ -141,40 +144,45 @@ class Recurrence:
 
     # --- what it forecasts ----------------------------------------------------------------
     def chance_listed(self, distance: int) -> float:
-        return float(self.hits[distance - 1] / self.listed[distance - 1])
+        return float(self.hits[distance] / self.listed[distance])
 
     def chance_other(self, distance: int) -> float:
-        return float(self.missed[distance - 1] / self.unlisted[distance - 1])
+        return float(self.missed[distance] / self.unlisted[distance])
 
     def _forecast(self) -> None:
-        per_distance: list[set[Key]] = [set() for _ in range(self.reach)]
-        complete = [True] * self.reach
+        """Forecasts for distances 0 (this step's token) to ``reach``."""
+        per_distance: list[set[Key]] = [set() for _ in range(self.reach + 1)]
+        complete = [True] * (self.reach + 1)
         for q in self.slots:
             if q < 0:
                 continue
             found, past = self.found[q], self.used.get(q, [])
-            for i in range(self.reach):
-                if found is None or found + 1 + i >= len(past):
+            for i in range(self.reach + 1):
+                if found is None or found + i >= len(past):
                     complete[i] = False
                 else:
-                    per_distance[i] |= past[found + 1 + i]
+                    per_distance[i] |= past[found + i]
         self.tokens_seen += 1
-        self.tokens_matched += bool(per_distance[0])
-        self.ahead = []
+        self.tokens_matched += bool(per_distance[1])
+        forecasts: list[Ahead | None] = []
         masks = np.zeros((self.reach, self.num_layers, self.width), dtype=bool)
         listed_p, other_p = np.full(self.reach, np.nan), np.full(self.reach, np.nan)
-        for i, keys in enumerate(per_distance):
-            matched = bool(keys) or complete[i]
-            if matched:
-                listed = frozenset(keys)
-                self._made.setdefault(self.step + 1 + i, []).append((i + 1, listed, complete[i]))
-                other = self.chance_other(i + 1) if complete[i] else None
-                self.ahead.append(Ahead(listed, self.chance_listed(i + 1), other))
+        for distance, keys in enumerate(per_distance):
+            if not (keys or complete[distance]):
+                forecasts.append(None)
+                continue
+            listed = frozenset(keys)
+            self._made.setdefault(self.step + distance, []).append((distance, listed, complete[distance]))
+            other = self.chance_other(distance) if complete[distance] else None
+            forecasts.append(Ahead(listed, self.chance_listed(distance), other))
+            if distance:
                 for layer, e in listed:
-                    masks[i, layer, e] = True
-                listed_p[i], other_p[i] = self.chance_listed(i + 1), np.nan if other is None else other
-            else:
-                self.ahead.append(None)
+                    masks[distance - 1, layer, e] = True
+                listed_p[distance - 1], other_p[distance - 1] = (
+                    forecasts[-1].chance_listed,
+                    np.nan if other is None else other,
+                )
+        self.now, self.ahead = forecasts[0], forecasts[1:]
         self._table = masks, listed_p, other_p
 
     def chance(self, key: Key, step: int, rate: float) -> float | None:
@@ -199,6 +207,16 @@ class Recurrence:
         listed[inside] = masks[index[inside], layers[inside], experts[inside]]
         said[known] = np.where(listed[known], listed_p[index[known]], other_p[index[known]])
         return said, listed
+
+    def this_token(self, after_layer: int) -> tuple[list[tuple[Key, int, float]], list[tuple[int, float]]]:
+        """This step's forecast for its layers after ``after_layer``, as :meth:`next_token`
+        gives it: what the token that ended the same suffix before used there."""
+        if self.now is None:
+            return [], []
+        base, layers = self.step * self.num_layers, range(after_layer + 1, self.num_layers)
+        entries = [(key, base + key[0], self.now.chance_listed) for key in sorted(self.now.listed) if key[0] in layers]
+        rest = [] if self.now.chance_other is None else [(base + layer, self.now.chance_other) for layer in layers]
+        return entries, rest
 
     def next_token(self, upto_layer: int) -> tuple[list[tuple[Key, int, float]], list[tuple[int, float]]]:
         """The next token's forecast for its layers 0..``upto_layer``, as a

@@ -99,3 +99,30 @@ def test_eviction_keeps_what_the_recurrence_says_the_next_tokens_use():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="suffix >= 1"):
         Recurrence(LAYERS, suffix=0)
+
+
+def test_this_token_is_forecast_from_the_token_that_ended_the_same_suffix():
+    recurrence = Recurrence(LAYERS, suffix=1, reach=1)
+    decode(recurrence, [3, 4, 3], [(0, 1), (2, 3), (0, 1)])
+    recurrence.begin_token(3, [4], [0])  # "4" ended the suffix at step 1, which used (2, 3)
+    entries, rest = recurrence.this_token(after_layer=0)
+    assert entries == [((1, 3), 3 * LAYERS + 1, pytest.approx(recurrence.chance_listed(0)))]
+    assert [position for position, _ in rest] == [3 * LAYERS + 1]
+    assert recurrence.chance_listed(0) > 0.8  # the forecasts of steps 2 and 3 were right
+
+
+def test_a_forecast_joined_with_the_recurrence_keeps_the_likelier_chance_and_the_tighter_bound():
+    from specmoe.offload.forecast import Forecast
+    from specmoe.offload.policy import with_recurrence
+
+    recurrence = Recurrence(LAYERS, suffix=1, reach=1)
+    decode(recurrence, [3, 4, 3], [(0, 1), (2, 3), (0, 1)])
+    recurrence.begin_token(3, [4], [0])
+    made_at = 3 * LAYERS  # layer 0 of step 3 has routed
+    forecast = Forecast(made_at, (((1, 3), made_at + 1, 0.1), ((1, 5), made_at + 1, 0.4)), ((made_at + 1, 0.3),))
+    joined = with_recurrence(forecast, recurrence, made_at)
+    chances = {key: q for key, _, q in joined.entries}
+    assert chances[(1, 3)] == pytest.approx(recurrence.chance_listed(0))  # likelier than 0.1
+    assert chances[(1, 5)] == 0.4
+    assert dict(joined.rest)[made_at + 1] == pytest.approx(min(0.3, recurrence.chance_other(0)))
+    assert ((0, 0), (3 + 1) * LAYERS, pytest.approx(recurrence.chance_listed(1))) in joined.entries  # next token

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from specmoe.cli.params import default, option, values_for
-from specmoe.offload.policy import PrefetchSettings
+from specmoe.offload.policy import PrefetchSettings, policy_named
 from specmoe.offload.settings import NextTokenSettings, TierSize
 from specmoe.settings import validated
 
@@ -26,6 +26,13 @@ def serve_command(
     ],
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate greedily.")] = 32,
     predictor_dir: Annotated[Path | None, typer.Option(help="Routing predictor that drives prefetch.")] = None,
+    policy: Annotated[
+        str | None,
+        typer.Option(
+            help="Offload policy (docs/offloading.md), e.g. lfu, cost-aware+next-use, cost-aware+recurrence; "
+            "default: prefetch with --predictor-dir, else a cache evicting by --eviction."
+        ),
+    ] = None,
     predictor_stack: Annotated[
         str | None,
         typer.Option(help="Stack the predictor was fitted on (encoder-decoder models); default: the first."),
@@ -89,6 +96,8 @@ def serve_command(
 
     options = locals()
     size = TierSize.parse(fast_tier)
+    if policy is not None:
+        policy_named(policy)  # an unknown name is refused before the model loads
     prefetch = validated(PrefetchSettings, values_for(PrefetchSettings, options))
     next_token = None
     if next_token_layer is not None:
@@ -111,6 +120,7 @@ def serve_command(
         log=typer.echo,
         device=device,
         predictor=predictor,
+        policy=policy,
         predictor_stack=predictor_stack,
         prefetch=prefetch,
         next_token=next_token,

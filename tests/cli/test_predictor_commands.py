@@ -116,3 +116,15 @@ def test_serve_generates_with_offloaded_experts(tiny_checkpoints, model_type):
     assert result.exit_code == 0, result.output
     stats = json.loads(result.output.strip().splitlines()[-1])
     assert stats["tokens"] == 4 and stats["misses"] > 0 and stats["peak_bytes"] <= 0.05 * 2**20
+
+
+def test_serve_runs_the_policy_it_is_given_and_names_the_policies_when_it_does_not_know_one(tiny_checkpoints):
+    base = ["serve", "--model", str(tiny_checkpoints["olmoe"]), "--prompt", "The quick", "--fast-tier", "0.05MiB"]
+    result = runner.invoke(app, [*base, "--max-new-tokens", "2", "--policy", "lfu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["tokens"] == 2
+    wrong = runner.invoke(app, [*base, "--policy", "lru-ish"])
+    assert wrong.exit_code != 0 and "unknown offload policy 'lru-ish'" in str(wrong.exception)
+    assert "cost-aware+recurrence" in str(wrong.exception)
+    needs = runner.invoke(app, [*base, "--policy", "cost-aware+recurrence"])
+    assert needs.exit_code != 0 and "needs a predictor" in str(needs.exception)

@@ -117,16 +117,15 @@ class Recurrence:
             self.used.setdefault(q, []).append(keys)
             used_now |= keys
         for distance, listed, complete in self._made.pop(self.step, []):
-            i = distance
             hit = len(listed & used_now)
             if distance == 1:
                 self.scored_hits += hit
                 self.scored_listed += len(listed)
-            self.hits[i] += hit
-            self.listed[i] += len(listed)
+            self.hits[distance] += hit
+            self.listed[distance] += len(listed)
             if complete:
-                self.missed[i] += len(used_now) - hit
-                self.unlisted[i] += self.num_layers * self.width - len(listed)
+                self.missed[distance] += len(used_now) - hit
+                self.unlisted[distance] += self.num_layers * self.width - len(listed)
 
     def stats(self) -> dict:
         """How often a step had a forecast of the next token, and how many of the experts those

@@ -271,8 +271,6 @@ def replay(
         session.close()
     seconds = time.perf_counter() - start
     result = session.results() | {"expert_bytes": slow.expert_nbytes(0), **(planner.stats() if planner else {})}
-    if rule.recurrence:
-        result |= session.tier.residency.outlook.recurrence.stats()
     if link is not None:
         result["link_model"] = {
             "read_ms": 1e3 * link.read_s,

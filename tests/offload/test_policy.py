@@ -298,5 +298,6 @@ def test_the_runtime_and_the_measured_replay_make_the_same_decisions(tmp_path, p
     assert runtime_log == replay_log
     if POLICIES[policy].recurrence:  # the tiny model's greedy text repeats: forecasts were made
         assert runtime.session.tier.residency.outlook.recurrence.stats()["recurrence_matched"] > 0
+        assert runtime.results()["recurrence_matched"] > 0  # reported with the run's counters
     made = {"admit", "evict", "hit", "miss"} | ({"request"} if POLICIES[policy].selection != "none" else set())
     assert made <= {entry[0] for entry in runtime_log}

@@ -321,9 +321,7 @@ class OffloadRuntime:
     def results(self) -> dict:
         """The run's counters (see :class:`~specmoe.offload.live.fast_tier.RuntimeStats`)."""
         host = self.transfer.slow.stats() if isinstance(self.transfer.slow, HostCache) else {}
-        recurrence = self.session.tier.residency.outlook.recurrence
-        past = recurrence.stats() if recurrence is not None else {}
-        return self.session.results() | (self.planner.stats() if self.planner else {}) | host | past
+        return self.session.results() | (self.planner.stats() if self.planner else {}) | host
 
     # --- per call ---------------------------------------------------------------------
     def begin_layer(self, layer: int, experts: list[int]) -> list:

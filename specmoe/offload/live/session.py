@@ -174,6 +174,8 @@ class DecodingSession:
         stats = self.stats.to_dict()
         stats["wasted_prefetches"] = residency.wasted_prefetches + len(residency.unused_prefetch)
         stats["wasted_prefetch_bytes"] = residency.wasted_bytes + residency.unused_bytes()
+        if residency.outlook is not None and residency.outlook.recurrence is not None:
+            stats |= residency.outlook.recurrence.stats()
         return stats
 
     def close(self) -> None:

@@ -50,8 +50,9 @@ class Recurrence:
         """Per sequence id: each suffix of up to ``suffix`` tokens, and where it last ended."""
         self.found: dict[int, int | None] = {}
         """Per sequence id: where the suffix ending at its newest token ended before."""
-        self.used: dict[int, list[frozenset[Key]]] = {}
-        """Per sequence id: the experts each of its finished tokens used."""
+        self.used: dict[int, list[np.ndarray]] = {}
+        """Per sequence id: the expert ids (L, k) each of its finished tokens used, kept as
+        arrays: a long prompt's history stays a few hundred bytes a token."""
         self.slots: list[int] = []
         """The sequence each batch slot decodes at this step (negative: none)."""
         self.now: Ahead | None = None
@@ -112,10 +113,9 @@ class Recurrence:
             if q < 0:
                 continue
             for before in [] if earlier is None else earlier[b]:
-                self.used.setdefault(q, []).append(self._keys(before))
-            keys = self._keys(experts)
-            self.used.setdefault(q, []).append(keys)
-            used_now |= keys
+                self._remember(q, before)
+            self._remember(q, experts)
+            used_now |= self._keys(experts)
         for distance, listed, complete in self._made.pop(self.step, []):
             hit = len(listed & used_now)
             if distance == 1:
@@ -135,11 +135,16 @@ class Recurrence:
             "recurrence_precision": self.scored_hits / self.scored_listed if self.scored_listed else None,
         }
 
-    def _keys(self, experts: np.ndarray) -> frozenset[Key]:
+    def _remember(self, sequence: int, experts: np.ndarray) -> None:
+        """Keep a token's expert ids (L, k) in its sequence's past."""
+        kept = np.array(experts, dtype=np.int32)
+        self.used.setdefault(sequence, []).append(kept)
+        self.width = max(self.width, int(kept.max(initial=-1)) + 1)
+
+    @staticmethod
+    def _keys(experts: np.ndarray) -> frozenset[Key]:
         """(L, k) expert ids -> the (layer, expert) keys used."""
-        keys = frozenset((layer, int(e)) for layer, row in enumerate(experts) for e in row if e >= 0)
-        self.width = max(self.width, 1 + max((e for _, e in keys), default=0))
-        return keys
+        return frozenset((layer, int(e)) for layer, row in enumerate(experts) for e in row if e >= 0)
 
     # --- what it forecasts ----------------------------------------------------------------
     def chance_listed(self, distance: int) -> float:
@@ -160,7 +165,7 @@ class Recurrence:
                 if found is None or found + i >= len(past):
                     complete[i] = False
                 else:
-                    per_distance[i] |= past[found + i]
+                    per_distance[i] |= self._keys(past[found + i])
         self.tokens_seen += 1
         self.tokens_matched += bool(per_distance[1])
         forecasts: list[Ahead | None] = []

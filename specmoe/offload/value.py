@@ -76,11 +76,18 @@ def choose_by_value(
             free -= nbytes(key[0])
         else:
             taken += 1
+    floor = interference + link.compute_cost_s  # what any read costs, used or not
     candidates = sorted(
-        (c for c in forecast.entries if c[1] > position and not present(c[0]) and c[0] not in queue),
+        (
+            c
+            for c in forecast.entries
+            if c[2] * read > floor and c[1] > position and not present(c[0]) and c[0] not in queue
+        ),
         key=lambda c: -c[2],
-    )
-    victims = iter(residency.victims(taken + len(candidates))[taken:])
+    )  # a candidate whose whole read's worth does not pay the floor cannot pay more
+    if not candidates:
+        return []
+    victims = _later(lambda: residency.victims(taken + len(candidates))[taken:])  # ranked once needed
     outlook = residency.outlook
     risk: dict = {}  # each victim's chance of use at its next opportunity
     chosen = []
@@ -104,13 +111,19 @@ def choose_by_value(
             eviction = read * (risk[victim] if victim is not None else 1.0)
         else:
             eviction = 0.0
-        if benefit - delay - eviction - interference - link.compute_cost_s > 0:
+        if benefit - delay - eviction - floor > 0:
             chosen.append((key, target, q))
             schedule.insert(ahead, (target, q))
             free -= size if victim is None else 0
         elif victim is not None:  # not taken: the next candidate is weighed against it again
             victims = _prepend(victim, victims)
     return chosen
+
+
+def _later(make):
+    """The items ``make()`` returns, made when the first is asked for: ranking the residents
+    for eviction is most of a plan's time, and a plan whose reads all fit needs none."""
+    yield from make()
 
 
 def _prepend(first, rest):

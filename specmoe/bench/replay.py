@@ -271,13 +271,6 @@ def replay(
         session.close()
     seconds = time.perf_counter() - start
     result = session.results() | {"expert_bytes": slow.expert_nbytes(0), **(planner.stats() if planner else {})}
-    if link is not None:
-        result["link_model"] = {
-            "read_ms": 1e3 * link.read_s,
-            "layer_ms": 1e3 * link.layer_s,
-            "compute_cost_ms": 1e3 * link.compute_cost_s,
-            "learnt": link.learn,
-        }
     if next_token is not None:  # how often the guess named the token that came next
         result["next_token_guesses"] = guessed["made"]
         result["next_token_guess_accuracy"] = guessed["right"] / guessed["made"] if guessed["made"] else None

@@ -101,7 +101,13 @@ class LinkModel:
     the simulator's link); on a CPU whose reads take cycles from the layers, the read's time
     times the share of a layer's speed it takes (:meth:`compute_cost_of`)."""
     learn: bool = False
+    learn_compute_cost: bool = False
+    """Also learn ``compute_cost_s`` as decoding goes (the runtime's way: it runs no
+    interference probe): :meth:`observed_compute_cost`, once both times have been seen; until
+    then it stays as given."""
     smoothing: float = 0.1
+    layer_alone_s: float | None = None
+    layer_beside_read_s: float | None = None
 
     def __post_init__(self):
         if self.read_s < 0 or self.layer_s <= 0 or self.compute_cost_s < 0:
@@ -127,9 +133,47 @@ class LinkModel:
             self.read_s += self.smoothing * (seconds - self.read_s)
             self.demand_wait_s = share * self.read_s
 
-    def observe_layer(self, seconds: float) -> None:
-        if self.learn and seconds > 0:
-            self.layer_s += self.smoothing * (seconds - self.layer_s)
+    def observe_layer(self, seconds: float, beside_read: float | None = None) -> None:
+        """A layer took ``seconds``, its stall left out; ``beside_read``: the share of that
+        time a prefetch read ran beside it (None: not known, or the layer waited for a read)."""
+        if not (self.learn and seconds > 0):
+            return
+        self.layer_s += self.smoothing * (seconds - self.layer_s)
+        if beside_read is None:
+            return
+        # Only the clear cases: a layer partly beside a read says little of either time.
+        if beside_read <= 0.1:
+            self.layer_alone_s = self._moved(self.layer_alone_s, seconds)
+        elif beside_read >= 0.9:
+            self.layer_beside_read_s = self._moved(self.layer_beside_read_s, seconds)
+        observed = self.observed_compute_cost()
+        if self.learn_compute_cost and observed is not None:
+            self.compute_cost_s = observed
+
+    def observed_compute_cost(self) -> float | None:
+        """What a read costs the layers beside it, from the layers timed with no prefetch read
+        beside them and those timed beside one throughout (None: not both seen yet). Followed
+        by a model that learns it; reported beside a probe's figure by one that does not."""
+        if self.layer_alone_s is None or self.layer_beside_read_s is None:
+            return None
+        return self.compute_cost_of(self.read_s, self.layer_alone_s, self.layer_beside_read_s)
+
+    def _moved(self, average: float | None, seconds: float) -> float:
+        return seconds if average is None else average + self.smoothing * (seconds - average)
+
+    def to_dict(self) -> dict:
+        """The times as a run ends, in milliseconds (what results report)."""
+        observed = self.observed_compute_cost()
+        return {
+            "read_ms": 1e3 * self.read_s,
+            "layer_ms": 1e3 * self.layer_s,
+            "compute_cost_ms": 1e3 * self.compute_cost_s,
+            "compute_cost_observed_ms": None if observed is None else 1e3 * observed,
+            "layer_alone_ms": None if self.layer_alone_s is None else 1e3 * self.layer_alone_s,
+            "layer_beside_read_ms": None if self.layer_beside_read_s is None else 1e3 * self.layer_beside_read_s,
+            "learnt": self.learn,
+            "compute_cost_learnt": self.learn_compute_cost,
+        }
 
 
 class Outlook:

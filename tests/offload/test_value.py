@@ -135,3 +135,21 @@ def test_a_learning_link_model_follows_what_it_observes():
     fixed = LinkModel(read_s=1.0, layer_s=1.0)
     fixed.observe_read(3.0)
     assert fixed.read_s == 1.0
+
+
+def test_a_link_model_learns_what_a_read_costs_the_layers_beside_it():
+    link = LinkModel(read_s=1.0, layer_s=1.0, learn=True, learn_compute_cost=True)
+    for _ in range(100):
+        link.observe_layer(1.0, beside_read=0.0)
+        assert link.compute_cost_s == 0.0  # until a layer beside a read is seen, as given
+    for _ in range(100):
+        link.observe_layer(2.0, beside_read=1.0)
+        link.observe_layer(9.0, beside_read=0.5)  # partly beside a read: neither time
+        link.observe_layer(9.0)  # not known (the layer waited for a read)
+    assert link.layer_alone_s == pytest.approx(1.0) and link.layer_beside_read_s == pytest.approx(2.0)
+    assert link.compute_cost_s == pytest.approx(0.5)  # a read's time costs the layers half of it
+    assert link.to_dict()["compute_cost_ms"] == pytest.approx(500.0)
+    probed = LinkModel(read_s=1.0, layer_s=1.0, compute_cost_s=0.25, learn=True)  # bench offload's: fixed by its probe
+    for seconds, beside in ((1.0, 0.0), (2.0, 1.0)):
+        probed.observe_layer(seconds, beside_read=beside)
+    assert probed.compute_cost_s == 0.25 and probed.observed_compute_cost() == pytest.approx(0.5)

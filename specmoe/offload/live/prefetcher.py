@@ -60,6 +60,11 @@ class _Requester:
         self.stats.prefetch_requests += len(added)
         return added
 
+    def reading_s(self) -> float | None:
+        """Seconds a prefetch read has run so far, all reads together (None: reads never run
+        beside the layers)."""
+        return None
+
     def _planned(self, make_forecast: Plan) -> None:
         """Make a plan and hand its forecast over, timed as planning."""
         began, began_cpu = time.perf_counter(), time.thread_time()
@@ -95,6 +100,7 @@ class Prefetcher(_Requester):
         self.demands = 0
         self.pending_plan: Plan | None = None
         self.kept_plans: deque[Plan] = deque()
+        self._read_s, self._reading_since = 0.0, None
         self.thread = threading.Thread(target=self._run, name="specmoe-prefetch", daemon=True)
         self.thread.start()
 
@@ -132,6 +138,11 @@ class Prefetcher(_Requester):
     def begin_layer(self, position: int, needed: set[Key]) -> None:
         with self.cond:
             self._forget(self.queue.begin_layer(position, needed))
+
+    def reading_s(self) -> float:
+        with self.cond:
+            since = self._reading_since
+            return self._read_s + (time.perf_counter() - since if since is not None else 0.0)
 
     def finish_layer(self, position: int) -> None:
         with self.cond:
@@ -218,11 +229,15 @@ class Prefetcher(_Requester):
                     self._run_plans()
                     continue
                 key = entry[0]
+                with self.cond:
+                    self._reading_since = time.perf_counter()
                 try:
                     read(self.transfer, self.tier, self.stats, key, self._between_chunks)
                 finally:
                     with self.cond:
                         self.in_flight.pop(key).set()
+                        self._read_s += time.perf_counter() - self._reading_since
+                        self._reading_since = None
         except BaseException as exc:  # noqa: BLE001 -- handed to the decoding thread, which raises it
             with self.cond:
                 self.failure = exc

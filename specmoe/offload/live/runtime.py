@@ -127,7 +127,7 @@ class OffloadRuntime:
         planning: where prefetch work runs (:data:`~specmoe.offload.settings.PLANNING`).
         calibration: the predictor's (:mod:`specmoe.predictors.calibration`), for policies
             that weigh reads by probability; ``link``: the times they price reads at (default:
-            learnt as the model decodes).
+            learnt as the model decodes, the compute a read costs the layers beside it too).
         log: a list to record every decision in (the parity tests).
     """
 
@@ -217,6 +217,8 @@ class OffloadRuntime:
         # copied out at once, and a read in flight per thread is all that is held.
         held = min(budget_bytes // min(sizes), len(self.layers) * self.num_experts) if self.device.type == "cpu" else 0
         slow.reserve_buffers(held + 2)
+        if link is None and rule.selection == "value":  # no probe: what a read costs the layers is learnt too
+            link = LinkModel(1.0, 1.0, learn=True, learn_compute_cost=True)
         self.session = DecodingSession(
             self.transfer,
             budget_bytes,
@@ -228,7 +230,7 @@ class OffloadRuntime:
             future_uses=future_uses(oracle, len(self.layers)) if rule.eviction_for(self.prefetch) == "belady" else None,
             log=log,
             rule=rule,
-            link=link or (LinkModel(1.0, 1.0, learn=True) if rule.selection == "value" else None),
+            link=link,
         )
         self.stats = self.session.stats
         self.planner = (

@@ -65,6 +65,7 @@ class DecodingSession:
             self.tier.residency.outlook.recurrence = Recurrence(num_layers)
         self._layer_began: float | None = None
         self._stall_then = 0.0
+        self._reading_then: float | None = None
 
     def position(self, step: int, layer: int) -> int:
         return step * self.num_layers + layer
@@ -84,9 +85,14 @@ class DecodingSession:
 
     def begin_layer(self, step: int, layer: int, experts: list[int]) -> list[Key]:
         now = time.perf_counter()
+        reading = self.prefetcher.reading_s() if self.prefetcher is not None else None
         if self.link is not None and self._layer_began is not None:  # a layer's time, its stall left out
-            self.link.observe_layer(now - self._layer_began - (self.stats.stall_s - self._stall_then))
-        self._layer_began, self._stall_then = now, self.stats.stall_s
+            stalled, took = self.stats.stall_s - self._stall_then, now - self._layer_began
+            beside = None
+            if stalled == 0 and reading is not None and self._reading_then is not None:
+                beside = (reading - self._reading_then) / took
+            self.link.observe_layer(took - stalled, beside)
+        self._layer_began, self._stall_then, self._reading_then = now, self.stats.stall_s, reading
         keys = [(layer, e) for e in experts]
         position = self.position(step, layer)
         with self.tier.lock:
@@ -167,7 +173,7 @@ class DecodingSession:
         """Counters start over (after a warm-up); the fast tier keeps what it holds."""
         self.stats.__init__()
         self.tier.restart_counts()
-        self._layer_began, self._stall_then = None, 0.0
+        self._layer_began, self._stall_then, self._reading_then = None, 0.0, None
 
     def results(self) -> dict:
         residency = self.tier.residency
@@ -176,6 +182,8 @@ class DecodingSession:
         stats["wasted_prefetch_bytes"] = residency.wasted_bytes + residency.unused_bytes()
         if residency.outlook is not None and residency.outlook.recurrence is not None:
             stats |= residency.outlook.recurrence.stats()
+        if self.link is not None:
+            stats["link_model"] = self.link.to_dict()
         return stats
 
     def close(self) -> None:

@@ -128,3 +128,18 @@ def test_a_failure_on_the_prefetch_thread_is_raised_to_the_decoder_not_waited_fo
     with pytest.raises(RuntimeError, match="prefetch thread failed: KeyError"):
         prefetcher.request(in_token_requests([(0, 0)], 1, 3))
     prefetcher.close()
+
+
+def test_reading_time_counts_the_read_under_way_and_stops_when_it_is_done(gated):
+    slow, _, _, prefetcher = gated
+    assert prefetcher.reading_s() == 0.0
+    prefetcher.request(_requests([(1, 0)]))
+    assert slow.reading.wait(5)
+    time.sleep(0.05)
+    under_way = prefetcher.reading_s()
+    assert under_way >= 0.05
+    slow.gate.set()
+    assert prefetcher.wait_for((1, 0))
+    done = prefetcher.reading_s()
+    time.sleep(0.05)
+    assert done >= under_way and prefetcher.reading_s() == done

@@ -299,6 +299,8 @@ def test_the_recurrence_learns_the_prompt_and_every_decoded_token(tmp_path):
             )
     finally:
         runtime.close()
+    # its reads are weighed in times learnt as it runs, what a read costs the layers too
+    assert runtime.results()["link_model"]["compute_cost_learnt"]
     recurrence = runtime.session.tier.residency.outlook.recurrence
     for b in range(2):
         assert recurrence.tokens[b] == out[b, :-1].tolist()  # the prompt, then the tokens decoded

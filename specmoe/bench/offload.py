@@ -47,10 +47,13 @@ def _next_token_planners(store: TraceStore, predictors: list, layers: int, setti
     return lambda: NextTokenPlanner(lens, table, settings, layers, prefetch, calibrations.get(id(table)))
 
 
-def _runs(policies: tuple[str, ...], predictors: list, labels: dict, plannings: tuple[str, ...]) -> list[tuple]:
-    """(policy, predictor, planning) of every run, in the order of :data:`POLICIES`; each
-    policy with a predictor once per planning mode and per predictor (the one named after
-    its colon, else the one it was built around where given, else each), the others once."""
+def _runs(
+    policies: tuple[str, ...], predictors: list, labels: dict, plannings: tuple[str, ...], pricings: tuple[str, ...]
+) -> list[tuple]:
+    """(policy, predictor, planning, compute-cost pricing) of every run, in the order of
+    :data:`POLICIES`; each policy with a predictor once per planning mode and per predictor
+    (the one named after its colon, else the one it was built around where given, else
+    each), and once per pricing if it weighs reads by value; the others once."""
     runs = []
     names = [p.name for p in predictors]
     for name in POLICIES:
@@ -59,7 +62,7 @@ def _runs(policies: tuple[str, ...], predictors: list, labels: dict, plannings: 
             if policy != name:
                 continue
             if POLICIES[name].prefetch != "predictor":
-                runs.append((name, None, plannings[0]))
+                runs.append((name, None, plannings[0], None))
                 continue
             if wanted:
                 chosen = [p for p in predictors if wanted in (p.name, labels[id(p)])]
@@ -67,7 +70,8 @@ def _runs(policies: tuple[str, ...], predictors: list, labels: dict, plannings: 
                     raise InputError(f"--policies {entry}: no --predictor-dir holds a predictor {wanted!r}")
             else:
                 chosen = [predictors[i] for i in predictors_for(POLICIES[name], names)]
-            runs += [(name, p, mode) for p in chosen for mode in plannings]
+            priced = pricings if POLICIES[name].selection == "value" else (None,)
+            runs += [(name, p, mode, pricing) for p in chosen for mode in plannings for pricing in priced]
     return runs
 
 
@@ -76,17 +80,24 @@ def _policy(entry: str) -> str:
     return entry.partition(":")[0]
 
 
-def _link(probe: dict) -> LinkModel:
+def _link(probe: dict, pricing: str | None = "learnt") -> LinkModel:
     """The times reads are weighed in, from the start: the probe's read beside a computing
     layer and layer beside a read, and what a read costs the layers beside it (their slowdown
-    in the probe); the read and layer times are learnt further as each run decodes."""
+    in the probe); the read and layer times are learnt further as each run decodes, and, with
+    ``learnt`` pricing, what a read costs the layers (as the runtime learns it)."""
     read_ms = probe.get("expert_load_ms_while_computing") or probe["expert_load_ms"]
     layer_ms = probe["layer_compute_ms_while_loading"]
     # The read's own work is what it takes alone; beside a layer it stretches as they share
     # the cores. Priced by the stretched read, the cost came out 1.5-2.6x what prefetch runs
     # lost outside their stalls per read (docs/benchmarks.md, "What a read costs").
     compute_ms = LinkModel.compute_cost_of(probe["expert_load_ms"], probe["layer_compute_ms"], layer_ms)
-    return LinkModel(read_ms / 1e3, layer_ms / 1e3, compute_cost_s=compute_ms / 1e3, learn=True)
+    return LinkModel(
+        read_ms / 1e3,
+        layer_ms / 1e3,
+        compute_cost_s=compute_ms / 1e3,
+        learn=True,
+        learn_compute_cost=pricing == "learnt",
+    )
 
 
 def benchmark_offload(
@@ -145,7 +156,7 @@ def benchmark_offload(
     if guessing:  # the lens loads the model: only when its runs are asked for
         next_token = _next_token_planners(store, predictors, layers, s.next_token, prefetch, calibrations)
         next_token()  # settings checked now, before the experts are written
-    runs = _runs(policies, predictors, labels, s.planning)  # names checked before experts are written
+    runs = _runs(policies, predictors, labels, s.planning, s.compute_cost)  # names checked before experts are written
     slow_tier = "disk" if s.device == "cpu" else "host"
     hidden, ffn = s.expert_shape
     rows = []
@@ -167,7 +178,7 @@ def benchmark_offload(
             if run in finished.done:
                 timings[i].append(ReplayResult(**finished.done[run]))
                 continue
-            batch, fraction, label, predictor, mode = configs[i]
+            batch, fraction, label, predictor, mode, pricing = configs[i]
             steps = batches[batch]
             result = replay(
                 files,
@@ -180,7 +191,7 @@ def benchmark_offload(
                 prefetch=prefetch,
                 predictor=predictor,
                 calibration=calibrations.get(id(predictor)),
-                link=_link(machine_interference),
+                link=_link(machine_interference, pricing),
                 device=s.device,
                 warmup=s.warmup,
                 planning=mode,
@@ -190,6 +201,7 @@ def benchmark_offload(
                 sequences=steps.windows,
             )
             result.predictor = labels[id(predictor)] if predictor is not None else None
+            result.compute_cost = pricing
             timings[i].append(result)
             finished.add(run, dataclasses.asdict(result))
         for i, (_batch, fraction, *_rest) in enumerate(configs):
@@ -222,6 +234,7 @@ def benchmark_offload(
         "calibration": {labels[id(p)]: c.source for p, c in zip(predictors, calibrations.values())},
         "prefetch": prefetch.model_dump(),
         "planning": list(s.planning),
+        "compute_cost": list(s.compute_cost),
         "next_token": s.next_token.model_dump() if guessing else None,
         "traces_mode": store.manifest.collection.mode,
         "repeats": s.repeats,
@@ -256,6 +269,7 @@ def offload_table(report: dict) -> str:
         label = r["policy"] + (f":{r['predictor']}" if r["predictor"] else "")
         label += f"/{r['eviction']}" if POLICIES[r["policy"]].eviction is None and r["eviction"] != "lru" else ""
         label += f"/{r['planning']}" if r.get("planning") not in (None, "background") else ""
+        label += f"/{r['compute_cost']}-priced" if r.get("compute_cost") not in (None, "learnt") else ""
         stalls = r["stall_ms_per_token_all_repeats"]
         stall = f"{_median_stall(r):.2f} [{min(stalls):.2f}-{max(stalls):.2f}]"
         of_oracle = "-" if r["fraction_of_oracle"] is None else f"{r['fraction_of_oracle']:.3f}"

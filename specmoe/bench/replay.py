@@ -65,6 +65,9 @@ class ReplayResult:
     planning: str | None = None
     """Where its plans ran (prefetch runs only): ``background`` or ``inline``."""
     batch_size: int = 1
+    compute_cost: str | None = None
+    """How the value rule priced what a read costs the layers (its runs only): ``learnt`` or
+    ``probe`` (:class:`~specmoe.bench.settings.OffloadBenchSettings`)."""
 
     def row(self, cache_fraction: float) -> dict:
         return {
@@ -72,6 +75,7 @@ class ReplayResult:
             "predictor": self.predictor,
             "eviction": self.eviction,
             "planning": self.planning,
+            "compute_cost": self.compute_cost,
             "cache_fraction": cache_fraction,
             "batch_size": self.batch_size,
             "budget_bytes": self.budget_bytes,

@@ -40,6 +40,13 @@ class OffloadBenchSettings(Settings):
         description="Where prefetch work runs: background (prefetch thread), inline (plans on the decoding thread) "
         "or synchronous (no overlap); several: each prefetch run once per mode, interleaved.",
     )
+    compute_cost: tuple[Literal["learnt", "probe"], ...] = Field(
+        ("learnt",),
+        min_length=1,
+        description="What a prefetch read costs the layers beside it, for policies that weigh reads by value: "
+        "learnt (from the probe's figure on, from the layers timed with and without a read beside them, as serve "
+        "learns it) or probe (the probe's figure throughout); several: each such run once per mode, interleaved.",
+    )
     device: str = Field(
         "cpu",
         pattern=r"^(cpu|cuda(:\d+)?)$",

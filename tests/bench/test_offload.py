@@ -225,3 +225,21 @@ def test_the_value_rule_starts_from_the_probe_with_what_a_read_costs_the_layers_
     assert (link.read_s, link.layer_s, link.learn) == (0.020, 0.006, True)
     assert link.compute_cost_s == pytest.approx(0.005)  # half the layers' speed for a read of 10 ms alone
     assert _link(probe | {"layer_compute_ms_while_loading": 3.0}).compute_cost_s == 0.0  # a copy engine's
+    # learnt from there on as the runtime learns it, unless the probe's figure is to stay
+    assert link.learn_compute_cost
+    assert not _link(probe | {"layer_compute_ms_while_loading": 6.0}, "probe").learn_compute_cost
+
+
+def test_value_rule_runs_are_made_once_per_compute_cost_pricing_interleaved(greedy_traces, tmp_path):
+    policies = ("lru", "cost-aware+next-use:token")
+    settings = _settings(
+        tokens=4, cache_fractions=(0.5,), repeats=1, policies=policies, compute_cost=("learnt", "probe")
+    )
+    report = benchmark_offload(greedy_traces / "traces", [greedy_traces / "token"], settings, experts_dir=tmp_path)
+    assert report["compute_cost"] == ["learnt", "probe"]
+    rows = {(r["policy"], r["compute_cost"]): r["link_model"] for r in report["rows"]}
+    assert set(rows) == {("lru", None), ("cost-aware+next-use", "learnt"), ("cost-aware+next-use", "probe")}
+    assert rows["cost-aware+next-use", "learnt"]["compute_cost_learnt"]
+    assert not rows["cost-aware+next-use", "probe"]["compute_cost_learnt"]
+    with pytest.raises(InputError, match="--compute-cost: Input should be 'learnt' or 'probe'"):
+        _settings(compute_cost=("guessed",))

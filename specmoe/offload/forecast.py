@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -106,8 +106,10 @@ class LinkModel:
     interference probe): :meth:`observed_compute_cost`, once both times have been seen; until
     then it stays as given."""
     smoothing: float = 0.1
-    layer_alone_s: float | None = None
-    layer_beside_read_s: float | None = None
+    layer_alone_s: float | None = field(default=None, init=False)
+    """A layer's time with no prefetch read beside it, as observed (None: not yet)."""
+    layer_beside_read_s: float | None = field(default=None, init=False)
+    """A layer's time with a prefetch read beside it throughout, as observed."""
 
     def __post_init__(self):
         if self.read_s < 0 or self.layer_s <= 0 or self.compute_cost_s < 0:

@@ -153,3 +153,17 @@ def test_a_link_model_learns_what_a_read_costs_the_layers_beside_it():
     for seconds, beside in ((1.0, 0.0), (2.0, 1.0)):
         probed.observe_layer(seconds, beside_read=beside)
     assert probed.compute_cost_s == 0.25 and probed.observed_compute_cost() == pytest.approx(0.5)
+
+
+def test_residents_are_ranked_for_eviction_only_when_a_read_worth_its_cost_needs_a_victim():
+    residency = Residency(2, eviction_policy("lru", num_layers=8))
+    for key in ((0, 0), (0, 1)):
+        residency.admit(key, None, 1, prefetch=False)
+    ranked = []
+    victims = residency.victims
+    residency.victims = lambda count: ranked.append(count) or victims(count)
+    taxed = LinkModel(read_s=1.0, layer_s=4.0, compute_cost_s=0.5)
+    assert _choose([((3, 0), NOW + 3, 0.4)], link=taxed, residency=residency) == []
+    assert ranked == []  # 0.4 of a read cannot pay the 0.5 every read costs
+    assert _choose([((3, 0), NOW + 3, 0.4), ((3, 1), NOW + 3, 0.99)], link=taxed, residency=residency)
+    assert ranked == [1]  # the one candidate that might pay needed a victim

@@ -85,7 +85,8 @@ class DecodingSession:
 
     def begin_layer(self, step: int, layer: int, experts: list[int]) -> list[Key]:
         now = time.perf_counter()
-        reading = self.prefetcher.reading_s() if self.prefetcher is not None else None
+        timed = self.link is not None and self.prefetcher is not None  # reading_s takes the tier's lock
+        reading = self.prefetcher.reading_s() if timed else None
         if self.link is not None and self._layer_began is not None:  # a layer's time, its stall left out
             stalled, took = self.stats.stall_s - self._stall_then, now - self._layer_began
             beside = None
